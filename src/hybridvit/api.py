@@ -1,0 +1,46 @@
+"""``create_model``: the one way to get a model, from a registered name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import models as _models  # noqa: F401  (registers the model families)
+from .checkpoints import download_weights, load_checkpoint
+from .registry import get_model_info
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    num_classes: int = 1000,
+    distillation: bool | None = None,
+    checkpoint_path: str | Path | None = None,
+    drop_path_rate: float | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model, optionally with published or local weights.
+
+    ``distillation=None`` keeps the family default (LeViT: ``True``, two heads).
+    ``pretrained=True`` downloads the official weights (cached, hash-checked); with another
+    ``num_classes`` every weight but the classifier is loaded. ``checkpoint_path`` accepts
+    any supported format (official release, timm, Hugging Face folder, hybridvit folder).
+    Other keyword arguments override config fields, e.g. ``img_size=(256, 256)``.
+    """
+    info = get_model_info(name)
+    changes: dict[str, Any] = dict(overrides, num_classes=num_classes)
+    if distillation is not None:
+        changes["distillation"] = distillation
+    if drop_path_rate is not None:
+        changes["drop_path_rate"] = drop_path_rate
+    model = info.model_class(info.build_config(**changes))
+    model.model_name = name
+    if pretrained:
+        if info.weights_url is None:
+            raise ValueError(f"{name} has no published weights")
+        load_checkpoint(model, download_weights(info.weights_url), exclude_head=num_classes != info.config.num_classes)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model

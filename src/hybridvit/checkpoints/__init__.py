@@ -1,0 +1,20 @@
+"""Checkpoint formats: safe reading, detection, per-format converters, hybridvit's own format."""
+
+from . import levit as _levit  # noqa: F401  (registers the LeViT formats)
+from .errors import CheckpointError
+from .formats import detect_format, load_checkpoint, load_state_dict
+from .hub import download_weights
+from .io import read_checkpoint
+from .native import load_model, read_extra, save_model
+
+__all__ = [
+    "CheckpointError",
+    "detect_format",
+    "download_weights",
+    "load_checkpoint",
+    "load_model",
+    "load_state_dict",
+    "read_checkpoint",
+    "read_extra",
+    "save_model",
+]

@@ -1,0 +1,191 @@
+"""Checkpoint formats: detection, conversion to hybridvit keys, and strict loading.
+
+Each family module registers one ``CheckpointFormat`` per foreign layout it understands
+(official release, timm, Hugging Face) plus hybridvit's own. ``load_checkpoint`` detects the
+format from the keys (or the folder's config), converts, and loads strictly with one
+readable error listing every problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..layers import AttentionBias, resize_bias_table
+from ..registry import family_model_class
+from .errors import CheckpointError
+from .io import Checkpoint, read_checkpoint
+
+StateDict = dict[str, torch.Tensor]
+NATIVE = "hybridvit"
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How to recognise one layout and turn it into hybridvit's keys."""
+
+    name: str
+    family: str
+    marker_key: str  # a key only this layout has
+    convert: Callable[[StateDict, nn.Module], StateDict]
+    # For model folders (Hugging Face): config.json -> the family's config dataclass.
+    config_from_folder: Callable[[dict[str, Any], StateDict], Any] | None = None
+
+    def matches(self, ckpt: Checkpoint) -> bool:
+        return self.marker_key in ckpt.state_dict
+
+
+_FORMATS: list[CheckpointFormat] = []
+
+
+def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
+    _FORMATS.append(fmt)
+    return fmt
+
+
+def detect_format(ckpt: Checkpoint) -> CheckpointFormat:
+    """The registered format whose marker key the checkpoint holds."""
+    for fmt in _FORMATS:
+        if fmt.matches(ckpt):
+            return fmt
+    sample = ", ".join(list(ckpt.state_dict)[:5])
+    known = ", ".join(f.name for f in _FORMATS)
+    raise CheckpointError(f"{ckpt.path}: unrecognised checkpoint layout (first keys: {sample}); known formats: {known}")
+
+
+def rename_keys(state: StateDict, prefixes: list[tuple[str, str]]) -> StateDict:
+    """Replace the longest matching prefix of every key; keys with no match are kept as they are."""
+    ordered = sorted(prefixes, key=lambda p: len(p[0]), reverse=True)
+    out: StateDict = {}
+    for key, value in state.items():
+        for old, new in ordered:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def remap_bias_tables(state: StateDict, model: nn.Module, index_suffix: str = ".index") -> StateDict:
+    """Reorder attention-bias tables that come with their own index buffers into hybridvit's order.
+
+    A foreign table ``T`` with index ``I`` gives the bias ``T[:, I]``; we pick, for each of
+    our columns, the foreign column at any position where our index points to it, then
+    check that the whole gathered bias is reproduced, so a permuted table cannot load silently.
+    """
+    out = {k: v for k, v in state.items() if not k.endswith(index_suffix)}
+    for key in (k for k in state if k.endswith(index_suffix)):
+        prefix = key[: -len(index_suffix)]
+        table_key = prefix + ".table"
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            continue  # reported as unexpected by the strict load
+        if not isinstance(module, AttentionBias) or table_key not in out:
+            continue
+        src_index, dst_index = state[key].long(), module.index
+        table = out[table_key]
+        if src_index.shape != dst_index.shape:
+            continue  # a grid change: handled by resampling in load_state_dict
+        first = torch.full((module.table.shape[1],), -1, dtype=torch.long)
+        first.scatter_(0, dst_index.flatten(), src_index.flatten())
+        if (first < 0).any() or not torch.equal(table[:, first][:, dst_index], table[:, src_index]):
+            raise CheckpointError(f"{prefix}: the checkpoint's attention-bias index does not describe "
+                                  f"LeViT's |dy|,|dx| offsets; refusing to load a permuted bias table")
+        out[table_key] = table[:, first]
+    return out
+
+
+def _resize_bias_tables(model: nn.Module, state: StateDict) -> None:
+    """Resample square attention-bias tables trained at another resolution, in place."""
+    for name, module in model.named_modules():
+        key = f"{name}.table"
+        if isinstance(module, AttentionBias) and key in state:
+            table = state[key]
+            side = math.isqrt(table.shape[1])
+            if table.shape != module.table.shape and table.shape[0] == module.table.shape[0] and side * side == table.shape[1]:
+                state[key] = resize_bias_table(table, (side, side), module.key_grid)
+
+
+def load_state_dict(model: nn.Module, state: StateDict, exclude_head: bool = False) -> None:
+    """Load hybridvit-keyed ``state`` strictly; one ``CheckpointError`` lists every problem."""
+    state = dict(state)
+    _resize_bias_tables(model, state)
+    expected = model.state_dict()
+    head_names: tuple[str, ...] = getattr(model, "head_names", ())
+
+    def is_head(key: str) -> bool:
+        return any(key.startswith(h + ".") for h in head_names)
+
+    if exclude_head:
+        state = {k: v for k, v in state.items() if not is_head(k)}
+        expected = {k: v for k, v in expected.items() if not is_head(k)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint does not fit {getattr(model, 'describe', lambda: type(model).__name__)()}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        for k in mismatched[:20]:
+            lines.append(f"  shape mismatch {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
+        problems = missing + unexpected + mismatched
+        if problems and all(is_head(k) for k in problems):
+            ckpt_classes = next((state[k].shape[0] for k in state if is_head(k) and k.endswith("linear.weight")), None)
+            lines.append(
+                f"  only the classifier differs: create the model with num_classes={ckpt_classes} "
+                f"(and distillation matching the checkpoint), or load with exclude_head=True and then "
+                f"call model.reset_classifier(num_classes)"
+            )
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=not exclude_head)
+
+
+def native_folder_config(folder_config: dict[str, Any], state: StateDict) -> Any:
+    """The config dataclass a hybridvit ``config.json`` describes."""
+    try:
+        return family_model_class(folder_config["family"]).config_class(**folder_config["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid hybridvit config.json ({type(e).__name__}: {e})") from e
+
+
+def native_format(family: str, marker_key: str) -> CheckpointFormat:
+    """hybridvit's own keys for one family: nothing to convert."""
+    return CheckpointFormat(NATIVE, family, marker_key, lambda state, model: state, native_folder_config)
+
+
+def load_checkpoint(model: nn.Module, source: str | Path | Checkpoint, exclude_head: bool = False) -> str:
+    """Load any supported checkpoint file or folder into ``model``; returns the detected format name.
+
+    ``exclude_head=True`` loads everything but the classifier (fine-tuning to new classes).
+    """
+    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    path = ckpt.path
+    fmt = detect_format(ckpt)
+    family = getattr(model, "family", None)
+    if fmt.family != family:
+        raise CheckpointError(f"{path}: this is a {fmt.family} checkpoint ({fmt.name}); the model is {family}")
+    if ckpt.folder_config is not None and fmt.config_from_folder is not None:
+        _check_same_architecture(model, fmt.config_from_folder(ckpt.folder_config, ckpt.state_dict), path)
+    state = fmt.convert(ckpt.state_dict, model)
+    load_state_dict(model, state, exclude_head=exclude_head)
+    return fmt.name
+
+
+def _check_same_architecture(model: nn.Module, folder_config: Any, path: str | Path) -> None:
+    """A folder says what it holds: refuse a different architecture before comparing keys."""
+    free = {"num_classes", "distillation", "drop_path_rate"}
+    ours, theirs = model.config_dict(), dataclasses.asdict(folder_config)  # type: ignore[operator]
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if k not in free and theirs.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: folder {a} vs model {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path}: the folder holds a different architecture ({details}); "
+                              f"use hybridvit.load_model(path) to build the model it describes")

@@ -1,0 +1,90 @@
+"""Reading checkpoint files safely, whatever wrapper they come in.
+
+Never unpickles arbitrary objects: ``.safetensors`` files are read with safetensors and
+everything else with ``torch.load(weights_only=True)``, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import CheckpointError
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    """A state dict plus, for model folders, the folder's ``config.json``."""
+
+    state_dict: dict[str, torch.Tensor]
+    path: Path
+    folder_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_tensor_file(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load. The file contains pickled objects other than tensors and plain "
+            f"containers, and unpickling them could run arbitrary code. Only weights-only checkpoints "
+            f"are accepted; re-save the state dict (or use safetensors). Details: {e}"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def unwrap_state_dict(obj: Any, path: Path | str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """Strip ``{'model': ...}`` / ``{'state_dict': ...}`` wrappers and ``module.`` prefixes."""
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: expected a state dict of tensors; these entries are not tensors: {not_tensors[:10]}")
+    state = dict(obj)
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file, or a model folder holding ``config.json`` and its weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        config_file = path / "config.json"
+        weights = next((path / n for n in _WEIGHT_FILES if (path / n).exists()), None)
+        if not config_file.exists() or weights is None:
+            raise CheckpointError(
+                f"{path}: a model folder needs config.json and one of {', '.join(_WEIGHT_FILES)}; "
+                f"found {sorted(p.name for p in path.iterdir())}"
+            )
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: invalid JSON ({e})") from e
+        return Checkpoint(unwrap_state_dict(_read_tensor_file(weights), weights), path, config)
+    return Checkpoint(unwrap_state_dict(_read_tensor_file(path), path), path)

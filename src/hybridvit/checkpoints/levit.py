@@ -1,0 +1,122 @@
+"""LeViT checkpoint layouts: the official release, timm and Hugging Face, into hybridvit keys.
+
+The official release and Hugging Face keep the layers as one flat sequence (attention, MLP,
+attention, MLP, ..., shrink attention, MLP, ...): the official code numbers it across the
+whole network (``blocks.{i}``), Hugging Face per stage with the shrink at the end of the
+stage before (``encoder.stages.{s}.layers.{j}``). hybridvit groups them as
+``stages.{s}.downsample`` / ``stages.{s}.blocks.{j}``, like timm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..models.levit import LeViTConfig
+from .errors import CheckpointError
+from .formats import CheckpointFormat, StateDict, native_format, register_format, remap_bias_tables, rename_keys
+
+
+def layer_sequence(depth: tuple[int, ...]) -> list[tuple[int, str, str]]:
+    """``(stage, hybridvit prefix, kind)`` of every layer in the official flat order."""
+    seq = []
+    for s, d in enumerate(depth):
+        for j in range(d):
+            seq += [(s, f"stages.{s}.blocks.{j}.attn", "attn"), (s, f"stages.{s}.blocks.{j}.mlp", "mlp")]
+        if s + 1 < len(depth):
+            seq += [(s, f"stages.{s + 1}.downsample.attn", "shrink"), (s, f"stages.{s + 1}.downsample.mlp", "mlp")]
+    return seq
+
+
+# Sub-module names inside each kind of layer: (foreign, hybridvit).
+_OFFICIAL_LEAVES = {
+    "attn": [("m.qkv.c.", "qkv.linear."), ("m.qkv.bn.", "qkv.bn."), ("m.proj.1.c.", "proj.linear."),
+             ("m.proj.1.bn.", "proj.bn."), ("m.attention_biases", "attention_bias.table"),
+             ("m.attention_bias_idxs", "attention_bias.index")],
+    "shrink": [("kv.c.", "kv.linear."), ("kv.bn.", "kv.bn."), ("q.1.c.", "q.linear."), ("q.1.bn.", "q.bn."),
+               ("proj.1.c.", "proj.linear."), ("proj.1.bn.", "proj.bn."), ("attention_biases", "attention_bias.table"),
+               ("attention_bias_idxs", "attention_bias.index")],
+    "mlp": [("m.0.c.", "up.linear."), ("m.0.bn.", "up.bn."), ("m.2.c.", "down.linear."), ("m.2.bn.", "down.bn.")],
+}
+_HF_LEAVES = {
+    "attn": [("module.queries_keys_values.linear.", "qkv.linear."), ("module.queries_keys_values.batch_norm.", "qkv.bn."),
+             ("module.projection.linear.", "proj.linear."), ("module.projection.batch_norm.", "proj.bn."),
+             ("module.attention_biases", "attention_bias.table")],
+    "shrink": [("keys_values.linear.", "kv.linear."), ("keys_values.batch_norm.", "kv.bn."),
+               ("queries.linear.", "q.linear."), ("queries.batch_norm.", "q.bn."),
+               ("projection.linear.", "proj.linear."), ("projection.batch_norm.", "proj.bn."),
+               ("attention_biases", "attention_bias.table")],
+    "mlp": [("module.linear_up.linear.", "up.linear."), ("module.linear_up.batch_norm.", "up.bn."),
+            ("module.linear_down.linear.", "down.linear."), ("module.linear_down.batch_norm.", "down.bn.")],
+}
+
+
+def _depth(model: nn.Module) -> tuple[int, ...]:
+    return tuple(model.config.depth)  # type: ignore[attr-defined]
+
+
+def convert_official(state: StateDict, model: nn.Module) -> StateDict:
+    prefixes = [(f"patch_embed.{2 * i}.c.", f"stem.conv{i + 1}.conv.") for i in range(4)]
+    prefixes += [(f"patch_embed.{2 * i}.bn.", f"stem.conv{i + 1}.bn.") for i in range(4)]
+    prefixes += [("head.l.", "head.linear."), ("head_dist.l.", "head_dist.linear.")]
+    for i, (_, ours, kind) in enumerate(layer_sequence(_depth(model))):
+        prefixes += [(f"blocks.{i}.{old}", f"{ours}.{new}") for old, new in _OFFICIAL_LEAVES[kind]]
+    return remap_bias_tables(rename_keys(state, prefixes), model)
+
+
+def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
+    prefixes = []
+    for i in range(4):
+        old = f"levit.patch_embeddings.embedding_layer_{i + 1}."
+        prefixes += [(old + "convolution.", f"stem.conv{i + 1}.conv."), (old + "batch_norm.", f"stem.conv{i + 1}.bn.")]
+    for old, new in (("classifier.", "head."), ("classifier_distill.", "head_dist.")):
+        prefixes += [(old + "batch_norm.", new + "bn."), (old + "linear.", new + "linear.")]
+    position = {}
+    for stage, ours, kind in layer_sequence(_depth(model)):
+        j = position[stage] = position.get(stage, -1) + 1
+        prefixes += [(f"levit.encoder.stages.{stage}.layers.{j}.{old}", f"{ours}.{new}") for old, new in _HF_LEAVES[kind]]
+    return rename_keys(state, prefixes)
+
+
+# timm calls every conv/linear of a ConvNorm/LinearNorm "linear"; the stem's are convolutions here.
+_TIMM_PARTS = [(".attention_biases", ".attention_bias.table"), (".attn_downsample.", ".attn."),
+               (".q.ln.", ".q."), (".proj.ln.", ".proj."), (".mlp.ln1.", ".mlp.up."), (".mlp.ln2.", ".mlp.down.")]
+
+
+def convert_timm(state: StateDict, model: nn.Module) -> StateDict:
+    out = {}
+    for key, value in state.items():
+        if key.startswith("stem."):
+            key = key.replace(".linear.", ".conv.")
+        for old, new in _TIMM_PARTS:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def config_from_hf(cfg: dict[str, Any], state: StateDict) -> LeViTConfig:
+    """Map a Hugging Face ``LevitConfig`` to hybridvit's, refusing what LeViT variants never use."""
+    if cfg.get("model_type") != "levit":
+        raise CheckpointError(f"not a LeViT config.json (model_type={cfg.get('model_type')!r})")
+    try:
+        key_dims, attn_ratios, mlp_ratios = set(cfg["key_dim"]), set(cfg["attention_ratio"]), set(cfg["mlp_ratio"])
+        if len(key_dims) != 1 or len(attn_ratios) != 1 or len(mlp_ratios) != 1 or cfg.get("patch_size", 16) != 16:
+            raise CheckpointError("unsupported LeViT config: per-stage key_dim/ratios must be equal and patch_size 16")
+        num_classes = len(cfg["id2label"]) if "id2label" in cfg else cfg.get("num_labels", 1000)
+        return LeViTConfig(
+            embed_dim=tuple(cfg["hidden_sizes"]), num_heads=tuple(cfg["num_attention_heads"]), depth=tuple(cfg["depths"]),
+            key_dim=key_dims.pop(), attn_ratio=float(attn_ratios.pop()), mlp_ratio=float(mlp_ratios.pop()),
+            drop_path_rate=float(cfg.get("drop_path_rate", 0.0)), img_size=cfg.get("image_size", 224),
+            in_chans=cfg.get("num_channels", 3), num_classes=num_classes,
+            distillation="classifier_distill.linear.weight" in state,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"LeViT config.json lacks {e}") from e
+
+
+register_format(native_format("levit", "stem.conv1.conv.weight"))
+register_format(CheckpointFormat("levit-official", "levit", "patch_embed.0.c.weight", convert_official))
+register_format(CheckpointFormat("levit-timm", "levit", "stem.conv1.linear.weight", convert_timm))
+register_format(CheckpointFormat("levit-huggingface", "levit", "levit.patch_embeddings.embedding_layer_1.convolution.weight",
+                                 convert_hf, config_from_hf))

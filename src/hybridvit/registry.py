@@ -1,0 +1,93 @@
+"""Model name -> builder, default config and metadata (paper figures, weights, preprocessing)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything hybridvit knows about a registered variant."""
+
+    name: str
+    model_class: type[nn.Module]
+    config: Any  # the family's config dataclass with this variant's values
+    weights_url: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    paper_top1: float | None = None
+    paper_top5: float | None = None
+    paper_gpu_throughput: float | None = None  # images/s, V100, from the paper
+    paper_cpu_throughput: float | None = None  # images/s, one Xeon 6138 thread, from the paper
+    paper_arm_throughput: float | None = None  # images/s, one Graviton2 thread, from the paper
+
+    @property
+    def family(self) -> str:
+        return self.model_class.family  # type: ignore[attr-defined]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        size = self.config.img_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return (self.config.in_chans, h, w)
+
+    def build_config(self, **changes: Any) -> Any:
+        """This variant's config with ``changes`` applied; unknown names raise ``TypeError``."""
+        valid = {f.name for f in dataclasses.fields(self.config)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise TypeError(f"{self.name} has no option(s) {unknown}; valid options: {sorted(valid)}")
+        return dataclasses.replace(self.config, **changes)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    if info.name in _REGISTRY:
+        raise ValueError(f"model {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (e.g. ``"levit_*"``)."""
+    from fnmatch import fnmatch
+
+    return sorted(n for n in _REGISTRY if fnmatch(n, pattern))
+
+
+def get_model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def find_variant(model_class: type[nn.Module], config: Any) -> str | None:
+    """The registered name whose architecture equals ``config`` (head and drop path aside)."""
+    ignore = {"num_classes", "distillation", "drop_path_rate"}
+    arch = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
+    for info in _REGISTRY.values():
+        if info.model_class is model_class and type(info.config) is type(config):
+            ref = {k: v for k, v in dataclasses.asdict(info.config).items() if k not in ignore}
+            if ref == arch:
+                return info.name
+    return None
+
+
+def family_model_class(family: str) -> type[nn.Module]:
+    """The model class of a family name such as ``"levit"``."""
+    for info in _REGISTRY.values():
+        if info.family == family:
+            return info.model_class
+    raise ValueError(f"unknown model family {family!r}")
