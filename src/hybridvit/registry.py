@@ -74,15 +74,21 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def find_variant(model_class: type[nn.Module], config: Any) -> str | None:
-    """The registered name whose architecture equals ``config`` (head and drop path aside)."""
-    ignore = {"num_classes", "distillation", "drop_path_rate"}
-    arch = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
+    """The registered name whose architecture equals ``config`` (see ``architecture``)."""
     for info in _REGISTRY.values():
-        if info.model_class is model_class and type(info.config) is type(config):
-            ref = {k: v for k, v in dataclasses.asdict(info.config).items() if k not in ignore}
-            if ref == arch:
-                return info.name
+        if info.model_class is model_class and architecture(info.config) == architecture(config):
+            return info.name
     return None
+
+
+# Config fields that change neither the variant's identity nor which weights fit it
+# (bias tables are resampled for another input size).
+FREE_FIELDS = frozenset({"num_classes", "distillation", "drop_path_rate", "img_size"})
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    """The fields of a config that identify a variant."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_FIELDS}
 
 
 def family_model_class(family: str) -> type[nn.Module]:

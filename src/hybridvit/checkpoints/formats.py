@@ -8,7 +8,6 @@ readable error listing every problem.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ..layers import AttentionBias, resize_bias_table
-from ..registry import family_model_class
+from ..registry import architecture, family_model_class
 from .errors import CheckpointError
 from .io import Checkpoint, read_checkpoint
 
@@ -182,9 +181,8 @@ def load_checkpoint(model: nn.Module, source: str | Path | Checkpoint, exclude_h
 
 def _check_same_architecture(model: nn.Module, folder_config: Any, path: str | Path) -> None:
     """A folder says what it holds: refuse a different architecture before comparing keys."""
-    free = {"num_classes", "distillation", "drop_path_rate"}
-    ours, theirs = model.config_dict(), dataclasses.asdict(folder_config)  # type: ignore[operator]
-    diff = {k: (theirs.get(k), v) for k, v in ours.items() if k not in free and theirs.get(k) != v}
+    ours, theirs = architecture(model.config), architecture(folder_config)  # type: ignore[attr-defined]
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: folder {a} vs model {b}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path}: the folder holds a different architecture ({details}); "

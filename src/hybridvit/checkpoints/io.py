@@ -42,9 +42,9 @@ def _read_tensor_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refused to load. The file contains pickled objects other than tensors and plain "
-            f"containers, and unpickling them could run arbitrary code. Only weights-only checkpoints "
-            f"are accepted; re-save the state dict (or use safetensors). Details: {e}"
+            f"{path}: refused to load: not a weights-only PyTorch checkpoint. Either the file is corrupt, or "
+            f"it holds pickled objects other than tensors and plain containers, and unpickling those "
+            f"could run arbitrary code. Re-save just the state dict, or use safetensors."
         ) from e
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e

@@ -1,0 +1,280 @@
+"""Checkpoint formats: parity with timm and Hugging Face on randomised weights, safety, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import pickle
+import shutil
+
+import pytest
+import timm
+import torch
+from conftest import randomize_, rel_err
+from safetensors.torch import save_file
+
+import hybridvit
+from hybridvit.checkpoints import CheckpointError, detect_format, read_checkpoint
+from hybridvit.checkpoints.levit import layer_sequence
+from hybridvit.registry import _REGISTRY
+
+transformers = pytest.importorskip("transformers")
+
+TIMM_TO_PARTS = {"levit_128s": (2, 3, 4), "levit_256": (4, 4, 4)}
+
+
+def timm_levit(name: str, seed: int = 0):
+    return randomize_(timm.create_model(name), seed).eval()
+
+
+def official_bias_index(res: int, stride: int) -> torch.Tensor:
+    """The official release's index: offsets numbered in order of first appearance."""
+    queries = list(itertools.product(range(0, res, stride), repeat=2))
+    keys = list(itertools.product(range(res), repeat=2))
+    offsets: dict = {}
+    idx = [offsets.setdefault((abs(qy - ky), abs(qx - kx)), len(offsets)) for qy, qx in queries for ky, kx in keys]
+    return torch.tensor(idx).view(len(queries), len(keys))
+
+
+def timm_to_official(state: dict, depth: tuple[int, ...]) -> dict:
+    """Write a timm state dict with the official release's key names and index buffers."""
+    out = {}
+    for k, v in state.items():
+        for i in range(4):
+            k = k.replace(f"stem.conv{i + 1}.linear.", f"patch_embed.{2 * i}.c.").replace(f"stem.conv{i + 1}.bn.", f"patch_embed.{2 * i}.bn.")
+        k = k.replace("head.linear.", "head.l.").replace("head_dist.linear.", "head_dist.l.")
+        out[k] = v
+    flat, res = 0, 14
+    renamed = {}
+    for s, d in enumerate(depth):
+        for j in range(d):
+            renamed[f"stages.{s}.blocks.{j}.attn."] = (f"blocks.{flat}.m.", res, 1)
+            renamed[f"stages.{s}.blocks.{j}.mlp."] = (f"blocks.{flat + 1}.m.", None, None)
+            flat += 2
+        if s + 1 < len(depth):
+            renamed[f"stages.{s + 1}.downsample.attn_downsample."] = (f"blocks.{flat}.", res, 2)
+            res = (res + 1) // 2
+            renamed[f"stages.{s + 1}.downsample.mlp."] = (f"blocks.{flat + 1}.m.", None, None)
+            flat += 2
+    final = {}
+    for k, v in out.items():
+        for old, (new, r, stride) in renamed.items():
+            if k.startswith(old):
+                rest = k[len(old):]
+                rest = rest.replace("proj.ln.", "proj.1.").replace("q.ln.", "q.1.").replace("ln1.", "0.").replace("ln2.", "2.")
+                rest = rest.replace(".linear.", ".c.")
+                k = new + rest
+                if rest == "attention_biases":
+                    final[new + "attention_bias_idxs"] = official_bias_index(r, stride)
+                break
+        final[k] = v
+    return final
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "levit_256"])
+@pytest.mark.parametrize("wrapper", ["plain", "model", "state_dict", "ddp"])
+def test_timm_state_dict_parity(name, wrapper, tmp_path, images):
+    ref = timm_levit(name)
+    state = ref.state_dict()
+    if wrapper == "ddp":
+        state = {"module." + k: v for k, v in state.items()}
+    elif wrapper != "plain":
+        state = {wrapper: state, "epoch": 3}
+    torch.save(state, tmp_path / "timm.pth")
+    model = hybridvit.create_model(name, checkpoint_path=tmp_path / "timm.pth").eval()
+    with torch.no_grad():
+        assert rel_err(model(images), ref(images)) < 1e-4
+    assert detect_format(read_checkpoint(tmp_path / "timm.pth")).name == "levit-timm"
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "levit_256"])
+def test_official_release_parity(name, tmp_path, images):
+    ref = timm_levit(name, seed=3)
+    official = {"model": timm_to_official(ref.state_dict(), TIMM_TO_PARTS[name])}
+    assert "blocks.0.m.attention_biases" in official["model"] and "head_dist.l.weight" in official["model"]
+    torch.save(official, tmp_path / "LeViT.pth")
+    model = hybridvit.create_model(name)
+    assert hybridvit.load_checkpoint(model.eval(), tmp_path / "LeViT.pth") == "levit-official"
+    with torch.no_grad():
+        assert rel_err(model(images), ref(images)) < 1e-4
+
+
+def test_official_bias_table_follows_its_index(tmp_path, images):
+    """A table stored in another column order loads right when its index says so, and fails when it lies."""
+    ref = timm_levit("levit_128s", seed=4)
+    state = timm_to_official(ref.state_dict(), (2, 3, 4))
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in state if k.endswith("attention_bias_idxs")]:
+        table_key = key.replace("attention_bias_idxs", "attention_biases")
+        perm = torch.randperm(state[table_key].shape[1], generator=g)
+        inverse = torch.argsort(perm)
+        state[table_key] = state[table_key][:, perm]  # column c now holds old column perm[c]
+        state[key] = inverse[state[key]]
+    torch.save({"model": state}, tmp_path / "permuted.pth")
+    model = hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "permuted.pth").eval()
+    with torch.no_grad():
+        assert rel_err(model(images), ref(images)) < 1e-4
+
+    bad = dict(state)
+    bad["blocks.0.m.attention_bias_idxs"] = state["blocks.0.m.attention_bias_idxs"].clone()
+    bad["blocks.0.m.attention_bias_idxs"][0, :2] = bad["blocks.0.m.attention_bias_idxs"][0, :2].flip(0)
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="permuted bias table"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "bad.pth")
+
+
+def hf_levit(distillation: bool = True, seed: int = 0, **cfg):
+    config = transformers.LevitConfig(
+        hidden_sizes=[128, 256, 384], num_attention_heads=[4, 6, 8], depths=[2, 3, 4], key_dim=[16, 16, 16],
+        drop_path_rate=0, **cfg)
+    cls = transformers.LevitForImageClassificationWithTeacher if distillation else transformers.LevitForImageClassification
+    return randomize_(cls(config), seed).eval()
+
+
+@pytest.mark.parametrize("distillation", [True, False])
+def test_huggingface_folder_parity(distillation, tmp_path, images):
+    ref = hf_levit(distillation, num_labels=10)
+    ref.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    model = hybridvit.load_model(tmp_path / "hf")
+    assert model.model_name == "levit_128s" and model.num_classes == 10 and model.distillation == distillation
+    with torch.no_grad():
+        assert rel_err(model(images), ref(images).logits) < 1e-4
+    same = hybridvit.create_model("levit_128s", num_classes=10, distillation=distillation,
+                                  checkpoint_path=tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert rel_err(same(images), ref(images).logits) < 1e-4
+
+
+def test_huggingface_folder_of_other_variant_is_refused(tmp_path):
+    hf_levit().save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="different architecture"):
+        hybridvit.create_model("levit_256", checkpoint_path=tmp_path / "hf")
+
+
+def test_native_roundtrip(tmp_path, images):
+    model = randomize_(hybridvit.create_model("levit_192", num_classes=4, img_size=(160, 192))).eval()
+    hybridvit.save_model(model, tmp_path / "native", extra={"classes": ["a", "b", "c", "d"]})
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = hybridvit.load_model(tmp_path / "native")
+    assert loaded.config == model.config and loaded.model_name == "levit_192"
+    x = torch.randn(2, 3, 160, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert hybridvit.checkpoints.read_extra(tmp_path / "native") == {"classes": ["a", "b", "c", "d"]}
+    # a bare safetensors file of hybridvit keys loads too
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    again = hybridvit.create_model("levit_192", num_classes=4, img_size=(160, 192), checkpoint_path=tmp_path / "w.safetensors")
+    assert torch.equal(again.head.linear.weight, model.head.linear.weight)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_code_running_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": {"w": _Exploit()}}, f)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_mismatch_errors_list_all_problems(tmp_path):
+    state = hybridvit.create_model("levit_128s").state_dict()
+    del state["stages.0.blocks.0.attn.qkv.bn.running_var"]
+    state["stages.9.extra.weight"] = torch.zeros(1)
+    state["stages.1.blocks.0.mlp.up.linear.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError) as err:
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "broken.pth")
+    msg = str(err.value)
+    assert "missing keys (1): stages.0.blocks.0.attn.qkv.bn.running_var" in msg
+    assert "unexpected keys (1): stages.9.extra.weight" in msg
+    assert "shape mismatch stages.1.blocks.0.mlp.up.linear.weight: checkpoint (3, 3)" in msg
+
+
+def test_head_mismatch_suggests_num_classes(tmp_path):
+    hybridvit.save_model(hybridvit.create_model("levit_128s", num_classes=10), tmp_path / "ten")
+    with pytest.raises(CheckpointError, match="num_classes=10"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "ten")
+    model = hybridvit.create_model("levit_128s")
+    hybridvit.load_checkpoint(model, tmp_path / "ten", exclude_head=True)  # fine-tuning start
+    assert model.num_classes == 1000
+
+
+def test_unreadable_and_unknown_files(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "junk.safetensors")
+    with pytest.raises(CheckpointError, match="junk.pth: refused to load: not a weights-only"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "junk.pth")
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="needs a model folder"):
+        hybridvit.load_model(tmp_path / "other.pth")
+
+
+def test_bias_tables_resampled_for_new_resolution(tmp_path):
+    hybridvit.save_model(randomize_(hybridvit.create_model("levit_128s")), tmp_path / "m")
+    model = hybridvit.create_model("levit_128s", img_size=288)
+    hybridvit.load_checkpoint(model, tmp_path / "m" / "model.safetensors")
+    assert model.stages[0].blocks[0].attn.attention_bias.table.shape == (4, 18 * 18)
+    assert model.eval()(torch.randn(1, 3, 288, 288)).shape == (1, 1000)
+
+
+def _serve(tmp_path, name: str, payload_path):
+    """Publish a file under a torch.hub-style name carrying its sha256 prefix; return a file:// URL."""
+    digest = hashlib.sha256(payload_path.read_bytes()).hexdigest()[:8]
+    served = tmp_path / "server" / name.format(digest)
+    served.parent.mkdir(exist_ok=True)
+    shutil.copy(payload_path, served)
+    return served.as_uri()
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+def test_pretrained_download_with_hash_check(tmp_path, hub_dir, monkeypatch, images):
+    ref = timm_levit("levit_128s", seed=7)
+    torch.save({"model": timm_to_official(ref.state_dict(), (2, 3, 4))}, tmp_path / "weights.pth")
+    url = _serve(tmp_path, "LeViT-128S-{}.pth", tmp_path / "weights.pth")
+    info = _REGISTRY["levit_128s"]
+    monkeypatch.setitem(_REGISTRY, "levit_128s", type(info)(**{**info.__dict__, "weights_url": url}))
+    model = hybridvit.create_model("levit_128s", pretrained=True).eval()
+    assert (hub_dir / "checkpoints" / url.rsplit("/", 1)[1]).exists()
+    with torch.no_grad():
+        assert rel_err(model(images), ref(images)) < 1e-4
+    # new classes: everything but the classifier comes from the weights
+    ft = hybridvit.create_model("levit_128s", pretrained=True, num_classes=5)
+    assert ft.head.linear.out_features == 5
+    torch.testing.assert_close(ft.stem.conv1.conv.weight, model.stem.conv1.conv.weight)
+
+
+def test_pretrained_download_rejects_wrong_hash(tmp_path, hub_dir, monkeypatch):
+    torch.save({"model": {}}, tmp_path / "weights.pth")
+    url = _serve(tmp_path, "LeViT-128S-{}.pth", tmp_path / "weights.pth").rsplit("-", 1)[0] + "-00000000.pth"
+    (tmp_path / "server" / url.rsplit("/", 1)[1]).write_bytes((tmp_path / "weights.pth").read_bytes())
+    info = _REGISTRY["levit_128s"]
+    monkeypatch.setitem(_REGISTRY, "levit_128s", type(info)(**{**info.__dict__, "weights_url": url}))
+    with pytest.raises(CheckpointError, match="failed verification"):
+        hybridvit.create_model("levit_128s", pretrained=True)
+    assert not (hub_dir / "checkpoints" / "LeViT-128S-00000000.pth").exists()
+
+
+def test_layer_sequence_order():
+    seq = layer_sequence((2, 3, 4))
+    assert len(seq) == 2 * (2 + 3 + 4) + 4
+    assert seq[4] == (0, "stages.1.downsample.attn", "shrink") and seq[5] == (0, "stages.1.downsample.mlp", "mlp")
