@@ -41,7 +41,7 @@ def test_macs_include_softmax_term():
 
 
 def test_list_models():
-    assert hybridvit.list_models("levit_*") == ["levit_128", "levit_128s", "levit_192", "levit_256", "levit_384"]
+    assert hybridvit.list_models("levit_*") == ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
     with pytest.raises(ValueError, match="unknown model"):
         hybridvit.create_model("levit_999")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +61,8 @@ def register_model(info: ModelInfo) -> ModelInfo:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern`` (e.g. ``"levit_*"``)."""
-    from fnmatch import fnmatch
-
-    return sorted(n for n in _REGISTRY if fnmatch(n, pattern))
+    """Registered model names matching a shell-style ``pattern`` (e.g. ``"levit_*"``), smallest first."""
+    return [n for n in _REGISTRY if fnmatch(n, pattern)]
 
 
 def get_model_info(name: str) -> ModelInfo:

@@ -1,0 +1,122 @@
+"""The ``hybridvit`` command: thin wrappers that call the public API and print."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import create_model, fuse, list_models
+from .flops import count_params, macs_by_module
+from .registry import get_model_info
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hybrid convolution/transformer image classifiers.")
+console = Console()
+if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
+    console = Console(width=140)
+
+
+def _fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _meta_model(name: str, **overrides) -> torch.nn.Module:
+    """Build on the meta device: shapes, parameter and MAC counts without allocating weights."""
+    with torch.device("meta"):
+        return create_model(name, **overrides)
+
+
+@app.command("models")
+def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g. 'levit_*'")) -> None:
+    """List the models with their size, cost and the paper's figures."""
+    table = Table(caption="MACs at the input size. Paper figures: ImageNet top-1 and images/s on a V100 GPU, "
+                          "one Xeon 6138 thread and one Graviton2 thread.")
+    for col in ("model", "params", "MACs", "input", "top-1", "GPU im/s", "CPU im/s", "ARM im/s"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for name in list_models(pattern):
+        info = get_model_info(name)
+        model = _meta_model(name)
+        macs = macs_by_module(model)[""]
+        _, h, w = info.input_size
+        table.add_row(name, f"{count_params(model) / 1e6:.2f}M", f"{macs / 1e6:,.0f}M", f"{h}x{w}",
+                      _fmt(info.paper_top1, ".1f"), _fmt(info.paper_gpu_throughput),
+                      _fmt(info.paper_cpu_throughput, ".1f"), _fmt(info.paper_arm_throughput, ".1f"))
+    console.print(table)
+
+
+def _summary_parts(model: torch.nn.Module) -> list[str]:
+    """Rows of ``info``: the stem, each stage's downsample and blocks, the heads."""
+    parts = []
+    for name, child in model.named_children():
+        if name == "stages":
+            for s, stage in child.named_children():
+                parts += [f"stages.{s}.{sub}" for sub, m in stage.named_children() if not isinstance(m, torch.nn.Identity)]
+        elif not isinstance(child, (torch.nn.Identity, type(None))):
+            parts.append(name)
+    return parts
+
+
+@app.command("info")
+def info_cmd(name: str, height: Optional[int] = typer.Option(None, help="input height"),
+             width: Optional[int] = typer.Option(None, help="input width")) -> None:
+    """Stage-by-stage structure: output shapes, parameters and MACs."""
+    info = get_model_info(name)
+    size = (height or info.input_size[1], width or info.input_size[2])
+    model = _meta_model(name, img_size=size).eval()
+    parts = _summary_parts(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [model.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: shapes.__setitem__(p, tuple(o.shape))) for p in parts]
+    macs = macs_by_module(model, size)
+    for h in hooks:
+        h.remove()
+    table = Table(title=f"{name} at {size[0]}x{size[1]} (batch 1)")
+    for col in ("part", "output", "params", "MACs"):
+        table.add_column(col, justify="left" if col in ("part", "output") else "right")
+    for p in parts:
+        module = model.get_submodule(p)
+        table.add_row(p, str(shapes.get(p, "-")), f"{count_params(module):,}", f"{macs.get(p, 0) / 1e6:,.1f}M")
+    table.add_row("total", "", f"{count_params(model):,}", f"{macs[''] / 1e6:,.1f}M", style="bold")
+    console.print(table)
+
+
+@app.command("forward")
+def forward_cmd(
+    name: str = typer.Argument("levit_128s"),
+    image: Optional[Path] = typer.Argument(None, help="image file (default: a built-in synthetic picture)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="weights in any supported format"),
+    pretrained: bool = typer.Option(False, help="download the published weights"),
+) -> None:
+    """Run one image through a model, unfused and fused, and print the top-5 and timings."""
+    from .data import eval_transform, example_image, load_image
+
+    info = get_model_info(name)
+    model = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint).eval()
+    img = load_image(image) if image else example_image()
+    x = eval_transform(info)(img).unsqueeze(0)
+    fused = fuse(model)
+    with torch.inference_mode():
+        results = {}
+        for label, m in (("unfused", model), ("fused", fused)):
+            m(x)  # warm-up
+            start = time.perf_counter()
+            out = m(x)
+            results[label] = (out, (time.perf_counter() - start) * 1e3)
+    probs = results["fused"][0].softmax(-1)[0]
+    top = probs.topk(5)
+    weights = "published" if pretrained else (str(checkpoint) if checkpoint else "random (untrained)")
+    console.print(f"{name}: weights {weights}, input {tuple(x.shape)}")
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        console.print(f"  class {i:5d}  p={p:.4f}")
+    diff = (results["fused"][0] - results["unfused"][0]).abs().max().item()
+    console.print(f"latency: unfused {results['unfused'][1]:.1f} ms, fused {results['fused'][1]:.1f} ms; "
+                  f"max |fused - unfused| = {diff:.2e}")
+
+
+def main() -> None:
+    app()

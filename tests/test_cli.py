@@ -1,0 +1,48 @@
+"""The command line: tables and the demo forward pass."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from hybridvit.cli import app
+
+runner = CliRunner()
+
+
+def test_models_table():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
+    assert list(rows)[:5] == ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
+    assert "7.78M" in rows["levit_128s"] and "305M" in rows["levit_128s"] and "76.6" in rows["levit_128s"]
+    assert "12,880" in rows["levit_128s"] and "131.1" in rows["levit_128s"] and "224x224" in rows["levit_128s"]
+
+
+def test_info_stages():
+    result = runner.invoke(app, ["info", "levit_128s"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "(1, 128, 14, 14)" in out and "(1, 49, 256)" in out and "(1, 16, 384)" in out
+    assert "7,777,058" in out and "305.1M" in out
+
+
+def test_unknown_model_is_a_clear_error():
+    result = runner.invoke(app, ["info", "levit_999"])
+    assert result.exit_code != 0 and "unknown model 'levit_999'" in str(result.exception)
+
+
+def test_forward_demo_on_grayscale_png(tmp_path):
+    Image.new("L", (300, 200), color=90).save(tmp_path / "gray.png")
+    result = runner.invoke(app, ["forward", "levit_128s", str(tmp_path / "gray.png")])
+    assert result.exit_code == 0, result.output
+    assert "input (1, 3, 224, 224)" in result.output and result.output.count("class ") == 5
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "hybridvit", "models", "levit_128s"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "levit_128s" in out.stdout
