@@ -103,10 +103,13 @@ def config_from_hf(cfg: dict[str, Any], state: StateDict) -> LeViTConfig:
         key_dims, attn_ratios, mlp_ratios = set(cfg["key_dim"]), set(cfg["attention_ratio"]), set(cfg["mlp_ratio"])
         if len(key_dims) != 1 or len(attn_ratios) != 1 or len(mlp_ratios) != 1 or cfg.get("patch_size", 16) != 16:
             raise CheckpointError("unsupported LeViT config: per-stage key_dim/ratios must be equal and patch_size 16")
-        num_classes = len(cfg["id2label"]) if "id2label" in cfg else cfg.get("num_labels", 1000)
+        head = state.get("classifier.linear.weight")  # the weights, not the labels, decide the head
+        num_classes = head.shape[0] if head is not None else 0
+        shrink = cfg.get("down_ops") or [["Subsample", None, None, 4, 2, 2]]
         return LeViTConfig(
             embed_dim=tuple(cfg["hidden_sizes"]), num_heads=tuple(cfg["num_attention_heads"]), depth=tuple(cfg["depths"]),
             key_dim=key_dims.pop(), attn_ratio=float(attn_ratios.pop()), mlp_ratio=float(mlp_ratios.pop()),
+            shrink_attn_ratio=float(shrink[0][3]), shrink_mlp_ratio=float(shrink[0][4]),
             drop_path_rate=float(cfg.get("drop_path_rate", 0.0)), img_size=cfg.get("image_size", 224),
             in_chans=cfg.get("num_channels", 3), num_classes=num_classes,
             distillation="classifier_distill.linear.weight" in state,
