@@ -15,7 +15,8 @@ from . import create_model, fuse, list_models
 from .flops import count_params, macs_by_module
 from .registry import get_model_info
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hybrid convolution/transformer image classifiers.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hybrid convolution/transformer image classifiers.")
 console = Console()
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
     console = Console(width=140)
@@ -50,7 +51,7 @@ def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g.
 
 
 def _summary_parts(model: torch.nn.Module) -> list[str]:
-    """Rows of ``info``: the stem, each stage's downsample and blocks, the heads."""
+    """Rows of ``info``: top-level parts, with each stage split into its children."""
     parts = []
     for name, child in model.named_children():
         if name == "stages":
@@ -70,8 +71,18 @@ def info_cmd(name: str, height: Optional[int] = typer.Option(None, help="input h
     model = _meta_model(name, img_size=size).eval()
     parts = _summary_parts(model)
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [model.get_submodule(p).register_forward_hook(
-        lambda m, i, o, p=p: shapes.__setitem__(p, tuple(o.shape))) for p in parts]
+
+    def record(part: str):
+        def hook(module, inputs, output):
+            shapes[part] = tuple((output[0] if isinstance(output, tuple) else output).shape)
+        return hook
+
+    hooks = []
+    for p in parts:
+        module = model.get_submodule(p)
+        if isinstance(module, torch.nn.ModuleList):  # not called itself: its last member's output
+            module = module[-1]
+        hooks.append(module.register_forward_hook(record(p)))
     macs = macs_by_module(model, size)
     for h in hooks:
         h.remove()
@@ -80,7 +91,10 @@ def info_cmd(name: str, height: Optional[int] = typer.Option(None, help="input h
         table.add_column(col, justify="left" if col in ("part", "output") else "right")
     for p in parts:
         module = model.get_submodule(p)
-        table.add_row(p, str(shapes.get(p, "-")), f"{count_params(module):,}", f"{macs.get(p, 0) / 1e6:,.1f}M")
+        part_macs = macs.get(p, 0)
+        if isinstance(module, torch.nn.ModuleList):  # the counter sees its members, not the list
+            part_macs = sum(macs.get(f"{p}.{k}", 0) for k, _ in module.named_children())
+        table.add_row(p, str(shapes.get(p, "-")), f"{count_params(module):,}", f"{part_macs / 1e6:,.1f}M")
     table.add_row("total", "", f"{count_params(model):,}", f"{macs[''] / 1e6:,.1f}M", style="bold")
     console.print(table)
 
@@ -119,4 +133,8 @@ def forward_cmd(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: a message, not a traceback
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(2) from None

@@ -1,5 +1,6 @@
 """Checkpoint formats: safe reading, detection, per-format converters, hybridvit's own format."""
 
+from . import cvt as _cvt  # noqa: F401  (registers the CvT formats)
 from . import levit as _levit  # noqa: F401  (registers the LeViT formats)
 from .errors import CheckpointError
 from .formats import detect_format, load_checkpoint, load_state_dict

@@ -1,0 +1,228 @@
+"""CvT (Wu et al., ICCV 2021): convolutions introduced into the vision transformer.
+
+Three stages, each opening with a convolutional token embedding (overlapping strided conv +
+LayerNorm). Inside a block, q, k and v come from a convolutional projection: a depth-wise
+3x3 convolution + BatchNorm on the token map (stride 1 for q, 2 for k and v), then a linear
+map. No positional embedding, so any input size works with the same weights. The class
+token exists only in the last stage; it skips the convolutional projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import DropPath, QuickGELU
+from torch import nn
+
+from ..layers import ConvBN
+from ..registry import ModelInfo, register_model
+from .base import HybridClassifier
+
+_ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+@dataclass
+class CvTConfig:
+    """Hyper-parameters of one CvT variant (names follow the official configs)."""
+
+    embed_dim: tuple[int, int, int]
+    num_heads: tuple[int, int, int]
+    depth: tuple[int, int, int]
+    patch_size: tuple[int, int, int] = (7, 3, 3)
+    patch_stride: tuple[int, int, int] = (4, 2, 2)
+    patch_padding: tuple[int, int, int] = (2, 1, 1)
+    mlp_ratio: float = 4.0
+    kernel_qkv: int = 3
+    stride_kv: int = 2
+    stride_q: int = 1
+    qkv_bias: bool = True
+    # The official code trains with QuickGELU; Hugging Face's port (and the paper) say GELU.
+    mlp_act: str = "gelu"
+    drop_path_rate: float = 0.1  # last stage, rising linearly over its blocks; earlier stages 0
+    img_size: int | tuple[int, int] = 224  # default input size (preprocessing, MACs); any size runs
+    in_chans: int = 3
+    num_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "num_heads", "depth", "patch_size", "patch_stride", "patch_padding"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if isinstance(self.img_size, (list, tuple)):
+            self.img_size = tuple(self.img_size)
+        if self.mlp_act not in _ACTIVATIONS:
+            raise ValueError(f"mlp_act must be one of {sorted(_ACTIVATIONS)}, got {self.mlp_act!r}")
+
+
+class ConvEmbed(nn.Module):
+    """Convolutional token embedding: overlapping strided conv, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(B, C, H, W)`` map -> ``(B, H'*W', dim)`` normalised tokens and the grid ``(H', W')``."""
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return self.norm(x.flatten(2).transpose(1, 2)), grid
+
+
+class ConvAttention(nn.Module):
+    """Multi-head attention with convolutional projections of q, k, v."""
+
+    def __init__(self, dim: int, num_heads: int, kernel: int, stride_q: int, stride_kv: int,
+                 qkv_bias: bool, with_cls_token: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.with_cls_token = with_cls_token
+        # As in the official code the logits are scaled by the full width, not the head width.
+        self.scale = dim**-0.5
+        pad = kernel // 2
+        self.conv_proj_q = ConvBN(dim, dim, kernel, stride_q, pad, groups=dim)
+        self.conv_proj_k = ConvBN(dim, dim, kernel, stride_kv, pad, groups=dim)
+        self.conv_proj_v = ConvBN(dim, dim, kernel, stride_kv, pad, groups=dim)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        return x.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        cls = None
+        if self.with_cls_token:
+            cls, x = x[:, :1], x[:, 1:]
+        x_map = x.transpose(1, 2).reshape(B, C, *grid)
+        q, k, v = (conv(x_map).flatten(2).transpose(1, 2) for conv in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
+        if cls is not None:  # the class token bypasses the convolution and rejoins here
+            q, k, v = torch.cat((cls, q), 1), torch.cat((cls, k), 1), torch.cat((cls, v), 1)
+        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, q.shape[2], C)
+        return self.proj(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: float, act: type[nn.Module]) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: LN -> conv attention -> residual, LN -> MLP -> residual."""
+
+    def __init__(self, dim: int, num_heads: int, config: CvTConfig, with_cls_token: bool, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ConvAttention(dim, num_heads, config.kernel_qkv, config.stride_q, config.stride_kv,
+                                  config.qkv_bias, with_cls_token)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, config.mlp_ratio, _ACTIVATIONS[config.mlp_act])
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """Convolutional token embedding, optional class token, then the blocks."""
+
+    def __init__(self, in_chans: int, index: int, config: CvTConfig, with_cls_token: bool, drop_path: float) -> None:
+        super().__init__()
+        dim = config.embed_dim[index]
+        self.embed = ConvEmbed(in_chans, dim, config.patch_size[index], config.patch_stride[index],
+                               config.patch_padding[index])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls_token else None
+        depth = config.depth[index]
+        rates = [drop_path * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]  # linspace(0, rate)
+        self.blocks = nn.ModuleList(
+            Block(dim, config.num_heads[index], config, with_cls_token, rate) for rate in rates)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(B, C, H, W)`` map -> ``(B, [1 +] H'*W', dim)`` tokens and the grid ``(H', W')``."""
+        x, grid = self.embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for block in self.blocks:
+            x = block(x, grid)
+        return x, grid
+
+
+class CvT(HybridClassifier):
+    """CvT classifier: LayerNorm + Linear head on the last stage's class token."""
+
+    family = "cvt"
+    config_class = CvTConfig
+    min_input_size = 16  # the total stride of the three embeddings
+
+    def __init__(self, config: CvTConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.num_features = c.embed_dim[-1]
+        stages, in_chans = [], c.in_chans
+        for i in range(3):
+            last = i == 2
+            stages.append(Stage(in_chans, i, c, with_cls_token=last, drop_path=c.drop_path_rate if last else 0.0))
+            in_chans = c.embed_dim[i]
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.reset_classifier(c.num_classes)
+        self.apply(self._init_weights)
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                nn.init.trunc_normal_(stage.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: features only)."""
+        self.num_classes = self.config.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        super().check_input(x)
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f"{self.describe()} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
+                             f"(its total stride); got {x.shape[-2]}x{x.shape[-1]}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> normalised last-stage tokens ``(B, 1 + H'*W', C)``, class token first."""
+        self.check_input(x)
+        for stage in self.stages[:-1]:
+            tokens, grid = stage(x)
+            x = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # map for the next embedding
+        tokens, _ = self.stages[-1](x)
+        return self.norm(tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+
+_VARIANTS = {
+    "cvt_13": (CvTConfig((64, 192, 384), (1, 3, 6), (1, 2, 10)), dict(paper_top1=81.6)),
+    "cvt_21": (CvTConfig((64, 192, 384), (1, 3, 6), (1, 4, 16)), dict(paper_top1=82.5)),
+    "cvt_w24": (CvTConfig((192, 768, 1024), (3, 12, 16), (2, 2, 20), drop_path_rate=0.3, img_size=384),
+                dict(paper_top1=87.7, crop_pct=1.0)),
+}
+
+for _name, (_config, _meta) in _VARIANTS.items():
+    register_model(ModelInfo(name=_name, model_class=CvT, config=_config, **_meta))
