@@ -20,6 +20,9 @@ def test_models_table():
     assert list(rows)[:5] == ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
     assert "7.78M" in rows["levit_128s"] and "305M" in rows["levit_128s"] and "76.6" in rows["levit_128s"]
     assert "12,880" in rows["levit_128s"] and "131.1" in rows["levit_128s"] and "224x224" in rows["levit_128s"]
+    assert list(rows)[5:] == ["cvt_13", "cvt_21", "cvt_w24"]
+    assert "20.00M" in rows["cvt_13"] and "4,570M" in rows["cvt_13"] and "81.6" in rows["cvt_13"]
+    assert "277.20M" in rows["cvt_w24"] and "384x384" in rows["cvt_w24"]
 
 
 def test_info_stages():
@@ -28,6 +31,12 @@ def test_info_stages():
     out = result.output
     assert "(1, 128, 14, 14)" in out and "(1, 49, 256)" in out and "(1, 16, 384)" in out
     assert "7,777,058" in out and "305.1M" in out
+
+
+def test_info_cvt_any_size():
+    result = runner.invoke(app, ["info", "cvt_13", "--height", "160", "--width", "256"])
+    assert result.exit_code == 0, result.output
+    assert "(1, 2560, 64)" in result.output and "(1, 161, 384)" in result.output and "19,997,480" in result.output
 
 
 def test_unknown_model_is_a_clear_error():

@@ -65,7 +65,7 @@ def load_model(path: str | Path) -> nn.Module:
     model_class = family_model_class(fmt.family)
     config = fmt.config_from_folder(ckpt.folder_config, ckpt.state_dict)
     model = model_class(config)
-    model.model_name = find_variant(model_class, config)
+    model.model_name = ckpt.folder_config.get("model_name") or find_variant(model_class, config)
     load_checkpoint(model, ckpt)
     return model.eval()
 
