@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import randomize_, rel_err
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import hybridvit
 from hybridvit.checkpoints import CheckpointError, detect_format, read_checkpoint
@@ -145,6 +145,29 @@ def test_huggingface_folder_parity(distillation, tmp_path, images):
                                   checkpoint_path=tmp_path / "hf").eval()
     with torch.no_grad():
         assert rel_err(same(images), ref(images).logits) < 1e-4
+
+
+def test_index_buffers_saved_by_older_exports_are_honoured(tmp_path, images):
+    """Older transformers and timm releases saved attention_bias_idxs: they must load (and be checked)."""
+    hf = hf_levit(num_labels=10, seed=8)
+    hf.save_pretrained(tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    state.update({f"{name}.attention_bias_idxs": m.attention_bias_idxs.contiguous() for name, m in hf.named_modules()
+                  if hasattr(m, "attention_bias_idxs")})
+    assert sum(k.endswith("attention_bias_idxs") for k in state) == 2 + 3 + 4 + 2
+    save_file(state, tmp_path / "hf" / "model.safetensors")
+    with torch.no_grad():
+        assert rel_err(hybridvit.load_model(tmp_path / "hf")(images), hf(images).logits) < 1e-4
+
+    ref = timm_levit("levit_128s", seed=9)
+    state = ref.state_dict()
+    state.update({f"{name}.attention_bias_idxs": m.attention_bias_idxs for name, m in ref.named_modules()
+                  if hasattr(m, "attention_bias_idxs")})
+    assert sum(k.endswith("attention_bias_idxs") for k in state) == 2 + 3 + 4 + 2
+    torch.save(state, tmp_path / "old_timm.pth")
+    model = hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "old_timm.pth").eval()
+    with torch.no_grad():
+        assert rel_err(model(images), ref(images)) < 1e-4
 
 
 def test_huggingface_folder_of_other_variant_is_refused(tmp_path):

@@ -42,11 +42,11 @@ _OFFICIAL_LEAVES = {
 _HF_LEAVES = {
     "attn": [("module.queries_keys_values.linear.", "qkv.linear."), ("module.queries_keys_values.batch_norm.", "qkv.bn."),
              ("module.projection.linear.", "proj.linear."), ("module.projection.batch_norm.", "proj.bn."),
-             ("module.attention_biases", "attention_bias.table")],
+             ("module.attention_biases", "attention_bias.table"), ("module.attention_bias_idxs", "attention_bias.index")],
     "shrink": [("keys_values.linear.", "kv.linear."), ("keys_values.batch_norm.", "kv.bn."),
                ("queries.linear.", "q.linear."), ("queries.batch_norm.", "q.bn."),
                ("projection.linear.", "proj.linear."), ("projection.batch_norm.", "proj.bn."),
-               ("attention_biases", "attention_bias.table")],
+               ("attention_biases", "attention_bias.table"), ("attention_bias_idxs", "attention_bias.index")],
     "mlp": [("module.linear_up.linear.", "up.linear."), ("module.linear_up.batch_norm.", "up.bn."),
             ("module.linear_down.linear.", "down.linear."), ("module.linear_down.batch_norm.", "down.bn.")],
 }
@@ -76,11 +76,12 @@ def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
     for stage, ours, kind in layer_sequence(_depth(model)):
         j = position[stage] = position.get(stage, -1) + 1
         prefixes += [(f"levit.encoder.stages.{stage}.layers.{j}.{old}", f"{ours}.{new}") for old, new in _HF_LEAVES[kind]]
-    return rename_keys(state, prefixes)
+    return remap_bias_tables(rename_keys(state, prefixes), model)  # older exports saved the index buffers
 
 
 # timm calls every conv/linear of a ConvNorm/LinearNorm "linear"; the stem's are convolutions here.
-_TIMM_PARTS = [(".attention_biases", ".attention_bias.table"), (".attn_downsample.", ".attn."),
+# Older timm versions also saved the bias index buffers.
+_TIMM_PARTS = [(".attention_biases", ".attention_bias.table"), (".attention_bias_idxs", ".attention_bias.index"), (".attn_downsample.", ".attn."),
                (".q.ln.", ".q."), (".proj.ln.", ".proj."), (".mlp.ln1.", ".mlp.up."), (".mlp.ln2.", ".mlp.down.")]
 
 
@@ -92,7 +93,7 @@ def convert_timm(state: StateDict, model: nn.Module) -> StateDict:
         for old, new in _TIMM_PARTS:
             key = key.replace(old, new)
         out[key] = value
-    return out
+    return remap_bias_tables(out, model)
 
 
 def config_from_hf(cfg: dict[str, Any], state: StateDict) -> LeViTConfig:
