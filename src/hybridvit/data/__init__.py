@@ -1,5 +1,7 @@
-"""Data: preprocessing transforms (datasets arrive with training)."""
+"""Data: datasets (image folders, digits), preprocessing transforms."""
 
-from .transforms import eval_transform, example_image, load_image
+from .datasets import DataError, Datasets, build_datasets, collate_skipping_bad
+from .transforms import eval_transform, example_image, load_image, train_transform
 
-__all__ = ["eval_transform", "example_image", "load_image"]
+__all__ = ["DataError", "Datasets", "build_datasets", "collate_skipping_bad", "eval_transform", "example_image",
+           "load_image", "train_transform"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision import transforms as T
@@ -11,10 +12,11 @@ from torchvision import transforms as T
 from ..registry import ModelInfo
 
 
-def eval_transform(info: ModelInfo, input_size: tuple[int, int] | None = None) -> T.Compose:
+def eval_transform(info: ModelInfo, input_size: tuple[int, int] | None = None,
+                   crop_pct: float | None = None) -> T.Compose:
     """Resize the short side to ``size / crop_pct`` (bicubic), center-crop, normalise."""
     h, w = input_size or info.input_size[1:]
-    resize = math.floor(min(h, w) / info.crop_pct)
+    resize = math.floor(min(h, w) / (crop_pct or info.crop_pct))
     interpolation = T.InterpolationMode(info.interpolation)
     return T.Compose([
         T.Resize(resize, interpolation=interpolation),
@@ -22,6 +24,16 @@ def eval_transform(info: ModelInfo, input_size: tuple[int, int] | None = None) -
         T.ToTensor(),
         T.Normalize(info.mean, info.std),
     ])
+
+
+def train_transform(info: ModelInfo, input_size: tuple[int, int], *, auto_augment: str | None, color_jitter: float,
+                    re_prob: float, hflip: float, scale: tuple[float, float]) -> Callable:
+    """Training augmentation with timm: random resized crop, flip, RandAugment, jitter, random erasing."""
+    from timm.data import create_transform
+
+    return create_transform(input_size, is_training=True, auto_augment=auto_augment, color_jitter=color_jitter,
+                            re_prob=re_prob, re_mode="pixel", hflip=hflip, scale=scale,
+                            interpolation=info.interpolation, mean=info.mean, std=info.std)
 
 
 def load_image(path: str | Path) -> Image.Image:

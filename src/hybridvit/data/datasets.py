@@ -1,0 +1,146 @@
+"""Datasets: ImageNet-layout image folders (checked before training) and the built-in digits.
+
+Unreadable images never stop a run: the dataset yields a marker instead of a sample, the
+collate function drops it and reports which indices were skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import load_image
+
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained or evaluated on, found before any work starts."""
+
+
+def image_extensions() -> set[str]:
+    """Every file extension Pillow can open."""
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted folder names) and ``(path, class index)`` samples of one split."""
+    folder = root / split
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise DataError(f"missing split folder {folder} (expected {root}/train/<class>/* and {root}/val/<class>/*; "
+                        f"found {found if root.is_dir() else 'no such directory'})")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{folder} has no class folders (expected {folder}/<class>/<image files>)")
+    exts = image_extensions()
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        if not files:
+            empty.append(name)
+        samples += [(p, index) for p in files]
+    if empty:
+        raise DataError(f"{folder}: class folder(s) with no images: {', '.join(empty[:20])}")
+    return classes, samples
+
+
+class ImageFolderDataset(Dataset):
+    """Images listed by ``scan_split``; a sample that cannot be decoded yields ``(None, index)``."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        try:
+            return self.transform(load_image(path)), target
+        except (ValueError, OSError):
+            return None, index
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1,797 8x8 handwritten digits, upscaled once to ``size`` and given 3 channels."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, indices: np.ndarray, size: tuple[int, int],
+                 transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.indices = indices
+        self.targets = [int(targets[i]) for i in indices]
+        scaled = (images[indices] * (255.0 / 16.0)).astype(np.uint8)
+        self.images = [Image.fromarray(im, mode="L").resize(size[::-1], Image.BICUBIC).convert("RGB") for im in scaled]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, index: int) -> str:
+        return f"digits[{int(self.indices[index])}]"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), self.targets[index]
+
+
+def digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed, seeded, stratified train/val split of the digits: ``images, targets, train_idx, val_idx``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=val_fraction,
+                                          stratify=digits.target, random_state=seed)
+    return digits.images, digits.target, np.sort(train_idx), np.sort(val_idx)
+
+
+@dataclass
+class Datasets:
+    train: Dataset | None
+    val: Dataset
+    classes: list[str]
+
+
+def build_datasets(data: str | Path | None, input_size: tuple[int, int], train_transform: Callable | None,
+                   val_transform: Callable) -> Datasets:
+    """Train/val datasets for an ImageNet-layout folder, or the digits when ``data`` is None or ``"digits"``.
+
+    Every layout problem (missing split, class mismatch, empty class) raises ``DataError`` here,
+    before any training starts. ``train_transform=None`` builds only the validation split.
+    """
+    if data is None or str(data) == "digits":
+        images, targets, train_idx, val_idx = digits_split()
+        train = DigitsDataset(images, targets, train_idx, input_size, train_transform) if train_transform else None
+        return Datasets(train, DigitsDataset(images, targets, val_idx, input_size, val_transform), [str(d) for d in range(10)])
+    root = Path(data)
+    val_classes, val_samples = scan_split(root, "val")
+    train = None
+    if train_transform is not None:
+        train_classes, train_samples = scan_split(root, "train")
+        if train_classes != val_classes:
+            only_train = sorted(set(train_classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(train_classes))
+            raise DataError(f"{root}: train and val have different classes (only in train: {only_train[:20]}, "
+                            f"only in val: {only_val[:20]})")
+        train = ImageFolderDataset(train_samples, train_transform)
+    return Datasets(train, ImageFolderDataset(val_samples, val_transform), val_classes)
+
+
+def collate_skipping_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stack good samples; return the dataset indices of unreadable ones as the third element."""
+    good = [(x, t) for x, t in batch if x is not None]
+    bad = [t for x, t in batch if x is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([t for _, t in good]), bad

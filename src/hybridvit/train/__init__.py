@@ -1,0 +1,7 @@
+"""Training and evaluation (the papers' recipes, distillation, DDP, resumable runs)."""
+
+from .config import RECIPES, TrainConfig
+from .engine import TrainingError, evaluate, train
+from .losses import DistillationLoss
+
+__all__ = ["RECIPES", "DistillationLoss", "TrainConfig", "TrainingError", "evaluate", "train"]

@@ -1,0 +1,90 @@
+"""Training options and the papers' recipes.
+
+Every option left at ``None`` is filled from a recipe: ``levit`` (LeViT/DeiT ImageNet recipe,
+official main.py defaults), ``cvt`` (official CvT configs) or ``tiny`` (light defaults that
+train a small dataset such as the built-in digits in minutes on a laptop CPU). ``auto``
+picks ``tiny`` for datasets under 20,000 training images, else the model family's recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_DEIT_AUG = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25, mixup=0.8, cutmix=1.0,
+                 smoothing=0.1, hflip=0.5, scale=(0.08, 1.0), warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # lr is per 512 images: the learning rate used is lr * global batch / 512.
+    "levit": dict(_DEIT_AUG, epochs=1000, batch_size=256, lr=5e-4, weight_decay=0.025, repeated_aug=True,
+                  clip_grad=0.01, clip_mode="agc", distillation="hard"),
+    # CvT: 2.5e-4 at 256 images (CvT-13), 1.25e-4 at 128 (CvT-21, W24): both 5e-4 per 512.
+    "cvt": dict(_DEIT_AUG, epochs=300, batch_size=256, lr=5e-4, weight_decay=0.05, repeated_aug=False,
+                clip_grad=None, clip_mode="norm", distillation="none"),
+    "tiny": dict(epochs=30, batch_size=64, lr=8e-3, weight_decay=0.025, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
+                 auto_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, hflip=0.0,
+                 scale=(0.75, 1.0), repeated_aug=False, clip_grad=None, clip_mode="norm", distillation="hard",
+                 input_size=64),
+}
+_CVT_WD = {"cvt_21": 0.1, "cvt_w24": 0.1}
+TINY_DATASET = 20_000
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``hybridvit train`` accepts; ``None`` means "from the recipe"."""
+
+    model: str = field(default="levit_128s", metadata={"help": "registered model name"})
+    data: str | None = field(default=None, metadata={"help": "ImageNet-layout folder (ROOT/train, ROOT/val); default: built-in digits"})
+    output: str | None = field(default=None, metadata={"help": "run folder (default runs/<model>-<data>)"})
+    recipe: str = field(default="auto", metadata={"help": "auto, levit, cvt or tiny"})
+    epochs: int | None = None
+    batch_size: int | None = field(default=None, metadata={"help": "images per process"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate per 512 images (scaled by the global batch)"})
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+    warmup_lr: float | None = None
+    min_lr: float | None = None
+    input_size: int | None = field(default=None, metadata={"help": "training/eval resolution (default: the model's)"})
+    workers: int = field(default=2, metadata={"help": "data loading processes per training process"})
+    smoothing: float | None = None
+    auto_augment: str | None = field(default=None, metadata={"help": "timm RandAugment spec, or 'none'"})
+    color_jitter: float | None = None
+    reprob: float | None = field(default=None, metadata={"help": "random erasing probability"})
+    mixup: float | None = None
+    cutmix: float | None = None
+    hflip: float | None = None
+    repeated_aug: bool | None = None
+    drop_path: float | None = field(default=None, metadata={"help": "default: the model's (paper) rate"})
+    clip_grad: float | None = None
+    clip_mode: str | None = field(default=None, metadata={"help": "norm, value or agc"})
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    teacher: str | None = field(default=None, metadata={"help": "teacher: timm model name, hybridvit model name or folder"})
+    teacher_checkpoint: str | None = field(default=None, metadata={"help": "weights for a named teacher"})
+    distillation: str | None = field(default=None, metadata={"help": "hard, soft or none (used when a teacher is given)"})
+    distillation_tau: float = 1.0
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, off on CPU), bf16, fp16 or none"})
+    channels_last: bool = False
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    seed: int = 0
+    resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint.pt"})
+    finetune: str | None = field(default=None, metadata={"help": "start from these weights (new classifier)"})
+    scale: tuple[float, float] | None = None
+
+    def resolved(self, num_train_images: int, family: str) -> "TrainConfig":
+        """A copy with every ``None`` recipe option filled in."""
+        name = self.recipe
+        if name == "auto":
+            name = "tiny" if num_train_images < TINY_DATASET else family
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose auto, {', '.join(RECIPES)}")
+        recipe = dict(RECIPES[name])
+        if name == "cvt":
+            recipe["weight_decay"] = _CVT_WD.get(self.model, recipe["weight_decay"])
+        changes = {k: v for k, v in recipe.items() if getattr(self, k, None) is None}
+        out = dataclasses.replace(self, recipe=name, **changes)
+        if out.auto_augment == "none":
+            out.auto_augment = None
+        return out

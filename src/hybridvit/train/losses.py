@@ -1,0 +1,45 @@
+"""The LeViT/DeiT distillation loss: ½ base loss on the class head + ½ teacher loss on the distillation head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DistillationLoss(nn.Module):
+    """``kind``: ``"hard"`` (CE to the teacher's argmax), ``"soft"`` (KL at temperature ``tau``) or ``"none"``.
+
+    The teacher sees the same (augmented, mixed) batch as the student, in eval mode and without
+    gradients. With ``"none"`` (or a single-head output) only the base loss is used; a
+    two-head output then trains both heads on the labels.
+    """
+
+    def __init__(self, base: nn.Module, teacher: nn.Module | None = None, kind: str = "none",
+                 alpha: float = 0.5, tau: float = 1.0) -> None:
+        super().__init__()
+        if kind not in ("hard", "soft", "none"):
+            raise ValueError(f"distillation must be hard, soft or none, got {kind!r}")
+        if kind != "none" and teacher is None:
+            raise ValueError(f"{kind} distillation needs a teacher model")
+        self.base, self.kind, self.alpha, self.tau = base, kind, alpha, tau
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None and kind != "none" else None
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, tuple):
+            if self.teacher is not None:
+                raise ValueError("distillation needs a student with a distillation head (e.g. LeViT with distillation=True)")
+            return self.base(outputs, targets)
+        cls_out, dist_out = outputs
+        if self.teacher is None:
+            return (self.base(cls_out, targets) + self.base(dist_out, targets)) / 2
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs)
+        if self.kind == "hard":
+            dist_loss = F.cross_entropy(dist_out, teacher_out.argmax(dim=1))
+        else:
+            t = self.tau
+            dist_loss = F.kl_div(F.log_softmax(dist_out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
+                                 reduction="sum", log_target=True) * (t * t) / dist_out.numel()
+        return (1 - self.alpha) * self.base(cls_out, targets) + self.alpha * dist_loss

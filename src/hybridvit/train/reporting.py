@@ -1,0 +1,136 @@
+"""What a person sees of a run: a progress bar per epoch, one summary line per epoch,
+metrics as JSON lines and TensorBoard scalars, and a training-curve PNG at the end.
+Only the main process reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from tqdm import tqdm
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class EpochStats:
+    """Running loss, throughput and skipped files of one epoch, shown on an optional bar."""
+
+    def __init__(self, bar: tqdm | None) -> None:
+        self.bar = bar
+        self.loss_sum = 0.0
+        self.steps = 0
+        self.images = 0
+        self.lr = 0.0
+        self.skipped = 0
+        self.bad_files: list[str] = []
+        self.start = time.perf_counter()
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self, loss: float, images: int, lr: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.images += images
+        self.lr = lr
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.images_per_second:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.seconds = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Reporter:
+    def __init__(self, output: Path, is_main: bool, progress: bool) -> None:
+        self.output = output
+        self.is_main = is_main
+        self.progress = progress and is_main
+        self.metrics_file = output / "metrics.jsonl"
+        self.writer = None
+
+    def start(self, config: dict[str, Any], n_train: int, n_val: int, n_classes: int, lr: float, world: int,
+              start_epoch: int) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / "train_config.json").write_text(json.dumps(config, indent=2))
+        if self.metrics_file.exists():  # keep only epochs the checkpoint covers (a resumed run rewrites the rest)
+            kept = [line for line in self.metrics_file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] < start_epoch]
+            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.output / "tensorboard"))
+        console.print(f"[bold]{config['model']}[/bold] on {config['data'] or 'digits'}: {n_train} train / {n_val} val "
+                      f"images, {n_classes} classes; recipe {config['recipe']}, {config['epochs']} epochs, batch "
+                      f"{config['batch_size']} x {world} process(es), lr {lr:.2e}; output {self.output}")
+
+    def epoch_bar(self, epoch: int, epochs: int, steps: int, done: int) -> EpochStats:
+        bar = None
+        if self.progress:
+            bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                       mininterval=1.0)
+        return EpochStats(bar)
+
+    def end_epoch(self, epoch: int, stats: EpochStats, metrics: dict[str, Any], best: float) -> None:
+        if not self.is_main:
+            return
+        record = {"epoch": epoch, "train_loss": stats.loss, "lr": stats.lr, "images_per_second": stats.images_per_second,
+                  "epoch_seconds": stats.seconds, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+                  "val_loss": metrics["loss"], "best_top1": best, "skipped_train": stats.skipped,
+                  "skipped_val": metrics["skipped"]}
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key in ("train_loss", "lr", "images_per_second", "val_top1", "val_top5", "val_loss"):
+            self.writer.add_scalar(key, record[key], epoch)
+        self.writer.flush()
+        console.print(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
+                      f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best {best:.2f}%), "
+                      f"{stats.images_per_second:.0f} img/s, {stats.seconds:.1f}s")
+        if stats.skipped or metrics["skipped"]:
+            console.print(f"[yellow]skipped unreadable images[/yellow]: {stats.skipped} in training, "
+                          f"{metrics['skipped']} in validation; e.g. {', '.join(stats.bad_files[:5])}")
+
+    def interrupted(self, path: Path, epoch: int, step: int) -> None:
+        if self.is_main:
+            console.print(f"[yellow]interrupted[/yellow] at epoch {epoch + 1} step {step}: resumable checkpoint saved "
+                          f"to {path}; continue with the same command and --resume")
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        plot_curves(self.metrics_file, self.output / "training_curve.png")
+        console.print(f"done: final weights in {self.output / 'model'}, best in {self.output / 'best'}, "
+                      f"curves in {self.output / 'training_curve.png'}")
+
+
+def plot_curves(metrics_file: Path, png: Path) -> None:
+    """Loss and top-1 per epoch from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["val_top1"] for r in rows], label="top-1")
+    ax_acc.plot(epochs, [r["val_top5"] for r in rows], label="top-5")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
