@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import time
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +18,7 @@ from rich.table import Table
 from . import create_model, fuse, list_models
 from .flops import count_params, macs_by_module
 from .registry import get_model_info
+from .train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hybrid convolution/transformer image classifiers.")
@@ -132,9 +137,72 @@ def forward_cmd(
                   f"max |fused - unfused| = {diff:.2e}")
 
 
+def _dataclass_command(config_class: type, skip: frozenset[str] = frozenset()):
+    """Decorator: expose every field of ``config_class`` as a ``--option`` (one source of truth)."""
+    hints = typing.get_type_hints(config_class)
+
+    def decorate(fn):
+        params = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                              default=typer.Option(f.default, f"--{f.name.replace('_', '-')}", help=f.metadata.get("help")))
+            for f in dataclasses.fields(config_class) if f.name not in skip
+        ]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            return fn(config_class(**kwargs))
+
+        command.__signature__ = inspect.Signature(params)
+        return command
+
+    return decorate
+
+
+@app.command("train")
+@_dataclass_command(TrainConfig, skip=frozenset({"scale"}))
+def train_cmd(cfg: TrainConfig) -> None:
+    """Train a model (default: levit_128s on the built-in digits); also runs under torchrun."""
+    from .train import TrainingError, train
+
+    try:
+        result = train(cfg)
+    except TrainingError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    if result.get("interrupted"):
+        raise typer.Exit(130)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Option(..., help="model folder, training run folder or checkpoint.pt"),
+    data: Optional[str] = typer.Option(None, help="ImageNet-layout folder (its val split); default: digits"),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(2),
+    device: str = typer.Option("auto"),
+    amp: str = typer.Option("auto", help="auto, bf16, fp16 or none"),
+    fused: bool = typer.Option(True, help="fold BatchNorms first (the deployed model)"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Top-1, top-5 and loss of a trained model (fused), also under torchrun."""
+    import json
+    import os
+
+    from .train import evaluate
+
+    metrics = evaluate(checkpoint, data, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if json_output:
+        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "loss", "images", "skipped")}))
+    else:
+        console.print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+                      f"on {metrics['images']} images ({metrics['skipped']} unreadable skipped)")
+
+
 def main() -> None:
     try:
         app()
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: a message, not a traceback
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors (incl. DataError): a message, not a traceback
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise SystemExit(2) from None

@@ -55,3 +55,18 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating-point buffers (BatchNorm statistics) over processes.
+
+    Each process updates its BatchNorm statistics on its own batches, so before evaluating
+    and saving we make every replica identical to the one that is saved.
+    """
+    if not info.enabled:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(info.world_size)

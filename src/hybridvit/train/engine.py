@@ -21,7 +21,7 @@ from ..data.sampling import EpochSampler, SeededSamples, ShardSampler
 from ..fusion import fuse
 from ..registry import get_model_info
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
+from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, cleanup_distributed, init_distributed
 from .losses import DistillationLoss
 from .reporting import Reporter
 from .state import atomic_save, capture_rng, load_state, restore_rng, seed_all
@@ -301,6 +301,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: boo
                     reporter.interrupted(ckpt_path, epoch, step)
                     return {"interrupted": True, "epoch": epoch, "step": step}
             stats.close()
+            average_buffers(model, dist)
             metrics = run_evaluation(eval_model(), val_loader, device, dist, amp_dtype)
             improved = metrics["top1"] > best
             best = max(best, metrics["top1"])

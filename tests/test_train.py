@@ -1,0 +1,277 @@
+"""Training and evaluation: outputs, exact resume after SIGKILL and Ctrl-C, DDP, distillation, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+import hybridvit
+from hybridvit.data import DataError
+from hybridvit.train import DistillationLoss, TrainConfig, TrainingError, evaluate, train
+
+FAST = dict(workers=0, input_size=32, batch_size=32)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hybridvit", *args]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run that the resumed runs must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(cli("train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "32",
+                       "--output", str(out)), check=True, capture_output=True)
+    return out
+
+
+def test_outputs_of_a_run(reference_run):
+    run = reference_run
+    assert {"checkpoint.pt", "model", "best", "metrics.jsonl", "tensorboard", "training_curve.png"} <= {p.name for p in run.iterdir()}
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["val_top1"] > rows[0]["val_top1"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    model = hybridvit.load_model(run / "model")
+    assert model.num_classes == 10 and model.model_name == "levit_128s"
+    assert hybridvit.checkpoints.read_extra(run / "model")["classes"] == [str(d) for d in range(10)]
+    # eval reports the fused model on the same split: the last epoch's numbers
+    result = evaluate(run / "model", workers=0)
+    assert result["images"] == 360 and result["top1"] == pytest.approx(rows[-1]["val_top1"])
+    assert result["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)
+    out = subprocess.run(cli("eval", "--checkpoint", str(run / "checkpoint.pt"), "--json", "--workers", "0"),
+                         capture_output=True, text=True, check=True)
+    assert set(json.loads(out.stdout)) >= {"top1", "top5", "loss", "images"}
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended early"
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def _same_final_state(a: Path, b: Path) -> None:
+    assert metrics(a)[-1] | {"epoch_seconds": 0, "images_per_second": 0} == metrics(b)[-1] | {"epoch_seconds": 0, "images_per_second": 0}
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = cli("train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "32", "--output", str(out))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) == 1 and (out / "checkpoint.pt").exists(), proc)
+    time.sleep(0.7)  # well into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] in (1, 2)
+    subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    _same_final_state(out, reference_run)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_mid_epoch_checkpoint_and_resume_is_exact(reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = cli("train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "32", "--output", str(out))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) == 1, proc)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] > 0
+    subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    _same_final_state(out, reference_run)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun + ["-m", "hybridvit", "train", "--epochs", "2", "--workers", "0", "--input-size", "32",
+                                      "--batch-size", "16", "--output", str(out)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(out)
+    assert len(rows) == 2  # rank 0 alone writes
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["batch_size"] == 16
+    assert "batch 16 x 2 process(es), lr 5.00e-04" in done.stderr  # 8e-3 * 32 / 512: lr scaled by the global batch
+    single = evaluate(out / "model", workers=0)
+    assert single["images"] == 360 and single["top1"] == pytest.approx(rows[-1]["val_top1"])
+    ev = subprocess.run(torchrun[:-1] + [f"--master_port={_free_port()}", "-m", "hybridvit", "eval", "--checkpoint",
+                                         str(out / "model"), "--json", "--workers", "0"],
+                        capture_output=True, text=True, env=env)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    distributed = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert distributed["images"] == 360 and distributed["top1"] == pytest.approx(single["top1"])
+
+
+class _Recorder(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.linear = nn.Linear(8, num_classes)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x)
+        return self.linear(x)
+
+
+def test_distillation_losses():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    cls, dist = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    teacher = _Recorder().train()
+    hard = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    loss = hard(x, (cls, dist), y)
+    t_out = teacher.linear(x)
+    expected = 0.5 * nn.functional.cross_entropy(cls, y) + 0.5 * nn.functional.cross_entropy(dist, t_out.argmax(1))
+    torch.testing.assert_close(loss, expected)
+    assert teacher.seen[-1] is x  # the teacher sees the very batch the student saw
+    loss.backward()
+    assert teacher.linear.weight.grad is None and dist.grad is not None
+
+    tau = 3.0
+    soft = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", tau=tau)
+    p_t = (t_out.detach() / tau).softmax(1)
+    kl = (p_t * (p_t.log() - (dist / tau).log_softmax(1))).sum() * tau**2 / dist.numel()
+    torch.testing.assert_close(soft(x, (cls, dist), y), 0.5 * nn.functional.cross_entropy(cls, y) + 0.5 * kl)
+
+    none = DistillationLoss(nn.CrossEntropyLoss())
+    torch.testing.assert_close(none(x, (cls, dist), y), (nn.functional.cross_entropy(cls, y) + nn.functional.cross_entropy(dist, y)) / 2)
+    with pytest.raises(ValueError, match="distillation head"):
+        hard(x, cls, y)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationLoss(nn.CrossEntropyLoss(), None, "soft")
+
+
+@pytest.mark.slow
+def test_training_with_hybridvit_and_timm_teachers(reference_run, tmp_path):
+    r1 = train(TrainConfig(epochs=1, teacher=str(reference_run / "model"), output=str(tmp_path / "a"), **FAST), progress=False)
+    assert r1["images"] == 360
+    import timm
+
+    teacher = timm.create_model("resnet18", num_classes=10)
+    torch.save({"state_dict": teacher.state_dict()}, tmp_path / "resnet18.pth")
+    r2 = train(TrainConfig(epochs=1, teacher="resnet18", teacher_checkpoint=str(tmp_path / "resnet18.pth"),
+                           distillation="soft", output=str(tmp_path / "b"), **FAST), progress=False)
+    assert r2["images"] == 360
+
+
+def make_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40, corrupt: dict | None = None) -> Path:
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                color = (200 * c, 40 * i, 100) if split == "train" else (200 * c, 30 * i + 5, 90)
+                mode = ["RGB", "L", "RGBA"][i % 3]
+                ext = "png" if mode == "RGBA" or i % 2 else "jpg"
+                Image.new("RGB", (size + i, size), color).convert(mode).save(folder / f"{i}.{ext}")
+    for relative in (corrupt or {}):
+        (root / relative).write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = make_folder(tmp_path / "data", corrupt={"train/cat/bad.jpg": 1, "train/dog/bad.png": 1, "val/dog/bad.jpg": 1})
+    result = train(TrainConfig(data=str(data), epochs=2, output=str(tmp_path / "run"), **{**FAST, "batch_size": 4}),
+                   progress=False)
+    rows = metrics(tmp_path / "run")
+    assert [r["skipped_train"] for r in rows] == [2, 2]
+    assert all(r["skipped_val"] == 1 for r in rows)
+    assert result["images"] == 12 and result["skipped"] == 1
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("no_val", "missing split folder"),
+    ("mismatch", "different classes"),
+    ("empty_class", "no images: bird"),
+    ("no_classes", "no class folders"),
+])
+def test_bad_layouts_fail_before_training(tmp_path, layout, message):
+    data = make_folder(tmp_path / "data", per_class=2)
+    if layout == "no_val":
+        import shutil
+
+        shutil.rmtree(data / "val")
+    elif layout == "mismatch":
+        (data / "val" / "dog").rename(data / "val" / "wolf")
+    elif layout == "empty_class":
+        (data / "train" / "bird").mkdir()
+        (data / "val" / "bird").mkdir()
+    elif layout == "no_classes":
+        data = tmp_path / "flat"
+        (data / "train").mkdir(parents=True)
+        (data / "val").mkdir()
+    with pytest.raises(DataError, match=message):
+        train(TrainConfig(data=str(data), epochs=1, output=str(tmp_path / "run"), **FAST), progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(TrainConfig(epochs=1, output=str(out), **FAST), progress=False)
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    original = DistillationLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        loss = original(self, *args)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(DistillationLoss, "forward", poisoned)
+    with pytest.raises(TrainingError, match="loss is nan at epoch 1 step 3"):
+        train(TrainConfig(epochs=3, output=str(out), resume=True, **FAST), progress=False)
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == 1 and all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_finetune_to_new_classes(reference_run, tmp_path):
+    data = make_folder(tmp_path / "data", per_class=6)
+    train(TrainConfig(data=str(data), epochs=1, finetune=str(reference_run / "model"), output=str(tmp_path / "ft"),
+                      **{**FAST, "batch_size": 4}), progress=False)
+    model = hybridvit.load_model(tmp_path / "ft" / "model")
+    assert model.num_classes == 2
+    with pytest.raises(DataError, match=r"trained on classes \[.cat., .dog.\]"):
+        evaluate(tmp_path / "ft" / "model", workers=0)
+
+
+def test_recipes():
+    tiny = TrainConfig().resolved(1437, "levit")
+    assert tiny.recipe == "tiny" and tiny.mixup == 0 and tiny.input_size == 64 and tiny.hflip == 0
+    levit = TrainConfig(model="levit_256").resolved(1_281_167, "levit")
+    assert (levit.recipe, levit.epochs, levit.lr, levit.weight_decay, levit.clip_mode, levit.distillation) == \
+        ("levit", 1000, 5e-4, 0.025, "agc", "hard")
+    assert levit.auto_augment == "rand-m9-mstd0.5-inc1" and levit.mixup == 0.8 and levit.cutmix == 1.0 and levit.repeated_aug
+    cvt = TrainConfig(model="cvt_21", lr=1e-3).resolved(1_281_167, "cvt")
+    assert (cvt.recipe, cvt.epochs, cvt.weight_decay, cvt.lr) == ("cvt", 300, 0.1, 1e-3)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TrainConfig(recipe="fast").resolved(10, "levit")
