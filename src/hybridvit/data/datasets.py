@@ -54,10 +54,10 @@ def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]
 class ImageFolderDataset(Dataset):
     """Images listed by ``scan_split``; a sample that cannot be decoded yields ``(None, index)``."""
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, samples: list[tuple[Path, int]]) -> None:
         self.samples = samples
         self.targets = [t for _, t in samples]
-        self.transform = transform
+        self.transform: Callable[[Image.Image], torch.Tensor] | None = None  # set by Datasets.prepare
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,15 +74,14 @@ class ImageFolderDataset(Dataset):
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's 1,797 8x8 handwritten digits, upscaled once to ``size`` and given 3 channels."""
+    """scikit-learn's 1,797 8x8 handwritten digits, upscaled (bicubic) to ``size`` with 3 channels."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, indices: np.ndarray, size: tuple[int, int],
-                 transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, images: np.ndarray, targets: np.ndarray, indices: np.ndarray) -> None:
         self.indices = indices
         self.targets = [int(targets[i]) for i in indices]
-        scaled = (images[indices] * (255.0 / 16.0)).astype(np.uint8)
-        self.images = [Image.fromarray(im, mode="L").resize(size[::-1], Image.BICUBIC).convert("RGB") for im in scaled]
-        self.transform = transform
+        self.images = (images[indices] * (255.0 / 16.0)).astype(np.uint8)
+        self.size: tuple[int, int] = (64, 64)  # set by Datasets.prepare
+        self.transform: Callable[[Image.Image], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -91,7 +90,8 @@ class DigitsDataset(Dataset):
         return f"digits[{int(self.indices[index])}]"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), self.targets[index]
+        image = Image.fromarray(self.images[index], mode="L").resize(self.size[::-1], Image.BICUBIC).convert("RGB")
+        return self.transform(image), self.targets[index]
 
 
 def digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -105,36 +105,47 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, 
     return digits.images, digits.target, np.sort(train_idx), np.sort(val_idx)
 
 
+def is_digits(data: str | Path | None) -> bool:
+    return data is None or str(data) == "digits"
+
+
 @dataclass
 class Datasets:
-    train: Dataset | None
-    val: Dataset
+    train: ImageFolderDataset | DigitsDataset | None
+    val: ImageFolderDataset | DigitsDataset
     classes: list[str]
 
+    def prepare(self, input_size: tuple[int, int], train_transform: Callable | None, val_transform: Callable) -> None:
+        """Attach the transforms (and, for the digits, the size they are upscaled to)."""
+        for dataset, transform in ((self.train, train_transform), (self.val, val_transform)):
+            if dataset is not None:
+                dataset.transform = transform
+                if isinstance(dataset, DigitsDataset):
+                    dataset.size = input_size
 
-def build_datasets(data: str | Path | None, input_size: tuple[int, int], train_transform: Callable | None,
-                   val_transform: Callable) -> Datasets:
+
+def build_datasets(data: str | Path | None, with_train: bool = True) -> Datasets:
     """Train/val datasets for an ImageNet-layout folder, or the digits when ``data`` is None or ``"digits"``.
 
     Every layout problem (missing split, class mismatch, empty class) raises ``DataError`` here,
-    before any training starts. ``train_transform=None`` builds only the validation split.
+    before any training starts. Call ``prepare`` before reading samples.
     """
-    if data is None or str(data) == "digits":
+    if is_digits(data):
         images, targets, train_idx, val_idx = digits_split()
-        train = DigitsDataset(images, targets, train_idx, input_size, train_transform) if train_transform else None
-        return Datasets(train, DigitsDataset(images, targets, val_idx, input_size, val_transform), [str(d) for d in range(10)])
+        train = DigitsDataset(images, targets, train_idx) if with_train else None
+        return Datasets(train, DigitsDataset(images, targets, val_idx), [str(d) for d in range(10)])
     root = Path(data)
     val_classes, val_samples = scan_split(root, "val")
     train = None
-    if train_transform is not None:
+    if with_train:
         train_classes, train_samples = scan_split(root, "train")
         if train_classes != val_classes:
             only_train = sorted(set(train_classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(train_classes))
             raise DataError(f"{root}: train and val have different classes (only in train: {only_train[:20]}, "
                             f"only in val: {only_val[:20]})")
-        train = ImageFolderDataset(train_samples, train_transform)
-    return Datasets(train, ImageFolderDataset(val_samples, val_transform), val_classes)
+        train = ImageFolderDataset(train_samples)
+    return Datasets(train, ImageFolderDataset(val_samples), val_classes)
 
 
 def collate_skipping_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -8,8 +8,15 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import timm
+import timm.optim
+import timm.scheduler
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -17,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..api import create_model
 from ..checkpoints import load_checkpoint, load_model, read_checkpoint, save_model
 from ..data import DataError, build_datasets, collate_skipping_bad, eval_transform, train_transform
+from ..data.datasets import is_digits
 from ..data.sampling import EpochSampler, SeededSamples, ShardSampler
 from ..fusion import fuse
 from ..registry import get_model_info
@@ -57,8 +65,6 @@ def _build_teacher(cfg: TrainConfig, num_classes: int) -> nn.Module | None:
     try:
         get_model_info(cfg.teacher)
     except ValueError:
-        import timm
-
         teacher = timm.create_model(cfg.teacher, num_classes=num_classes)
         if cfg.teacher_checkpoint:  # read safely (weights only), then load strictly
             teacher.load_state_dict(read_checkpoint(cfg.teacher_checkpoint).state_dict)
@@ -143,17 +149,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: bool) -> dict[str, Any]:
     info = get_model_info(cfg.model)
-    data_name = "digits" if cfg.data in (None, "digits") else Path(cfg.data).name
+    data_name = "digits" if is_digits(cfg.data) else Path(cfg.data).name
     output = Path(cfg.output or f"runs/{cfg.model}-{data_name}")
-    # Sizes decide the recipe; the layout is checked (DataError) before anything else happens.
-    probe = build_datasets(cfg.data, (cfg.input_size or 64,) * 2, train_transform=lambda im: im, val_transform=lambda im: im)
-    cfg = cfg.resolved(len(probe.train), info.family)
+    datasets = build_datasets(cfg.data)  # the layout is checked (DataError) before anything else happens
+    cfg = cfg.resolved(len(datasets.train), info.family)  # the dataset's size picks the recipe
     size = (cfg.input_size, cfg.input_size) if cfg.input_size else info.input_size[1:]
-    datasets = build_datasets(
-        cfg.data, size,
+    datasets.prepare(
+        size,
         train_transform(info, size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
                         hflip=cfg.hflip, scale=cfg.scale),
-        eval_transform(info, size, crop_pct=1.0 if cfg.data in (None, "digits") else None))
+        eval_transform(info, size, crop_pct=1.0 if is_digits(cfg.data) else None))
     classes = datasets.classes
     if len(datasets.train) < cfg.batch_size * dist.world_size:
         raise DataError(f"{len(datasets.train)} training images are fewer than one global batch "
@@ -173,16 +178,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: boo
     global_batch = cfg.batch_size * dist.world_size
     lr = cfg.lr * global_batch / 512
 
-    import timm.optim
-    import timm.scheduler
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.utils import ModelEmaV3, dispatch_clip_grad
-
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
     if cfg.repeated_aug:
-        from timm.data.distributed_sampler import RepeatAugSampler
-
         base_sampler = RepeatAugSampler(datasets.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True)
     else:
         base_sampler = DistributedSampler(datasets.train, num_replicas=dist.world_size, rank=dist.rank,
@@ -330,8 +327,8 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
         size = tuple(extra["input_size"]) if extra.get("input_size") else ((img, img) if isinstance(img, int) else tuple(img))
         if info is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
-        digits = data in (None, "digits")
-        datasets = build_datasets(data, size, None, eval_transform(info, size, crop_pct=1.0 if digits else None))
+        datasets = build_datasets(data, with_train=False)
+        datasets.prepare(size, None, eval_transform(info, size, crop_pct=1.0 if is_digits(data) else None))
         if extra.get("classes") and extra["classes"] != datasets.classes:
             raise DataError(f"the model was trained on classes {extra['classes'][:10]}... but {data or 'digits'} "
                             f"has {datasets.classes[:10]}...")
