@@ -6,7 +6,7 @@ from .errors import CheckpointError
 from .formats import detect_format, load_checkpoint, load_state_dict
 from .hub import download_weights
 from .io import read_checkpoint
-from .native import load_model, read_extra, save_model
+from .native import load_model, load_trained, read_extra, save_model
 
 __all__ = [
     "CheckpointError",
@@ -15,6 +15,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_state_dict",
+    "load_trained",
     "read_checkpoint",
     "read_extra",
     "save_model",

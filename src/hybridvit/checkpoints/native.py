@@ -76,3 +76,28 @@ def read_extra(path: str | Path) -> dict[str, Any]:
     return config.get("extra", {}) if config.get("format") == NATIVE else {}
 
 
+
+
+def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A model and its stored extras (class names, input size) from a model folder, a training
+    run folder (its ``model/``) or a training ``checkpoint.pt``."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        path = path / "model"
+    if path.is_dir():
+        return load_model(path), read_extra(path)
+    if not path.is_file():
+        raise CheckpointError(f"no model at {path} (expected a model folder, a run folder or checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "model_config" not in state:
+        raise CheckpointError(f"{path} is not a hybridvit training checkpoint; pass a model folder instead")
+    model_class = family_model_class(state["model_family"])
+    model = model_class(model_class.config_class(**state["model_config"]))
+    model.model_name = state["model_name"]
+    model.load_state_dict(state["model"])
+    return model.eval(), state.get("extra", {})

@@ -1,6 +1,6 @@
 """Fusable building blocks shared by every model family."""
 
-from .attention_bias import AttentionBias, FixedAttentionBias, bias_index, resize_bias_table
+from .attention_bias import AttentionBias, FixedAttentionBias, bias_index, biased_attention, resize_bias_table
 from .norm_act import BNLinear, ConvBN, LinearBN
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "FixedAttentionBias",
     "LinearBN",
     "bias_index",
+    "biased_attention",
     "resize_bias_table",
 ]

@@ -14,7 +14,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from ..layers import AttentionBias, BNLinear, ConvBN, LinearBN
+from ..layers import AttentionBias, BNLinear, ConvBN, LinearBN, biased_attention
 from ..registry import ModelInfo, register_model
 from .base import HybridClassifier
 
@@ -78,7 +78,6 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
-        self.scale = key_dim**-0.5
         # Output channels are grouped per head as [q | k | v], the official layout.
         self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim))
         self.attention_bias = AttentionBias(num_heads, grid)
@@ -89,9 +88,8 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_bias()
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, -1)
-        return self.proj(self.act(x))
+        x = biased_attention(q, k, v, self.attention_bias())
+        return self.proj(self.act(x.transpose(1, 2).reshape(B, N, -1)))
 
 
 class ShrinkAttention(nn.Module):
@@ -105,7 +103,6 @@ class ShrinkAttention(nn.Module):
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
-        self.scale = key_dim**-0.5
         self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim))  # per head [k | v]
         self.q = LinearBN(in_dim, num_heads * key_dim)
         self.attention_bias = AttentionBias(num_heads, grid, stride=2)
@@ -118,9 +115,8 @@ class ShrinkAttention(nn.Module):
         x_sub = x.view(B, self.grid[0], self.grid[1], C)[:, ::2, ::2].reshape(B, -1, C)
         q = self.q(x_sub).view(B, x_sub.shape[1], self.num_heads, self.key_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_bias()
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, x_sub.shape[1], -1)
-        return self.proj(self.act(x))
+        x = biased_attention(q, k, v, self.attention_bias())
+        return self.proj(self.act(x.transpose(1, 2).reshape(B, x_sub.shape[1], -1)))
 
 
 class MLP(nn.Module):

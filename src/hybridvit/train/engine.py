@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import create_model
-from ..checkpoints import load_checkpoint, load_model, read_checkpoint, save_model
+from ..checkpoints import load_checkpoint, load_model, load_trained, read_checkpoint, save_model
 from ..data import DataError, build_datasets, collate_skipping_bad, eval_transform, train_transform
 from ..data.datasets import is_digits
 from ..data.sampling import EpochSampler, SeededSamples, ShardSampler
@@ -230,7 +230,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: boo
     if dist.is_main:
         reporter.start(dataclasses.asdict(cfg), len(datasets.train), len(datasets.val), len(classes), lr, dist.world_size,
                        start_epoch)
-    extra = {"classes": classes, "input_size": list(size), "mean": list(info.mean), "std": list(info.std)}
+    crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
+    extra = {"classes": classes, "input_size": list(size), "crop_pct": crop_pct, "mean": list(info.mean), "std": list(info.std)}
 
     def checkpoint(epoch: int, step: int) -> None:
         if dist.is_main:
@@ -321,7 +322,7 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
     if dist.enabled and dev.type == "cuda":
         dev = torch.device("cuda", dist.local_rank)
     try:
-        model, extra = _load_for_eval(Path(checkpoint))
+        model, extra = load_trained(checkpoint)
         info = get_model_info(model.model_name) if model.model_name else None
         img = model.config.img_size
         size = tuple(extra["input_size"]) if extra.get("input_size") else ((img, img) if isinstance(img, int) else tuple(img))
@@ -340,25 +341,3 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
         return run_evaluation(model, loader, dev, dist, _amp_dtype(amp, dev))
     finally:
         cleanup_distributed()
-
-
-def _load_for_eval(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A model and its stored extras from a model folder, a training run folder or a ``checkpoint.pt``."""
-    from ..checkpoints import read_extra
-    from ..registry import family_model_class
-
-    if path.is_dir() and (path / "config.json").exists():
-        return load_model(path), read_extra(path)
-    if path.is_dir() and (path / "model" / "config.json").exists():
-        return load_model(path / "model"), read_extra(path / "model")
-    if path.is_file():
-        state = load_state(path)
-        if "model_config" not in state:
-            raise ValueError(f"{path} is not a hybridvit training checkpoint; pass a model folder instead")
-        model_class = family_model_class(state["model_family"])
-        model = model_class(model_class.config_class(**state["model_config"]))
-        model.model_name = state["model_name"]
-        model.load_state_dict(state["model"])
-        return model, state.get("extra", {})
-    raise FileNotFoundError(f"no model at {path} (expected a model folder, a run folder or checkpoint.pt)")
-
