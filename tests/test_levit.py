@@ -130,3 +130,19 @@ def test_training_step_updates_all_parameters(images):
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
     assert no_grad == []
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "levit_256", "cvt_13"])
+def test_fused_attention_kernel_matches_the_formula(name):
+    """Inference runs PyTorch's fused attention (q, k zero-padded for LeViT); it must equal the paper's formula."""
+    from conftest import randomize_, rel_err
+
+    from hybridvit.layers import reference_attention
+
+    model = randomize_(hybridvit.create_model(name)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fast = model(x)
+        with reference_attention():
+            reference = model(x)
+    assert rel_err(fast, reference) < 1e-5

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layers import reference_attention
+
 
 def _softmax_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     # FlopCounterMode reports 2 per MAC; report 2 per score so that halving gives 1.
@@ -44,7 +46,7 @@ def macs_by_module(model: nn.Module, input_size: tuple[int, int] | None = None) 
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        with reference_attention(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
             model(x)
     finally:
         model.train(was_training)

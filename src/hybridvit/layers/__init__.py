@@ -1,6 +1,7 @@
 """Fusable building blocks shared by every model family."""
 
-from .attention_bias import AttentionBias, FixedAttentionBias, bias_index, biased_attention, resize_bias_table
+from .attention import attention, reference_attention
+from .attention_bias import AttentionBias, FixedAttentionBias, bias_index, resize_bias_table
 from .norm_act import BNLinear, ConvBN, LinearBN
 
 __all__ = [
@@ -9,7 +10,8 @@ __all__ = [
     "ConvBN",
     "FixedAttentionBias",
     "LinearBN",
+    "attention",
     "bias_index",
-    "biased_attention",
+    "reference_attention",
     "resize_bias_table",
 ]

@@ -57,20 +57,3 @@ def resize_bias_table(table: torch.Tensor, old_grid: tuple[int, int], new_grid: 
     grid = table.reshape(1, heads, *old_grid)
     resized = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=False)
     return resized.reshape(heads, new_grid[0] * new_grid[1])
-
-
-def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``softmax(q·kᵀ / sqrt(d) + bias) · v`` for ``(B, heads, N, d)`` tensors and a ``(heads, Nq, Nk)`` bias.
-
-    Training (gradients needed) takes the explicit formula, which trains the bias table. Inference
-    takes PyTorch's fused attention kernel: its CPU version needs q, k and v of one width, so
-    q and k are zero-padded to v's width (adding zeros leaves every dot product unchanged).
-    """
-    scale = q.shape[-1] ** -0.5
-    if torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad):
-        return ((q @ k.transpose(-2, -1)) * scale + bias).softmax(dim=-1) @ v
-    if q.shape[-1] < v.shape[-1]:
-        pad = (0, v.shape[-1] - q.shape[-1])
-        q, k = F.pad(q, pad), F.pad(k, pad)
-    mask = bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -15,7 +15,7 @@ import torch
 from timm.layers import DropPath, QuickGELU
 from torch import nn
 
-from ..layers import ConvBN
+from ..layers import ConvBN, attention
 from ..registry import ModelInfo, register_model
 from .base import HybridClassifier
 
@@ -101,8 +101,7 @@ class ConvAttention(nn.Module):
         if cls is not None:  # the class token bypasses the convolution and rejoins here
             q, k, v = torch.cat((cls, q), 1), torch.cat((cls, k), 1), torch.cat((cls, v), 1)
         q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, q.shape[2], C)
+        x = attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, q.shape[2], C)
         return self.proj(x)
 
 

@@ -14,7 +14,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from ..layers import AttentionBias, BNLinear, ConvBN, LinearBN, biased_attention
+from ..layers import AttentionBias, BNLinear, ConvBN, LinearBN, attention
 from ..registry import ModelInfo, register_model
 from .base import HybridClassifier
 
@@ -88,7 +88,7 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
-        x = biased_attention(q, k, v, self.attention_bias())
+        x = attention(q, k, v, self.attention_bias())
         return self.proj(self.act(x.transpose(1, 2).reshape(B, N, -1)))
 
 
@@ -115,7 +115,7 @@ class ShrinkAttention(nn.Module):
         x_sub = x.view(B, self.grid[0], self.grid[1], C)[:, ::2, ::2].reshape(B, -1, C)
         q = self.q(x_sub).view(B, x_sub.shape[1], self.num_heads, self.key_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        x = biased_attention(q, k, v, self.attention_bias())
+        x = attention(q, k, v, self.attention_bias())
         return self.proj(self.act(x.transpose(1, 2).reshape(B, x_sub.shape[1], -1)))
 
 
