@@ -4,6 +4,7 @@ from .api import create_model
 from .checkpoints import load_checkpoint, load_model, save_model
 from .flops import count_macs, count_params
 from .fusion import fuse
+from .optimize import optimize
 from .models import HybridClassifier
 from .registry import get_model_info, list_models
 
@@ -19,5 +20,6 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_model",
+    "optimize",
     "save_model",
 ]

@@ -200,6 +200,117 @@ def eval_cmd(
                       f"on {metrics['images']} images ({metrics['skipped']} unreadable skipped)")
 
 
+@app.command("predict")
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
+    images: list[Path] = typer.Argument(..., help="image files (any size and mode Pillow reads)"),
+    top: int = typer.Option(5, help="how many classes to show"),
+    json_output: bool = typer.Option(False, "--json", help="print JSON lines"),
+) -> None:
+    """Top-5 classes with probabilities for each image (the model's own preprocessing)."""
+    import json
+
+    from .predict import Predictor
+
+    predictor = Predictor(checkpoint)
+    failed = 0
+    for path in images:
+        try:
+            (result,) = predictor.predict([path], k=top)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            failed += 1
+            continue
+        if json_output:
+            print(json.dumps({"image": result.path, "top": [{"class": c, "probability": p} for c, p in result.top]}))
+        else:
+            console.print(f"[bold]{result.path}[/bold]", highlight=False)
+            for name, p in result.top:
+                console.print(f"  {p:7.2%}  {name}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
+    format: str = typer.Option("onnx", help="onnx, torchscript or exported-program"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: next to the checkpoint)"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+) -> None:
+    """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
+    import importlib.util
+
+    from .checkpoints import load_trained
+    from .export import FORMATS, check_onnx, export
+
+    model, _ = load_trained(checkpoint)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    target = output or Path(f"{(model.model_name or 'model')}{FORMATS[format]}")
+    export(model, target, format, opset=opset)
+    console.print(f"wrote {target} ({format}, fused, dynamic batch)")
+    if format == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            console.print("onnxruntime is not installed: the file was not checked")
+        else:
+            console.print(f"ONNX Runtime vs PyTorch: max relative difference {check_onnx(target, model):.2e}")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    models: Optional[list[str]] = typer.Argument(None, help="models (default: the five LeViTs)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: int = typer.Option(1, help="CPU threads (the paper: 1)"),
+    batch: int = typer.Option(16, help="CPU batch size (the paper: 16); on GPU the largest power of two that fits"),
+    precision: list[str] = typer.Option(["fp32"], help="fp32, bf16, int8 (repeatable)"),
+    compare: bool = typer.Option(False, help="also measure the installed reference implementations"),
+    paper_rows: bool = typer.Option(False, help="also measure the paper's other Table 3 rows (timm, traced)"),
+    official: Optional[Path] = typer.Option(None, help="a clone of facebookresearch/LeViT to measure its fused, traced models"),
+    warmup: float = typer.Option(10.0, help="warm-up seconds per model"),
+    seconds: float = typer.Option(60.0, "--time", help="timed seconds per model"),
+    rounds: int = typer.Option(5, help="timed rounds, interleaved across models"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+    plot: Optional[Path] = typer.Option(None, help="write the speed-accuracy figure (PNG)"),
+) -> None:
+    """Throughput (images/s) and batch-1 latency, the LeViT paper's way, side by side."""
+    import json
+
+    from .bench import benchmark, plot_speed_accuracy
+    from .bench.references import paper_candidates, reference_candidates
+    from .bench.throughput import hybridvit_candidate
+
+    names = models or list_models("levit_*")
+    candidates = []
+    for name in names:
+        get_model_info(name)
+        candidates += [hybridvit_candidate(name, p, device) for p in precision]
+        if compare:
+            candidates += reference_candidates(name, device, threads, official)
+    if paper_rows:
+        candidates += paper_candidates(device)
+    rows, machine = benchmark(candidates, device, threads, batch, warmup, seconds, rounds,
+                              progress=None if json_output else lambda m: console.print(f"[dim]{m}[/dim]"))
+    ratios = [(ours.name, ref.name, ours.images_per_second / ref.images_per_second)
+              for ours in rows if ours.source == "hybridvit"
+              for ref in rows if ref.source != "hybridvit" and ours.name.split(" ")[0] in ref.name]
+    if json_output:
+        print(json.dumps({"machine": machine, "results": [dataclasses.asdict(r) for r in rows],
+                          "ratios": [{"ours": a, "reference": b, "ratio": r} for a, b, r in ratios]}))
+    else:
+        table = Table(caption=", ".join(f"{k} {v}" for k, v in machine.items()))
+        for col in ("model", "source", "batch", "images/s", "latency p50 (ms)", "p90 (ms)", "peak GPU MB", "top-1 (paper)"):
+            table.add_column(col, justify="left" if col in ("model", "source") else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(r.name, r.source, str(r.batch), f"{r.images_per_second:,.1f}", f"{r.latency_ms_median:.2f}",
+                          f"{r.latency_ms_p90:.2f}", _fmt(r.peak_memory_mb), _fmt(r.paper_top1, ".1f"))
+        console.print(table)
+        for a, b, r in ratios:
+            console.print(f"{a} / {b}: {r:.2f}x")
+    if plot:
+        plot_speed_accuracy(rows, plot, f"{device}, {threads} thread(s)" if device == "cpu" else device)
+
+
 def main() -> None:
     try:
         app()

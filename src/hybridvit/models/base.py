@@ -19,6 +19,8 @@ class HybridClassifier(nn.Module):
     family: ClassVar[str]
     config_class: ClassVar[type]
     head_names: ClassVar[tuple[str, ...]] = ("head",)
+    # Whether ``optimize`` should apply TorchScript's oneDNN rewrite on CPU (measured per family).
+    cpu_graph_rewrite: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()

@@ -1,0 +1,35 @@
+"""The paper's Figure 1: measured speed against (paper) ImageNet top-1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .throughput import BenchResult
+
+
+def plot_speed_accuracy(rows: list[BenchResult], path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: dict[str, list[BenchResult]] = {}
+    for r in rows:
+        if r.paper_top1 is not None:
+            family = "hybridvit" if r.source == "hybridvit" else r.source
+            groups.setdefault(family, []).append(r)
+    for family, members in groups.items():
+        members.sort(key=lambda r: r.images_per_second)
+        ax.plot([r.images_per_second for r in members], [r.paper_top1 for r in members],
+                "o-" if family == "hybridvit" else "s--", label=family)
+        for r in members:
+            ax.annotate(r.name, (r.images_per_second, r.paper_top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="images / second (measured)", ylabel="ImageNet top-1 (%, from the papers)", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

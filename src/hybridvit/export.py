@@ -1,0 +1,62 @@
+"""Export a fused model with a dynamic batch dimension: ONNX, TorchScript or a torch.export program."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fusion import fuse
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+
+
+def _example(model: nn.Module, batch: int) -> torch.Tensor:
+    size = model.config.img_size  # type: ignore[attr-defined]
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, model.in_chans, h, w)  # type: ignore[attr-defined]
+
+
+def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int = 17) -> Path:
+    """Write ``model`` BatchNorm-fused for inference; the batch dimension stays free.
+
+    ``onnx`` uses PyTorch's TorchScript-based exporter (input ``images``, output ``logits``),
+    ``torchscript`` a frozen trace (``torch.jit.load``), ``exported-program`` ``torch.export``
+    (``torch.export.load``). Input height and width are the model's own.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fused = fuse(model).cpu().requires_grad_(False)
+    example = _example(fused, 2)  # batch 2: torch.export specialises sizes 0 and 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
+        if format == "onnx":
+            torch.onnx.export(fused, (example,), str(path), input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+        elif format == "torchscript":
+            torch.jit.save(torch.jit.freeze(torch.jit.trace(fused, example)), str(path))
+        else:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(fused, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(path))
+    return path
+
+
+def check_onnx(path: str | Path, model: nn.Module, batch: int = 3, threads: int | None = None) -> float:
+    """Largest relative difference between ONNX Runtime and the PyTorch model on random images."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = _example(model, batch)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    return ((got - reference).abs().max() / reference.abs().max()).item()

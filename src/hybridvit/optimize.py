@@ -1,0 +1,72 @@
+"""``optimize``: the fastest inference callable we measured for a model on its device.
+
+Measured on CPU (single thread, batch 16; see docs/benchmarks.md): BatchNorm fusion, the
+precomputed attention bias and PyTorch's fused attention kernel, then TorchScript tracing
+with freezing, plus ``optimize_for_inference`` (oneDNN weight prepacking, linear/activation
+fusion) for families whose ``cpu_graph_rewrite`` says it helped (LeViT: yes; CvT: it was
+slower). ``torch.compile`` (inductor) was slower here and takes ~30 s to compile, so it is not
+used. Tokens stay token-major ``(B, N, C)``: on CPU the linear maps are then plain matrix
+products, which beat the 1x1-convolution ``(B, C, H, W)`` form.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .fusion import fuse
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class InferenceModel(nn.Module):
+    """A captured, fused model: checks inputs like the original and returns float32 logits."""
+
+    def __init__(self, graph: torch.jit.ScriptModule, source: nn.Module, dtype: torch.dtype, precision: str) -> None:
+        super().__init__()
+        self.graph = graph
+        self.dtype = dtype
+        self.precision = precision
+        self.model_name = getattr(source, "model_name", None)
+        self._check_input = getattr(source, "check_input", None)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._check_input is not None:
+            self._check_input(x)
+        return self.graph(x.to(self.dtype)).float()
+
+
+def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Tensor | None = None) -> InferenceModel:
+    """Return the fastest inference version of ``model`` (left untouched) on its current device.
+
+    ``fp32`` stays within 1e-5 of the eager model. ``bf16`` runs in bfloat16 (CPUs with
+    AVX512-BF16/AMX, or the GPU). ``int8`` applies dynamic int8 quantization to the linear
+    maps (CPU only). ``example_input`` fixes the traced input size (default: the model's
+    own size, batch 1); any batch size works afterwards.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = next(model.parameters()).device
+    if example_input is None:
+        size = model.config.img_size  # type: ignore[attr-defined]
+        h, w = (size, size) if isinstance(size, int) else size
+        example_input = torch.zeros(1, model.in_chans, h, w, device=device)  # type: ignore[attr-defined]
+    getattr(model, "check_input", lambda x: None)(example_input)
+    fused = fuse(model).requires_grad_(False)
+    dtype = torch.float32
+    if precision == "bf16":
+        dtype = torch.bfloat16
+        fused = fused.to(dtype)
+    elif precision == "int8":
+        if device.type != "cpu":
+            raise ValueError("int8 (dynamic quantization) runs on the CPU; move the model to the CPU first")
+        fused = torch.ao.quantization.quantize_dynamic(fused, {nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input checks run outside the graph
+        graph = torch.jit.freeze(torch.jit.trace(fused, example_input.to(dtype)))
+        if device.type == "cpu" and precision != "int8" and getattr(model, "cpu_graph_rewrite", False):
+            graph = torch.jit.optimize_for_inference(graph)
+    return InferenceModel(graph, model, dtype, precision)

@@ -1,0 +1,53 @@
+"""Top-k predictions for image files with a trained model and its own preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_trained
+from .data import eval_transform, load_image
+from .optimize import optimize
+from .registry import get_model_info
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class descriptions (shipped with timm)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class name, probability), best first
+
+
+class Predictor:
+    """Loads a model folder, run folder or checkpoint.pt once; ``predict`` accepts any image files."""
+
+    def __init__(self, checkpoint: str | Path, precision: str = "fp32") -> None:
+        model, extra = load_trained(checkpoint)
+        if model.model_name is None:
+            raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
+        info = get_model_info(model.model_name)
+        img = model.config.img_size
+        size = tuple(extra["input_size"]) if extra.get("input_size") else ((img, img) if isinstance(img, int) else tuple(img))
+        self.transform = eval_transform(info, size, crop_pct=extra.get("crop_pct"))
+        classes = extra.get("classes")
+        if not classes:
+            classes = imagenet_class_names() if model.num_classes == 1000 else [str(i) for i in range(model.num_classes)]
+        self.classes = classes
+        self.model = optimize(model, precision, torch.zeros(1, model.in_chans, *size))
+
+    def predict(self, paths: list[str | Path], k: int = 5) -> list[Prediction]:
+        """Raises ``ValueError`` naming the file for anything Pillow cannot read."""
+        batch = torch.stack([self.transform(load_image(p)) for p in paths])
+        probs = self.model(batch).softmax(dim=-1)
+        top = probs.topk(min(k, probs.shape[1]), dim=-1)
+        return [Prediction(str(p), [(self.classes[i], v) for v, i in zip(vals.tolist(), idx.tolist())])
+                for p, vals, idx in zip(paths, top.values, top.indices)]
