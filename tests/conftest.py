@@ -36,3 +36,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A 3-epoch levit_128s digits run (32x32): trained weights for resume, export and agreement tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    subprocess.run([sys.executable, "-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--input-size", "32",
+                    "--batch-size", "32", "--output", str(out)], check=True, capture_output=True)
+    return out

@@ -32,13 +32,10 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
+@pytest.fixture
+def reference_run(digits_run) -> Path:
     """An uninterrupted 3-epoch run that the resumed runs must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(cli("train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "32",
-                       "--output", str(out)), check=True, capture_output=True)
-    return out
+    return digits_run
 
 
 def test_outputs_of_a_run(reference_run):

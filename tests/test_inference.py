@@ -1,0 +1,123 @@
+"""Deployment: optimize (fp32/bf16/int8), export (ONNX checked in ONNX Runtime), predict, benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_, rel_err
+from PIL import Image
+from typer.testing import CliRunner
+
+import hybridvit
+from hybridvit.checkpoints import load_trained
+from hybridvit.cli import app
+from hybridvit.data import build_datasets, eval_transform
+from hybridvit.export import check_onnx, export
+from hybridvit.predict import Predictor, imagenet_class_names
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "cvt_13"])
+def test_optimize_fp32_matches_eager(name):
+    model = randomize_(hybridvit.create_model(name)).eval()
+    fast = hybridvit.optimize(model)
+    for batch in (1, 4):  # traced at batch 1, any batch afterwards
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            assert rel_err(fast(x), model(x)) < 1e-5
+    with pytest.raises(ValueError):
+        fast(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="precision"):
+        hybridvit.optimize(model, "fp8")
+
+
+def _digits_val(run, n=None):
+    model, extra = load_trained(run / "model")
+    size = tuple(extra["input_size"])
+    data = build_datasets(None, with_train=False)
+    data.prepare(size, None, eval_transform(hybridvit.get_model_info("levit_128s"), size, crop_pct=1.0))
+    x = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    return model, x
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_agrees_with_fp32_on_a_trained_model(digits_run, precision):
+    model, x = _digits_val(digits_run)
+    reference = hybridvit.optimize(model, "fp32", x[:1])(x).argmax(1)
+    low = hybridvit.optimize(model, precision, x[:1])(x).argmax(1)
+    agreement = (low == reference).float().mean().item()
+    assert agreement >= 0.99, f"{precision} agrees with fp32 on {agreement:.2%} of 360 digits"
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "cvt_13"])
+def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = randomize_(hybridvit.create_model(name)).eval()
+    path = export(model, tmp_path / "m.onnx", "onnx")
+    for batch in (1, 3):
+        assert check_onnx(path, model, batch=batch) < 1e-4
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert not any(node.op_type == "BatchNormalization" for node in graph.node)
+
+
+def test_torchscript_and_exported_program(tmp_path, digits_run):
+    model, x = _digits_val(digits_run)
+    with torch.no_grad():
+        reference = model(x[:5])
+    runner_result = runner.invoke(app, ["export", str(digits_run), "--format", "torchscript", "--output", str(tmp_path / "m.pt")])
+    assert runner_result.exit_code == 0, runner_result.output
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    assert rel_err(scripted(x[:5]), reference) < 1e-5
+    export(model, tmp_path / "m.pt2", "exported-program")
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert rel_err(program(x[:5]), reference) < 1e-5 and program(x[:3]).shape == (3, 10)
+
+
+def test_export_cli_checks_onnx(tmp_path, digits_run):
+    pytest.importorskip("onnxruntime")
+    result = runner.invoke(app, ["export", str(digits_run / "model"), "--format", "onnx", "--output", str(tmp_path / "d.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime vs PyTorch: max relative difference" in result.output
+
+
+def test_predict_any_image_mode_and_size(tmp_path, digits_run):
+    paths = []
+    for mode, size, ext in [("L", (50, 70), "png"), ("RGBA", (300, 200), "png"), ("RGB", (33, 33), "jpg"), ("P", (64, 64), "png")]:
+        img = Image.new("RGB", size, (255, 255, 255))
+        img.paste((0, 0, 0), (size[0] // 3, size[1] // 4, 2 * size[0] // 3, 3 * size[1] // 4))
+        paths.append(tmp_path / f"img_{mode}.{ext}")
+        img.convert(mode).save(paths[-1])
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    result = runner.invoke(app, ["predict", str(digits_run), *map(str, paths), str(tmp_path / "broken.jpg"), "--json"])
+    assert result.exit_code == 1  # one unreadable file
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert len(lines) == 4 and all(len(r["top"]) == 5 for r in lines)
+    assert all(r["top"][0]["class"] in [str(d) for d in range(10)] for r in lines)
+    assert abs(sum(p["probability"] for p in lines[0]["top"]) - 1) < 0.05
+    assert "cannot read image" in result.output and "broken.jpg" in result.output
+
+
+def test_predict_uses_imagenet_names_for_1000_classes(tmp_path):
+    hybridvit.save_model(hybridvit.create_model("levit_128s"), tmp_path / "m")
+    Image.new("RGB", (256, 256)).save(tmp_path / "x.png")
+    (result,) = Predictor(tmp_path / "m").predict([tmp_path / "x.png"])
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0].startswith("tench") and result.top[0][0] in names
+
+
+def test_benchmark_json_compare_and_plot(tmp_path):
+    result = runner.invoke(app, ["benchmark", "levit_128s", "--compare", "--warmup", "0.1", "--time", "0.5", "--rounds", "2",
+                                 "--json", "--plot", str(tmp_path / "fig.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    sources = {r["source"] for r in report["results"]}
+    assert {"hybridvit", "timm", "transformers"} <= sources
+    assert all(r["images_per_second"] > 0 and r["latency_ms_p90"] >= r["latency_ms_median"] > 0 for r in report["results"])
+    assert {"ours", "reference", "ratio"} == set(report["ratios"][0]) and report["machine"]["threads"] == 1
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
