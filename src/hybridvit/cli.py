@@ -269,7 +269,7 @@ def benchmark_cmd(
     official: Optional[Path] = typer.Option(None, help="a clone of facebookresearch/LeViT to measure its fused, traced models"),
     warmup: float = typer.Option(10.0, help="warm-up seconds per model"),
     seconds: float = typer.Option(60.0, "--time", help="timed seconds per model"),
-    rounds: int = typer.Option(5, help="timed rounds, interleaved across models"),
+    rounds: int = typer.Option(20, help="timed rounds, interleaved across models"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, help="write the speed-accuracy figure (PNG)"),
 ) -> None:
@@ -278,7 +278,7 @@ def benchmark_cmd(
 
     from .bench import benchmark, plot_speed_accuracy
     from .bench.references import paper_candidates, reference_candidates
-    from .bench.throughput import hybridvit_candidate
+    from .bench.throughput import hybridvit_candidate, paired_ratio
 
     names = models or list_models("levit_*")
     candidates = []
@@ -291,7 +291,7 @@ def benchmark_cmd(
         candidates += paper_candidates(device)
     rows, machine = benchmark(candidates, device, threads, batch, warmup, seconds, rounds,
                               progress=None if json_output else lambda m: console.print(f"[dim]{m}[/dim]"))
-    ratios = [(ours.name, ref.name, ours.images_per_second / ref.images_per_second)
+    ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
               for ref in rows if ref.source != "hybridvit" and ours.name.split(" ")[0] in ref.name]
     if json_output:

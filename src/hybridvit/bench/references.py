@@ -89,7 +89,8 @@ def reference_candidates(name: str, device: str, threads: int, official_repo: Pa
         rows.append(Candidate(f"transformers {name}", eager(lambda: _hf_model(name), device, lambda o: o.logits), hw,
                               "transformers", top1))
     if device == "cpu" and _installed("onnxruntime"):
-        rows.append(Candidate(f"onnxruntime {name} (our export)", _onnxruntime(name, threads), hw, "onnxruntime", top1))
+        rows.append(Candidate(f"onnxruntime {name} (our export)", _onnxruntime(name, threads), hw, "onnxruntime", top1,
+                              isolated=True))
     return rows
 
 

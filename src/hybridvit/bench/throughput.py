@@ -2,8 +2,9 @@
 
 CPU: ``threads`` threads (1 in the paper), batch 16. GPU: the largest power-of-two batch
 that fits, mixed precision. Each candidate gets a warm-up, then its timed window is split
-into rounds run round-robin with the other candidates, so that machine noise hits all of
-them alike; throughput = images / total timed seconds.
+into short rounds run round-robin with the other candidates; throughput = images / total
+timed seconds (the paper's figure), and ratios are medians of per-round paired ratios, so that
+a noisy shared machine hits both sides of a comparison alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import resource
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,9 @@ class Candidate:
     source: str  # "hybridvit" or the reference it stands for
     paper_top1: float | None = None
     dtype: torch.dtype = torch.float32
+    # Measured after all others, alone: creating an ONNX Runtime session changes the process
+    # (PyTorch's MKL-based eager kernels ran up to 20% faster afterwards on our AMD machine).
+    isolated: bool = False
 
 
 @dataclass
@@ -41,11 +45,12 @@ class BenchResult:
     source: str
     batch: int
     images_per_second: float
+    round_images_per_second: list[float]
     latency_ms_median: float
     latency_ms_p90: float
     peak_memory_mb: float | None
     paper_top1: float | None
-    notes: list[str] = field(default_factory=list)
+    interleaved: bool = True
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
@@ -85,13 +90,34 @@ def _largest_batch(fn: Callable, make_input: Callable[[int], torch.Tensor], devi
     return best
 
 
+def paired_ratio(ours: BenchResult, reference: BenchResult) -> float:
+    """Median over rounds of the two throughputs' ratio: rounds run back to back, so a slow
+    spell of a shared machine hits both sides of each pair alike."""
+    if not (ours.interleaved and reference.interleaved):
+        return ours.images_per_second / reference.images_per_second
+    return statistics.median(a / b for a, b in zip(ours.round_images_per_second, reference.round_images_per_second))
+
+
 def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1, batch: int = 16,
-              warmup_s: float = 10.0, time_s: float = 60.0, rounds: int = 5, latency_runs: int = 30,
+              warmup_s: float = 10.0, time_s: float = 60.0, rounds: int = 20, latency_runs: int = 30,
               progress: Callable[[str], None] | None = None) -> tuple[list[BenchResult], dict[str, Any]]:
     """Measure every candidate; returns the rows and the machine description."""
     dev = torch.device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
+    rows = []
+    for phase in ([c for c in candidates if not c.isolated], [c for c in candidates if c.isolated]):
+        rows += _measure(phase, dev, batch, warmup_s, time_s, rounds, latency_runs, progress)
+    order = {c.name: i for i, c in enumerate(candidates)}
+    rows.sort(key=lambda r: order[r.name])
+    info = machine_info(dev, threads)
+    info["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rows, info
+
+
+def _measure(candidates: list[Candidate], dev: torch.device, batch: int, warmup_s: float, time_s: float, rounds: int,
+             latency_runs: int, progress: Callable[[str], None] | None) -> list[BenchResult]:
+    """Build and warm up every candidate, then time them in interleaved rounds."""
     built, results = [], {}
     for c in candidates:
         if progress:
@@ -110,20 +136,23 @@ def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1
             fn(x)
             _sync(dev)
         built.append((c, fn, x, b))
-        results[c.name] = {"seconds": 0.0, "images": 0}
+        results[c.name] = {"seconds": 0.0, "images": 0, "rounds": []}
     per_round = time_s / rounds
     for r in range(rounds):
         for c, fn, x, b in built:
             if progress:
                 progress(f"round {r + 1}/{rounds}: {c.name}")
-            start = time.perf_counter()
+            start, images = time.perf_counter(), 0
             while True:
                 fn(x)
                 _sync(dev)
-                results[c.name]["images"] += b
+                images += b
                 if time.perf_counter() - start >= per_round:
                     break
-            results[c.name]["seconds"] += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            results[c.name]["seconds"] += seconds
+            results[c.name]["images"] += images
+            results[c.name]["rounds"].append(images / seconds)
     rows = []
     for c, fn, x, b in built:
         one = x[:1]
@@ -136,11 +165,10 @@ def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1
         times.sort()
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
         r = results[c.name]
-        rows.append(BenchResult(c.name, c.source, b, r["images"] / r["seconds"], statistics.median(times),
-                                times[min(len(times) - 1, int(0.9 * len(times)))], peak, c.paper_top1))
-    info = machine_info(dev, threads)
-    info["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return rows, info
+        rows.append(BenchResult(c.name, c.source, b, r["images"] / r["seconds"], r["rounds"], statistics.median(times),
+                                times[min(len(times) - 1, int(0.9 * len(times)))], peak, c.paper_top1,
+                                interleaved=not c.isolated))
+    return rows
 
 
 def hybridvit_candidate(name: str, precision: str, device: str) -> Candidate:
