@@ -14,17 +14,20 @@ def plot_speed_accuracy(rows: list[BenchResult], path: str | Path, title: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    groups: dict[str, list[BenchResult]] = {}
+    series: dict[str, list[BenchResult]] = {}  # one curve per implementation (and precision)
     for r in rows:
         if r.paper_top1 is not None:
-            family = "hybridvit" if r.source == "hybridvit" else r.source
-            groups.setdefault(family, []).append(r)
-    for family, members in groups.items():
-        members.sort(key=lambda r: r.images_per_second)
+            precision = r.name.split("(")[-1].rstrip(")") if r.source == "hybridvit" and "(" in r.name else ""
+            series.setdefault(f"{r.source} {precision}".strip(), []).append(r)
+    for label, members in series.items():
+        members.sort(key=lambda r: r.paper_top1)
+        ours = label.startswith("hybridvit")
         ax.plot([r.images_per_second for r in members], [r.paper_top1 for r in members],
-                "o-" if family == "hybridvit" else "s--", label=family)
-        for r in members:
-            ax.annotate(r.name, (r.images_per_second, r.paper_top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                "o-" if ours else "s--", label=label, linewidth=2 if ours else 1)
+        if label == "hybridvit":
+            for r in members:
+                ax.annotate(r.name, (r.images_per_second, r.paper_top1), fontsize=7, xytext=(4, -10),
+                            textcoords="offset points")
     ax.set_xscale("log")
     ax.set(xlabel="images / second (measured)", ylabel="ImageNet top-1 (%, from the papers)", title=title)
     ax.grid(True, which="both", alpha=0.3)
