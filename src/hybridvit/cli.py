@@ -293,7 +293,7 @@ def benchmark_cmd(
                               progress=None if json_output else lambda m: console.print(f"[dim]{m}[/dim]"))
     ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
-              for ref in rows if ref.source != "hybridvit" and ours.name.split(" ")[0] in ref.name]
+              for ref in rows if ref.source != "hybridvit" and ref.model == ours.model]
     if json_output:
         print(json.dumps({"machine": machine, "results": [dataclasses.asdict(r) for r in rows],
                           "ratios": [{"ours": a, "reference": b, "ratio": r} for a, b, r in ratios]}))

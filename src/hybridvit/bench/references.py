@@ -81,16 +81,16 @@ def reference_candidates(name: str, device: str, threads: int, official_repo: Pa
     if name.startswith("levit"):
         import timm
 
-        rows.append(Candidate(f"timm {name}", eager(lambda: timm.create_model(name), device), hw, "timm", top1))
+        rows.append(Candidate(f"timm {name}", eager(lambda: timm.create_model(name), device), hw, "timm", name, top1))
         if official_repo is not None:
             rows.append(Candidate(f"official {name} (fused, traced)", traced(_official_levit(official_repo, name), hw, device),
-                                  hw, "official", top1))
+                                  hw, "official", name, top1))
     if _installed("transformers"):
         rows.append(Candidate(f"transformers {name}", eager(lambda: _hf_model(name), device, lambda o: o.logits), hw,
-                              "transformers", top1))
+                              "transformers", name, top1))
     if device == "cpu" and _installed("onnxruntime"):
-        rows.append(Candidate(f"onnxruntime {name} (our export)", _onnxruntime(name, threads), hw, "onnxruntime", top1,
-                              isolated=True))
+        rows.append(Candidate(f"onnxruntime {name} (our export)", _onnxruntime(name, threads), hw, "onnxruntime", name,
+                              top1, isolated=True))
     return rows
 
 
@@ -98,5 +98,5 @@ def paper_candidates(device: str) -> list[Candidate]:
     """The non-LeViT rows of the paper's Table 3, from timm, traced."""
     import timm
 
-    return [Candidate(n, traced(lambda n=n: timm.create_model(n), (r, r), device), (r, r), "timm", top1)
+    return [Candidate(n, traced(lambda n=n: timm.create_model(n), (r, r), device), (r, r), "timm", n, top1)
             for n, (r, top1) in PAPER_ROWS.items()]

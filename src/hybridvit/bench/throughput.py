@@ -14,6 +14,7 @@ import resource
 import statistics
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ class Candidate:
     build: Callable[[], Callable[[torch.Tensor], Any]]  # built lazily (some are large)
     input_hw: tuple[int, int]
     source: str  # "hybridvit" or the reference it stands for
+    model: str  # the architecture measured (rows of one architecture are compared)
     paper_top1: float | None = None
     dtype: torch.dtype = torch.float32
     # Measured after all others, alone: creating an ONNX Runtime session changes the process
@@ -43,6 +45,7 @@ class Candidate:
 class BenchResult:
     name: str
     source: str
+    model: str
     batch: int
     images_per_second: float
     round_images_per_second: list[float]
@@ -165,7 +168,7 @@ def _measure(candidates: list[Candidate], dev: torch.device, batch: int, warmup_
         times.sort()
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
         r = results[c.name]
-        rows.append(BenchResult(c.name, c.source, b, r["images"] / r["seconds"], r["rounds"], statistics.median(times),
+        rows.append(BenchResult(c.name, c.source, c.model, b, r["images"] / r["seconds"], r["rounds"], statistics.median(times),
                                 times[min(len(times) - 1, int(0.9 * len(times)))], peak, c.paper_top1,
                                 interleaved=not c.isolated))
     return rows
@@ -190,7 +193,12 @@ def hybridvit_candidate(name: str, precision: str, device: str) -> Candidate:
         return optimize(model, precision, torch.zeros(1, 3, *hw, device=device))
 
     label = name if precision == "fp32" else f"{name} ({precision})"
-    return Candidate(label, build, hw, "hybridvit", info.paper_top1)
+    return Candidate(label, build, hw, "hybridvit", name, info.paper_top1)
+
+
+def _amp(device: str):
+    """The paper's GPU protocol runs references under fp16 autocast; CPU runs fp32."""
+    return torch.autocast("cuda", dtype=torch.float16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def eager(model_fn: Callable[[], torch.nn.Module], device: str, output: Callable[[Any], Any] = lambda o: o):
@@ -199,8 +207,7 @@ def eager(model_fn: Callable[[], torch.nn.Module], device: str, output: Callable
         model = model_fn().to(device).eval()
 
         def run(x):
-            with torch.inference_mode(), (torch.autocast("cuda", dtype=torch.float16) if torch.device(device).type == "cuda"
-                                          else warnings.catch_warnings()):
+            with torch.inference_mode(), _amp(device):
                 return output(model(x))
         return run
     return build
@@ -215,8 +222,7 @@ def traced(model_fn: Callable[[], torch.nn.Module], hw: tuple[int, int], device:
             graph = torch.jit.trace(model, torch.zeros(1, 3, *hw, device=device))
 
         def run(x):
-            with torch.inference_mode(), (torch.autocast("cuda", dtype=torch.float16) if torch.device(device).type == "cuda"
-                                          else warnings.catch_warnings()):
+            with torch.inference_mode(), _amp(device):
                 return graph(x)
         return run
     return build
