@@ -19,7 +19,7 @@ from hybridvit.checkpoints import CheckpointError, detect_format, read_checkpoin
 from hybridvit.checkpoints.levit import layer_sequence
 from hybridvit.registry import _REGISTRY
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (test-only reference implementation)
 
 TIMM_TO_PARTS = {"levit_128s": (2, 3, 4), "levit_256": (4, 4, 4)}
 

@@ -10,7 +10,7 @@ from torch import nn
 import hybridvit
 from hybridvit.checkpoints import CheckpointError
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (test-only reference implementation)
 
 PAPER = {  # name: (exact params, [(size, paper GMACs)])
     "cvt_13": (19_997_480, [(224, 4.5), (384, 16.3)]),

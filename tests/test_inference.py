@@ -54,7 +54,6 @@ def test_low_precision_agrees_with_fp32_on_a_trained_model(digits_run, precision
 
 @pytest.mark.parametrize("name", ["levit_128s", "cvt_13"])
 def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
-    pytest.importorskip("onnxruntime")
     model = randomize_(hybridvit.create_model(name)).eval()
     path = export(model, tmp_path / "m.onnx", "onnx")
     for batch in (1, 3):
@@ -80,7 +79,6 @@ def test_torchscript_and_exported_program(tmp_path, digits_run):
 
 
 def test_export_cli_checks_onnx(tmp_path, digits_run):
-    pytest.importorskip("onnxruntime")
     result = runner.invoke(app, ["export", str(digits_run / "model"), "--format", "onnx", "--output", str(tmp_path / "d.onnx")])
     assert result.exit_code == 0, result.output
     assert "ONNX Runtime vs PyTorch: max relative difference" in result.output
