@@ -14,9 +14,7 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
 
 def _example(model: nn.Module, batch: int) -> torch.Tensor:
-    size = model.config.img_size  # type: ignore[attr-defined]
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.randn(batch, model.in_chans, h, w)  # type: ignore[attr-defined]
+    return torch.randn(batch, model.in_chans, *model.input_hw)  # type: ignore[attr-defined]
 
 
 def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int = 17) -> Path:

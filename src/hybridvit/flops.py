@@ -26,13 +26,6 @@ def _softmax_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
 _CUSTOM = {torch.ops.aten._softmax: _softmax_flops}
 
 
-def _input_hw(model: nn.Module, input_size: tuple[int, int] | None) -> tuple[int, int]:
-    if input_size is not None:
-        return tuple(input_size)  # type: ignore[return-value]
-    size = model.config.img_size  # type: ignore[attr-defined]
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 @torch.no_grad()
 def macs_by_module(model: nn.Module, input_size: tuple[int, int] | None = None) -> dict[str, int]:
     """MACs per image for every submodule path that does any (``""`` is the whole model).
@@ -40,7 +33,7 @@ def macs_by_module(model: nn.Module, input_size: tuple[int, int] | None = None) 
     Runs one eval-mode forward of a batch-1 input; on a model built under
     ``torch.device("meta")`` nothing is computed, only shapes.
     """
-    h, w = _input_hw(model, input_size)
+    h, w = input_size or model.input_hw  # type: ignore[attr-defined]
     param = next(model.parameters())
     x = torch.zeros(1, model.in_chans, h, w, device=param.device, dtype=param.dtype)  # type: ignore[attr-defined]
     was_training = model.training

@@ -51,9 +51,7 @@ def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Ten
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = next(model.parameters()).device
     if example_input is None:
-        size = model.config.img_size  # type: ignore[attr-defined]
-        h, w = (size, size) if isinstance(size, int) else size
-        example_input = torch.zeros(1, model.in_chans, h, w, device=device)  # type: ignore[attr-defined]
+        example_input = torch.zeros(1, model.in_chans, *model.input_hw, device=device)  # type: ignore[attr-defined]
     getattr(model, "check_input", lambda x: None)(example_input)
     fused = fuse(model).requires_grad_(False)
     dtype = torch.float32

@@ -35,8 +35,7 @@ class Predictor:
         if model.model_name is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
         info = get_model_info(model.model_name)
-        img = model.config.img_size
-        size = tuple(extra["input_size"]) if extra.get("input_size") else ((img, img) if isinstance(img, int) else tuple(img))
+        size = model.input_hw  # training builds the model at its training size
         self.transform = eval_transform(info, size, crop_pct=extra.get("crop_pct"))
         classes = extra.get("classes")
         if not classes:

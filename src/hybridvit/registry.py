@@ -13,6 +13,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def to_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``img_size`` as ``(height, width)``."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Everything hybridvit knows about a registered variant."""
@@ -37,9 +42,7 @@ class ModelInfo:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        size = self.config.img_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return (self.config.in_chans, h, w)
+        return (self.config.in_chans, *to_hw(self.config.img_size))
 
     def build_config(self, **changes: Any) -> Any:
         """This variant's config with ``changes`` applied; unknown names raise ``TypeError``."""

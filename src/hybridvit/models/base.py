@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..registry import to_hw
+
 
 class HybridClassifier(nn.Module):
     """Base class: a model built from one config dataclass, so it can be saved and rebuilt.
@@ -43,6 +45,11 @@ class HybridClassifier(nn.Module):
                 f"{self.describe()} expects images shaped (batch, {self.in_chans}, height, width); "
                 f"got a tensor of shape {tuple(x.shape)}"
             )
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The configured input ``(height, width)``: preprocessing, tracing and MAC counts use it."""
+        return to_hw(self.config.img_size)
 
     def describe(self) -> str:
         return self.model_name or type(self).__name__

@@ -15,7 +15,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..layers import AttentionBias, BNLinear, ConvBN, LinearBN, attention
-from ..registry import ModelInfo, register_model
+from ..registry import ModelInfo, register_model, to_hw
 from .base import HybridClassifier
 
 
@@ -44,11 +44,6 @@ class LeViTConfig:
         )
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = tuple(self.img_size)
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        s = self.img_size
-        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
 def _half(grid: tuple[int, int]) -> tuple[int, int]:
@@ -187,7 +182,7 @@ class LeViT(HybridClassifier):
     def __init__(self, config: LeViTConfig) -> None:
         super().__init__(config)
         c = config
-        self.img_size = c.image_hw
+        self.img_size = to_hw(c.img_size)
         self.distillation = c.distillation
         self.num_features = c.embed_dim[-1]
         self.stem = PatchEmbed(c.in_chans, c.embed_dim[0])

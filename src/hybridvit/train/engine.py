@@ -324,8 +324,7 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
     try:
         model, extra = load_trained(checkpoint)
         info = get_model_info(model.model_name) if model.model_name else None
-        img = model.config.img_size
-        size = tuple(extra["input_size"]) if extra.get("input_size") else ((img, img) if isinstance(img, int) else tuple(img))
+        size = model.input_hw  # training builds the model at its training size
         if info is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
         datasets = build_datasets(data, with_train=False)
