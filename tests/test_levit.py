@@ -132,6 +132,26 @@ def test_training_step_updates_all_parameters(images):
     assert no_grad == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 196, 196, 16, 32), (8, 49, 196, 16, 64), (6, 49, 49, 16, 32), (8, 16, 16, 16, 32),
+                                   (3, 49, 49, 64, 64)])
+def test_every_attention_path_computes_the_formula(shape, dtype):
+    """Fused kernel (padded or not) and the in-place explicit path agree with softmax(q·kᵀ/√d + bias)·v."""
+    from hybridvit.layers import attention
+
+    heads, nq, nk, d, dv = shape
+    q, k, v = torch.randn(2, heads, nq, d), torch.randn(2, heads, nk, d), torch.randn(2, heads, nk, dv)
+    bias = torch.randn(heads, nq, nk)
+    expected = ((q @ k.transpose(-2, -1)) * d**-0.5 + bias).softmax(-1) @ v
+    kept = bias.clone()
+    with torch.no_grad():
+        out = attention(q.to(dtype), k.to(dtype), v.to(dtype), bias.to(dtype))
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.equal(bias, kept)  # the in-place path must not touch the bias it adds
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert (out.float() - expected).abs().max() < tol
+
+
 @pytest.mark.parametrize("name", ["levit_128s", "levit_256", "cvt_13"])
 def test_fused_attention_kernel_matches_the_formula(name):
     """Inference runs PyTorch's fused attention (q, k zero-padded for LeViT); it must equal the paper's formula."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .fusion import fuse
+from .layers import reference_attention
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
@@ -33,9 +34,10 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
         if format == "onnx":
-            torch.onnx.export(fused, (example,), str(path), input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
+            with reference_attention():  # plain MatMul/Softmax nodes: no in-place softmax to translate
+                torch.onnx.export(fused, (example,), str(path), input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=opset, dynamo=False)
         elif format == "torchscript":
             torch.jit.save(torch.jit.freeze(torch.jit.trace(fused, example)), str(path))
         else:

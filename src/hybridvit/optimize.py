@@ -65,6 +65,6 @@ def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Ten
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input checks run outside the graph
         graph = torch.jit.freeze(torch.jit.trace(fused, example_input.to(dtype)))
-        if device.type == "cpu" and precision != "int8" and getattr(model, "cpu_graph_rewrite", False):
+        if device.type == "cpu" and precision == "fp32" and getattr(model, "cpu_graph_rewrite", False):
             graph = torch.jit.optimize_for_inference(graph)
     return InferenceModel(graph, model, dtype, precision)

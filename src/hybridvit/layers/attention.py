@@ -1,9 +1,16 @@
-"""Scaled dot-product attention with an optional additive bias, on PyTorch's fused kernels.
+"""Scaled dot-product attention with an optional additive bias, on the fastest CPU/GPU path.
 
-One entry point for every family. Inference uses ``F.scaled_dot_product_attention`` (the fused
-CPU kernel needs q, k and v of one width, so narrower q and k are zero-padded, which leaves
-every dot product unchanged). Training with a learnt bias, and MAC counting, take the explicit
-formula: it trains the bias and counts the paper's operations (Q·Kᵀ, softmax, A·V) unpadded.
+One entry point for every family. Three paths, all computing ``softmax(q·kᵀ·scale + bias)·v``:
+
+* the explicit autograd formula, when the bias needs a gradient (training LeViT) and for MAC
+  counting (it counts the paper's operations, Q·Kᵀ, softmax, A·V, unpadded);
+* PyTorch's fused kernel ``F.scaled_dot_product_attention`` (it needs q, k and v of one width,
+  so narrower q and k are zero-padded, which leaves every dot product unchanged);
+* without autograd, the explicit formula with the bias add and softmax done in place on the
+  score matrix. Measured on CPU (docs/benchmarks.md), it beats the padded fused kernel when
+  padding would more than double q·kᵀ (LeViT's shrinking attention, V = 4D), on small grids,
+  and in bfloat16, whose fused CPU kernel is slow; the fused kernel wins for fp32 LeViT blocks on
+  the 14x14 grid and for any q, k, v of one width (CvT).
 """
 
 from __future__ import annotations
@@ -15,17 +22,26 @@ import torch
 import torch.nn.functional as F
 
 _REFERENCE_ONLY = False
+_SMALL_GRID = 64  # keys: below this, the score matrix is small and the explicit path is faster
 
 
 @contextmanager
 def reference_attention() -> Iterator[None]:
-    """Force the explicit formula inside the block (``count_macs`` uses it)."""
+    """Force the explicit autograd formula inside the block (``count_macs`` and ONNX export use it)."""
     global _REFERENCE_ONLY
     previous, _REFERENCE_ONLY = _REFERENCE_ONLY, True
     try:
         yield
     finally:
         _REFERENCE_ONLY = previous
+
+
+def _prefers_fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if q.shape[-1] == v.shape[-1]:
+        return True
+    if q.device.type == "cuda":
+        return True
+    return q.dtype == torch.float32 and v.shape[-1] <= 2 * q.shape[-1] and k.shape[-2] >= _SMALL_GRID
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
@@ -39,8 +55,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if _REFERENCE_ONLY or needs_bias_grad:
         scores = (q @ k.transpose(-2, -1)) * scale
         return (scores if bias is None else scores + bias).softmax(dim=-1) @ v
-    if q.shape[-1] < v.shape[-1]:
-        pad = (0, v.shape[-1] - q.shape[-1])
-        q, k = F.pad(q, pad), F.pad(k, pad)
-    mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad or _prefers_fused_kernel(q, k, v):
+        if q.shape[-1] < v.shape[-1]:
+            pad = (0, v.shape[-1] - q.shape[-1])
+            q, k = F.pad(q, pad), F.pad(k, pad)
+        mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if bias is not None:
+        scores.add_(bias.to(scores.dtype))
+    torch.softmax(scores, dim=-1, out=scores)
+    return torch.matmul(scores, v)

@@ -227,7 +227,9 @@ class LeViT(HybridClassifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> final tokens ``(B, N, C_last)``, N in row-major grid order."""
         self.check_input(x)
-        x = self.stem(x).flatten(2).transpose(1, 2)
+        # Contiguous tokens: a strided view would turn every linear map of stage 1 into a slower
+        # batched product (the residual adds keep the input's layout).
+        x = self.stem(x).flatten(2).transpose(1, 2).contiguous()
         return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
