@@ -4,7 +4,7 @@ from .api import create_model
 from .checkpoints import load_checkpoint, load_model, save_model
 from .flops import count_macs, count_params
 from .fusion import fuse
-from .optimize import optimize
+from .optimize import optimize, tune_cpu_allocator
 from .models import HybridClassifier
 from .registry import get_model_info, list_models
 
@@ -21,5 +21,6 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "optimize",
+    "tune_cpu_allocator",
     "save_model",
 ]

@@ -270,6 +270,7 @@ def benchmark_cmd(
     warmup: float = typer.Option(10.0, help="warm-up seconds per model"),
     seconds: float = typer.Option(60.0, "--time", help="timed seconds per model"),
     rounds: int = typer.Option(20, help="timed rounds, interleaved across models"),
+    tuned_allocator: bool = typer.Option(False, help="keep freed memory in glibc's heap for every model (no page faults)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, help="write the speed-accuracy figure (PNG)"),
 ) -> None:
@@ -290,7 +291,8 @@ def benchmark_cmd(
     if paper_rows:
         candidates += paper_candidates(device)
     rows, machine = benchmark(candidates, device, threads, batch, warmup, seconds, rounds,
-                              progress=None if json_output else lambda m: console.print(f"[dim]{m}[/dim]"))
+                              progress=None if json_output else lambda m: console.print(f"[dim]{m}[/dim]"),
+                              tuned_allocator=tuned_allocator)
     ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
               for ref in rows if ref.source != "hybridvit" and ref.model == ours.model]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..api import create_model
-from ..optimize import optimize
+from ..optimize import optimize, tune_cpu_allocator
 from ..registry import get_model_info
 
 
@@ -103,17 +103,27 @@ def paired_ratio(ours: BenchResult, reference: BenchResult) -> float:
 
 def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1, batch: int = 16,
               warmup_s: float = 10.0, time_s: float = 60.0, rounds: int = 20, latency_runs: int = 30,
-              progress: Callable[[str], None] | None = None) -> tuple[list[BenchResult], dict[str, Any]]:
-    """Measure every candidate; returns the rows and the machine description."""
+              progress: Callable[[str], None] | None = None,
+              tuned_allocator: bool = False) -> tuple[list[BenchResult], dict[str, Any]]:
+    """Measure every candidate; returns the rows and the machine description.
+
+    ``tuned_allocator`` applies ``tune_cpu_allocator`` first, so that no candidate pays page
+    faults; otherwise they run on the C library's defaults, whose state depends on what ran
+    earlier in the process (docs/benchmarks.md).
+    """
     dev = torch.device(device)
+    allocator = "C library defaults"
     if dev.type == "cpu":
         torch.set_num_threads(threads)
+        if tuned_allocator:
+            allocator = "glibc tuned (no mmap, no trim)" if tune_cpu_allocator() else "tuning unsupported: defaults"
     rows = []
     for phase in ([c for c in candidates if not c.isolated], [c for c in candidates if c.isolated]):
         rows += _measure(phase, dev, batch, warmup_s, time_s, rounds, latency_runs, progress)
     order = {c.name: i for i, c in enumerate(candidates)}
     rows.sort(key=lambda r: order[r.name])
     info = machine_info(dev, threads)
+    info["allocator"] = allocator
     info["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return rows, info
 
