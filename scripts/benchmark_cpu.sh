@@ -15,7 +15,7 @@ for mode in default tuned; do
     plot=()
     [ "$mode" = default ] && plot=(--plot docs/speed_accuracy_cpu.png)
     hybridvit benchmark levit_128s levit_256 --compare "${extra[@]}" --precision fp32 --precision bf16 \
-        --precision int8 --warmup 5 --time 30 --rounds 30 "${flag[@]}" --json "${plot[@]}" \
+        --precision int8 --warmup 5 --time 24 --rounds 24 "${flag[@]}" --json "${plot[@]}" \
         > "docs/bench_levit_cpu${suffix}.json"
     hybridvit benchmark cvt_13 --compare --precision fp32 --precision bf16 --warmup 5 --time 30 --rounds 10 \
         "${flag[@]}" --json > "docs/bench_cvt_cpu${suffix}.json"

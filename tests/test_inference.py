@@ -22,11 +22,13 @@ from hybridvit.predict import Predictor, imagenet_class_names
 runner = CliRunner()
 
 
+@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
 @pytest.mark.parametrize("name", ["levit_128s", "cvt_13"])
-def test_optimize_fp32_matches_eager(name):
+def test_optimize_fp32_matches_eager(name, backend):
     model = randomize_(hybridvit.create_model(name)).eval()
-    fast = hybridvit.optimize(model)
-    for batch in (1, 4):  # traced at batch 1, any batch afterwards
+    fast = hybridvit.optimize(model, backend=backend)
+    assert fast.backend == backend
+    for batch in (1, 4):  # captured at batch 1, any batch afterwards
         x = torch.randn(batch, 3, 224, 224)
         with torch.no_grad():
             assert rel_err(fast(x), model(x)) < 1e-5
@@ -34,6 +36,16 @@ def test_optimize_fp32_matches_eager(name):
         fast(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="precision"):
         hybridvit.optimize(model, "fp8")
+
+
+def test_optimize_picks_onnxruntime_for_cpu_fp32_only():
+    model = hybridvit.create_model("levit_128s", img_size=64).eval()
+    assert hybridvit.optimize(model).backend == "onnxruntime"  # installed with the test extra
+    assert hybridvit.optimize(model, "bf16").backend == "torchscript"
+    with pytest.raises(ValueError, match="onnxruntime backend runs fp32"):
+        hybridvit.optimize(model, "int8", backend="onnxruntime")
+    with pytest.raises(ValueError, match="backend"):
+        hybridvit.optimize(model, backend="tensorrt")
 
 
 def _digits_val(run, n=None):

@@ -279,15 +279,15 @@ def benchmark_cmd(
 
     from .bench import benchmark, plot_speed_accuracy
     from .bench.references import paper_candidates, reference_candidates
-    from .bench.throughput import hybridvit_candidate, paired_ratio
+    from .bench.throughput import hybridvit_candidates, paired_ratio
 
     names = models or list_models("levit_*")
     candidates = []
     for name in names:
         get_model_info(name)
-        candidates += [hybridvit_candidate(name, p, device) for p in precision]
+        candidates += [c for p in precision for c in hybridvit_candidates(name, p, device)]
         if compare:
-            candidates += reference_candidates(name, device, threads, official)
+            candidates += reference_candidates(name, device, official)
     if paper_rows:
         candidates += paper_candidates(device)
     rows, machine = benchmark(candidates, device, threads, batch, warmup, seconds, rounds,

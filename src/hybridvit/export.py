@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +18,28 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
 def _example(model: nn.Module, batch: int) -> torch.Tensor:
     return torch.randn(batch, model.in_chans, *model.input_hw)  # type: ignore[attr-defined]
+
+
+def onnx_bytes(fused: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
+    """An inference-ready ``fused`` model as ONNX (input ``images``, output ``logits``, free batch)."""
+    f = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings(), reference_attention():  # plain MatMul/Softmax nodes
+        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
+        torch.onnx.export(fused, (example,), f, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    return f.getvalue()
+
+
+def onnxruntime_session(model: str | Path | bytes, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session (``threads``: intra-op threads, default ONNX Runtime's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int = 17) -> Path:
@@ -31,14 +55,12 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse(model).cpu().requires_grad_(False)
     example = _example(fused, 2)  # batch 2: torch.export specialises sizes 0 and 1
+    if format == "onnx":
+        path.write_bytes(onnx_bytes(fused, example, opset))
+        return path
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
-        if format == "onnx":
-            with reference_attention():  # plain MatMul/Softmax nodes: no in-place softmax to translate
-                torch.onnx.export(fused, (example,), str(path), input_names=["images"], output_names=["logits"],
-                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                                  opset_version=opset, dynamo=False)
-        elif format == "torchscript":
+        if format == "torchscript":
             torch.jit.save(torch.jit.freeze(torch.jit.trace(fused, example)), str(path))
         else:
             batch = torch.export.Dim("batch", min=1, max=65536)
@@ -49,12 +71,7 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
 
 def check_onnx(path: str | Path, model: nn.Module, batch: int = 3, threads: int | None = None) -> float:
     """Largest relative difference between ONNX Runtime and the PyTorch model on random images."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, threads)
     x = _example(model, batch)
     with torch.no_grad():
         reference = model.eval()(x)

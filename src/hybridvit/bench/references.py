@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import importlib
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..api import create_model
 from ..registry import get_model_info
 from .throughput import Candidate, eager, traced
 
@@ -54,26 +52,11 @@ def _official_levit(repo: Path, name: str):
     return make
 
 
-def _onnxruntime(name: str, threads: int):
-    def build():
-        import onnxruntime as ort
-
-        from ..export import export
-
-        path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
-        export(create_model(name), path, "onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return lambda x: session.run(None, {"images": x.numpy()})
-    return build
-
-
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def reference_candidates(name: str, device: str, threads: int, official_repo: Path | None = None) -> list[Candidate]:
+def reference_candidates(name: str, device: str, official_repo: Path | None = None) -> list[Candidate]:
     """Installed implementations of the same architecture as ``name``."""
     info = get_model_info(name)
     hw, top1 = info.input_size[1:], info.paper_top1
@@ -88,9 +71,6 @@ def reference_candidates(name: str, device: str, threads: int, official_repo: Pa
     if _installed("transformers"):
         rows.append(Candidate(f"transformers {name}", eager(lambda: _hf_model(name), device, lambda o: o.logits), hw,
                               "transformers", name, top1))
-    if device == "cpu" and _installed("onnxruntime"):
-        rows.append(Candidate(f"onnxruntime {name} (our export)", _onnxruntime(name, threads), hw, "onnxruntime", name,
-                              top1, isolated=True))
     return rows
 
 

@@ -9,6 +9,7 @@ a noisy shared machine hits both sides of a comparison alike.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import resource
 import statistics
@@ -36,9 +37,6 @@ class Candidate:
     model: str  # the architecture measured (rows of one architecture are compared)
     paper_top1: float | None = None
     dtype: torch.dtype = torch.float32
-    # Measured after all others, alone: creating an ONNX Runtime session changes the process
-    # (PyTorch's MKL-based eager kernels ran up to 20% faster afterwards on our AMD machine).
-    isolated: bool = False
 
 
 @dataclass
@@ -53,7 +51,6 @@ class BenchResult:
     latency_ms_p90: float
     peak_memory_mb: float | None
     paper_top1: float | None
-    interleaved: bool = True
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
@@ -96,8 +93,6 @@ def _largest_batch(fn: Callable, make_input: Callable[[int], torch.Tensor], devi
 def paired_ratio(ours: BenchResult, reference: BenchResult) -> float:
     """Median over rounds of the two throughputs' ratio: rounds run back to back, so a slow
     spell of a shared machine hits both sides of each pair alike."""
-    if not (ours.interleaved and reference.interleaved):
-        return ours.images_per_second / reference.images_per_second
     return statistics.median(a / b for a, b in zip(ours.round_images_per_second, reference.round_images_per_second))
 
 
@@ -117,11 +112,7 @@ def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1
         torch.set_num_threads(threads)
         if tuned_allocator:
             allocator = "glibc tuned (no mmap, no trim)" if tune_cpu_allocator() else "tuning unsupported: defaults"
-    rows = []
-    for phase in ([c for c in candidates if not c.isolated], [c for c in candidates if c.isolated]):
-        rows += _measure(phase, dev, batch, warmup_s, time_s, rounds, latency_runs, progress)
-    order = {c.name: i for i, c in enumerate(candidates)}
-    rows.sort(key=lambda r: order[r.name])
+    rows = _measure(candidates, dev, batch, warmup_s, time_s, rounds, latency_runs, progress)
     info = machine_info(dev, threads)
     info["allocator"] = allocator
     info["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -179,31 +170,38 @@ def _measure(candidates: list[Candidate], dev: torch.device, batch: int, warmup_
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
         r = results[c.name]
         rows.append(BenchResult(c.name, c.source, c.model, b, r["images"] / r["seconds"], r["rounds"], statistics.median(times),
-                                times[min(len(times) - 1, int(0.9 * len(times)))], peak, c.paper_top1,
-                                interleaved=not c.isolated))
+                                times[min(len(times) - 1, int(0.9 * len(times)))], peak, c.paper_top1))
     return rows
 
 
-def hybridvit_candidate(name: str, precision: str, device: str) -> Candidate:
-    """Our model through ``optimize`` (fused, fused attention, captured graph)."""
+def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candidate]:
+    """Our model through ``optimize``; in fp32 on the CPU with ONNX Runtime installed, both
+    backends (``auto`` picks ONNX Runtime; the TorchScript row shows the pure-PyTorch path)."""
     info = get_model_info(name)
     hw = info.input_size[1:]
+    on_gpu = torch.device(device).type == "cuda"
 
-    def build():
-        model = create_model(name).to(device).eval()
-        if torch.device(device).type == "cuda":  # the paper's GPU protocol: AMP (fp16) on the fused model
-            from ..fusion import fuse
+    def build(backend: str):
+        def make():
+            model = create_model(name).to(device).eval()
+            if on_gpu:  # the paper's GPU protocol: AMP (fp16) on the fused model
+                from ..fusion import fuse
 
-            fused = fuse(model)
+                fused = fuse(model)
 
-            def run(x):
-                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                    return fused(x)
-            return run
-        return optimize(model, precision, torch.zeros(1, 3, *hw, device=device))
+                def run(x):
+                    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                        return fused(x)
+                return run
+            return optimize(model, precision, torch.zeros(1, 3, *hw, device=device), backend=backend)
+        return make
 
     label = name if precision == "fp32" else f"{name} ({precision})"
-    return Candidate(label, build, hw, "hybridvit", name, info.paper_top1)
+    rows = [Candidate(label, build("auto"), hw, "hybridvit", name, info.paper_top1)]
+    if not on_gpu and precision == "fp32" and importlib.util.find_spec("onnxruntime") is not None:
+        rows[0].name = f"{name} (onnxruntime)"
+        rows.append(Candidate(f"{name} (torchscript)", build("torchscript"), hw, "hybridvit", name, info.paper_top1))
+    return rows
 
 
 def _amp(device: str):

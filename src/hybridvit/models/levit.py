@@ -177,7 +177,7 @@ class LeViT(HybridClassifier):
     family = "levit"
     config_class = LeViTConfig
     head_names = ("head", "head_dist")
-    cpu_graph_rewrite = True  # +8-10% single-thread CPU throughput (docs/benchmarks.md)
+    cpu_graph_rewrite = True  # fp32: +14% single-thread CPU throughput (docs/benchmarks.md)
 
     def __init__(self, config: LeViTConfig) -> None:
         super().__init__(config)
