@@ -9,7 +9,6 @@ a noisy shared machine hits both sides of a comparison alike.
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 import resource
 import statistics
@@ -22,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..api import create_model
-from ..optimize import optimize, tune_cpu_allocator
+from ..optimize import onnxruntime_available, optimize, tune_cpu_allocator
 from ..registry import get_model_info
 
 
@@ -198,7 +197,7 @@ def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candida
 
     label = name if precision == "fp32" else f"{name} ({precision})"
     rows = [Candidate(label, build("auto"), hw, "hybridvit", name, info.paper_top1)]
-    if not on_gpu and precision == "fp32" and importlib.util.find_spec("onnxruntime") is not None:
+    if not on_gpu and precision == "fp32" and onnxruntime_available():
         rows[0].name = f"{name} (onnxruntime)"
         rows.append(Candidate(f"{name} (torchscript)", build("torchscript"), hw, "hybridvit", name, info.paper_top1))
     return rows
