@@ -195,12 +195,11 @@ def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candida
             return optimize(model, precision, torch.zeros(1, 3, *hw, device=device), backend=backend)
         return make
 
-    label = name if precision == "fp32" else f"{name} ({precision})"
-    rows = [Candidate(label, build("auto"), hw, "hybridvit", name, info.paper_top1)]
     if not on_gpu and precision == "fp32" and onnxruntime_available():
-        rows[0].name = f"{name} (onnxruntime)"
-        rows.append(Candidate(f"{name} (torchscript)", build("torchscript"), hw, "hybridvit", name, info.paper_top1))
-    return rows
+        backends = {f"{name} (onnxruntime)": "onnxruntime", f"{name} (torchscript)": "torchscript"}
+    else:
+        backends = {name if precision == "fp32" else f"{name} ({precision})": "auto"}
+    return [Candidate(label, build(b), hw, "hybridvit", name, info.paper_top1) for label, b in backends.items()]
 
 
 def _amp(device: str):

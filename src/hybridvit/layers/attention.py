@@ -37,9 +37,7 @@ def reference_attention() -> Iterator[None]:
 
 
 def _prefers_fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if q.shape[-1] == v.shape[-1]:
-        return True
-    if q.device.type == "cuda":
+    if q.shape[-1] == v.shape[-1] or q.device.type == "cuda":
         return True
     return q.dtype == torch.float32 and v.shape[-1] <= 2 * q.shape[-1] and k.shape[-2] >= _SMALL_GRID
 
