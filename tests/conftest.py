@@ -1,9 +1,13 @@
-"""Shared test helpers: randomised weights and statistics, relative error."""
+"""Shared test helpers: randomised weights and statistics, relative error, image folders."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 
@@ -48,3 +52,36 @@ def digits_run(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--input-size", "32",
                     "--batch-size", "32", "--output", str(out)], check=True, capture_output=True)
     return out
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40, val_per_class: int | None = None,
+                      corrupt: tuple[str, ...] = ()) -> Path:
+    """An ImageNet-layout folder of small images whose class shows in the pixels (stripe direction
+    and colour), in several modes and formats; ``corrupt`` names files (relative to ``root``) to
+    write as garbage."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class if val_per_class is None else val_per_class)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                w = size + i % 7
+                yy, xx = np.mgrid[0:size, 0:w]
+                stripes = ((xx if c % 2 else yy) // (2 + c)) % 2
+                pixels = stripes[..., None] * np.array([60 + 60 * c, 200 - 50 * c, 90 + 20 * c])
+                pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+                mode = ["RGB", "L", "RGBA"][i % 3]
+                ext = "png" if mode == "RGBA" or i % 2 else "jpg"
+                Image.fromarray(pixels).convert(mode).save(folder / f"{i}.{ext}")
+    for relative in corrupt:
+        (root / relative).write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def recipe_folder(tmp_path_factory) -> Path:
+    """211 training files (one corrupt) in 3 classes, 31 validation images (an odd last batch)."""
+    root = tmp_path_factory.mktemp("recipe") / "data"
+    make_image_folder(root, classes=("a", "b", "c"), per_class=70, val_per_class=10, corrupt=("train/b/bad.jpg",))
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(root / "val" / "c" / "extra.png")
+    return root

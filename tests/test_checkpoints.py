@@ -234,8 +234,11 @@ def test_unreadable_and_unknown_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "junk.safetensors")
-    with pytest.raises(CheckpointError, match="junk.pth: refused to load: not a weights-only"):
+    with pytest.raises(CheckpointError, match="junk.pth is not a PyTorch checkpoint"):
         hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "junk.pth")
+    (tmp_path / "torn.pth").write_bytes(b"\x80\x02 torn pickle")  # a pickle header, then garbage
+    with pytest.raises(CheckpointError, match="torn.pth: refused to load: not a weights-only"):
+        hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "torn.pth")
     torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
         hybridvit.create_model("levit_128s", checkpoint_path=tmp_path / "other.pth")

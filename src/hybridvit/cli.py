@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import time
 import typing
 from pathlib import Path
@@ -141,12 +142,15 @@ def _dataclass_command(config_class: type, skip: frozenset[str] = frozenset()):
     """Decorator: expose every field of ``config_class`` as a ``--option`` (one source of truth)."""
     hints = typing.get_type_hints(config_class)
 
+    def option(f: dataclasses.Field) -> inspect.Parameter:
+        flag = f"--{f.name.replace('_', '-')}"
+        if hints[f.name] in (bool, Optional[bool]):  # on/off switches, e.g. --model-ema / --no-model-ema
+            flag += f"/--no-{flag[2:]}"
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                 default=typer.Option(f.default, flag, help=f.metadata.get("help")))
+
     def decorate(fn):
-        params = [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                              default=typer.Option(f.default, f"--{f.name.replace('_', '-')}", help=f.metadata.get("help")))
-            for f in dataclasses.fields(config_class) if f.name not in skip
-        ]
+        params = [option(f) for f in dataclasses.fields(config_class) if f.name not in skip]
 
         @functools.wraps(fn)
         def command(**kwargs):
@@ -235,7 +239,7 @@ def predict_cmd(
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
     format: str = typer.Option("onnx", help="onnx, torchscript or exported-program"),
-    output: Optional[Path] = typer.Option(None, help="output file (default: next to the checkpoint)"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder)"),
     opset: int = typer.Option(17, help="ONNX opset"),
 ) -> None:
     """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
@@ -247,7 +251,8 @@ def export_cmd(
     model, _ = load_trained(checkpoint)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    target = output or Path(f"{(model.model_name or 'model')}{FORMATS[format]}")
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    target = output or folder / f"{model.model_name or 'model'}{FORMATS[format]}"
     export(model, target, format, opset=opset)
     console.print(f"wrote {target} ({format}, fused, dynamic batch)")
     if format == "onnx":
@@ -313,9 +318,18 @@ def benchmark_cmd(
         plot_speed_accuracy(rows, plot, f"{device}, {threads} thread(s)" if device == "cpu" else device)
 
 
+def _bare_resume_means_yes(argv: list[str]) -> list[str]:
+    """``train --resume`` alone stands for ``--resume yes`` (typer options cannot take an optional value)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--resume=yes"
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_bare_resume_means_yes(sys.argv[1:]))
     except (ValueError, TypeError, FileNotFoundError) as e:  # user errors (incl. DataError): a message, not a traceback
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise SystemExit(2) from None

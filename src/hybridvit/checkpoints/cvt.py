@@ -6,13 +6,16 @@ hybridvit keeps the official names inside a block (``attn.conv_proj_q.conv``, ``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
 
-from ..models.cvt import CvTConfig
+from ..models.cvt import CvT, CvTConfig
+from ..registry import find_variant, get_model_info
 from .errors import CheckpointError
-from .formats import CheckpointFormat, StateDict, native_format, register_format, rename_keys
+from .formats import CheckpointFormat, StateDict, hf_image_size, native_format, register_format, rename_keys
+from .io import Checkpoint
 
 _NUM_STAGES = 3
 
@@ -55,8 +58,13 @@ def _single(cfg: dict[str, Any], key: str) -> Any:
     return values.pop()
 
 
-def config_from_hf(cfg: dict[str, Any], state: StateDict) -> CvTConfig:
-    """Map a Hugging Face ``CvtConfig`` to hybridvit's, refusing layouts CvT variants never use."""
+def config_from_hf(ckpt: Checkpoint) -> CvTConfig:
+    """Map a Hugging Face ``CvtConfig`` to hybridvit's, refusing layouts CvT variants never use.
+
+    The input size comes from the folder's ``preprocessor_config.json`` (CvT's config.json has
+    none; e.g. ``microsoft/cvt-13-384`` differs from ``cvt-13`` only there), else the variant's.
+    """
+    cfg, state = ckpt.folder_config or {}, ckpt.state_dict
     if cfg.get("model_type") != "cvt":
         raise CheckpointError(f"not a CvT config.json (model_type={cfg.get('model_type')!r})")
     try:
@@ -66,7 +74,7 @@ def config_from_hf(cfg: dict[str, Any], state: StateDict) -> CvTConfig:
         if _single(cfg, "padding_q") != kernel // 2 or _single(cfg, "padding_kv") != kernel // 2:
             raise CheckpointError("unsupported CvT config: q/k/v padding must be kernel_qkv // 2")
         head = state.get("classifier.weight")
-        return CvTConfig(
+        config = CvTConfig(
             embed_dim=cfg["embed_dim"], num_heads=cfg["num_heads"], depth=cfg["depth"], patch_size=cfg["patch_sizes"],
             patch_stride=cfg["patch_stride"], patch_padding=cfg["patch_padding"], mlp_ratio=float(_single(cfg, "mlp_ratio")),
             kernel_qkv=kernel, stride_kv=_single(cfg, "stride_kv"), stride_q=_single(cfg, "stride_q"),
@@ -75,6 +83,9 @@ def config_from_hf(cfg: dict[str, Any], state: StateDict) -> CvTConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"CvT config.json lacks {e}") from e
+    variant = find_variant(CvT, config)
+    img_size = hf_image_size(ckpt) or (get_model_info(variant).config.img_size if variant else None)
+    return dataclasses.replace(config, img_size=img_size) if img_size else config
 
 
 register_format(native_format("cvt", "stages.0.embed.proj.weight"))

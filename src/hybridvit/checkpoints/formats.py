@@ -33,8 +33,8 @@ class CheckpointFormat:
     family: str
     marker_key: str  # a key only this layout has
     convert: Callable[[StateDict, nn.Module], StateDict]
-    # For model folders (Hugging Face): config.json -> the family's config dataclass.
-    config_from_folder: Callable[[dict[str, Any], StateDict], Any] | None = None
+    # For model folders: the folder's config.json (and weights) -> the family's config dataclass.
+    config_from_folder: Callable[[Checkpoint], Any] | None = None
 
     def matches(self, ckpt: Checkpoint) -> bool:
         return self.marker_key in ckpt.state_dict
@@ -101,21 +101,46 @@ def remap_bias_tables(state: StateDict, model: nn.Module, index_suffix: str = ".
     return out
 
 
-def _resize_bias_tables(model: nn.Module, state: StateDict) -> None:
-    """Resample square attention-bias tables trained at another resolution, in place."""
+def bias_grids(family: str, config: Any) -> dict[str, tuple[int, int]]:
+    """The key grid of every attention-bias table of the model ``config`` describes (built on meta)."""
+    with torch.device("meta"):
+        model = family_model_class(family)(config)
+    return {name: m.key_grid for name, m in model.named_modules() if isinstance(m, AttentionBias)}
+
+
+def _resize_bias_tables(model: nn.Module, state: StateDict, source_grids: dict[str, tuple[int, int]] | None) -> None:
+    """Resample attention-bias tables trained on another key grid, in place.
+
+    The checkpoint's grids come from its config when it has one (any shape, square or not);
+    a bare state dict only tells how many entries a table has, so its grid must be square.
+    """
     for name, module in model.named_modules():
         key = f"{name}.table"
-        if isinstance(module, AttentionBias) and key in state:
-            table = state[key]
+        if not isinstance(module, AttentionBias) or key not in state or state[key].shape[0] != module.table.shape[0]:
+            continue  # a head-count mismatch is reported by the strict load
+        table = state[key]
+        grid = (source_grids or {}).get(name)
+        if grid is None:
+            if table.shape == module.table.shape:
+                continue
             side = math.isqrt(table.shape[1])
-            if table.shape != module.table.shape and table.shape[0] == module.table.shape[0] and side * side == table.shape[1]:
-                state[key] = resize_bias_table(table, (side, side), module.key_grid)
+            if side * side != table.shape[1]:
+                raise CheckpointError(
+                    f"{key}: the checkpoint's {table.shape[1]}-entry bias table comes from a non-square grid that a "
+                    f"bare state dict does not name; load its model folder or training checkpoint (they store img_size)")
+            grid = (side, side)
+        if grid != module.key_grid:
+            state[key] = resize_bias_table(table, grid, module.key_grid)
 
 
-def load_state_dict(model: nn.Module, state: StateDict, exclude_head: bool = False) -> None:
-    """Load hybridvit-keyed ``state`` strictly; one ``CheckpointError`` lists every problem."""
+def load_state_dict(model: nn.Module, state: StateDict, exclude_head: bool = False,
+                    source_grids: dict[str, tuple[int, int]] | None = None) -> None:
+    """Load hybridvit-keyed ``state`` strictly; one ``CheckpointError`` lists every problem.
+
+    ``source_grids`` (from ``bias_grids``) names the attention-bias grids ``state`` was trained on.
+    """
     state = dict(state)
-    _resize_bias_tables(model, state)
+    _resize_bias_tables(model, state, source_grids)
     expected = model.state_dict()
     head_names: tuple[str, ...] = getattr(model, "head_names", ())
 
@@ -148,12 +173,27 @@ def load_state_dict(model: nn.Module, state: StateDict, exclude_head: bool = Fal
     model.load_state_dict(state, strict=not exclude_head)
 
 
-def native_folder_config(folder_config: dict[str, Any], state: StateDict) -> Any:
+def native_folder_config(ckpt: Checkpoint) -> Any:
     """The config dataclass a hybridvit ``config.json`` describes."""
+    folder_config = ckpt.folder_config or {}
     try:
         return family_model_class(folder_config["family"]).config_class(**folder_config["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"invalid hybridvit config.json ({type(e).__name__}: {e})") from e
+
+
+def hf_image_size(ckpt: Checkpoint) -> int | tuple[int, int] | None:
+    """The input size a Hugging Face image processor config names (crop, else resize target), if any."""
+    pre = ckpt.preprocessor_config or {}
+    for key in ("crop_size", "size"):
+        value = pre.get(key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict) and "height" in value and "width" in value:
+            return int(value["height"]), int(value["width"])
+        if isinstance(value, dict) and "shortest_edge" in value:
+            return int(value["shortest_edge"])
+    return None
 
 
 def native_format(family: str, marker_key: str) -> CheckpointFormat:
@@ -172,10 +212,13 @@ def load_checkpoint(model: nn.Module, source: str | Path | Checkpoint, exclude_h
     family = getattr(model, "family", None)
     if fmt.family != family:
         raise CheckpointError(f"{path}: this is a {fmt.family} checkpoint ({fmt.name}); the model is {family}")
+    source_grids = None
     if ckpt.folder_config is not None and fmt.config_from_folder is not None:
-        _check_same_architecture(model, fmt.config_from_folder(ckpt.folder_config, ckpt.state_dict), path)
+        source_config = fmt.config_from_folder(ckpt)
+        _check_same_architecture(model, source_config, path)
+        source_grids = bias_grids(fmt.family, source_config)
     state = fmt.convert(ckpt.state_dict, model)
-    load_state_dict(model, state, exclude_head=exclude_head)
+    load_state_dict(model, state, exclude_head=exclude_head, source_grids=source_grids)
     return fmt.name
 
 

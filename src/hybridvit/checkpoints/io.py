@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,28 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 @dataclass
 class Checkpoint:
-    """A state dict plus, for model folders, the folder's ``config.json``."""
+    """A state dict plus, for model folders, the folder's ``config.json`` (and Hugging Face's
+    ``preprocessor_config.json``, which alone says the input size a CvT folder was trained at)."""
 
     state_dict: dict[str, torch.Tensor]
     path: Path
     folder_config: dict[str, Any] | None = None
+    preprocessor_config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def _read_tensor_file(path: Path) -> Any:
+def read_tensor_file(path: Path) -> Any:
+    """The object in a safetensors or PyTorch file, read without running code; ``CheckpointError`` otherwise."""
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # neither torch.save's zip nor a pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (nor safetensors): expected a .pth/.pt file "
+                              f"written by torch.save, a .safetensors file or a model folder")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -69,6 +78,13 @@ def unwrap_state_dict(obj: Any, path: Path | str = "<checkpoint>") -> dict[str, 
     return state
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint file, or a model folder holding ``config.json`` and its weights."""
     path = Path(path)
@@ -82,9 +98,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path}: a model folder needs config.json and one of {', '.join(_WEIGHT_FILES)}; "
                 f"found {sorted(p.name for p in path.iterdir())}"
             )
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_file}: invalid JSON ({e})") from e
-        return Checkpoint(unwrap_state_dict(_read_tensor_file(weights), weights), path, config)
-    return Checkpoint(unwrap_state_dict(_read_tensor_file(path), path), path)
+        config = _read_json(config_file)
+        preprocessor = path / "preprocessor_config.json"
+        return Checkpoint(unwrap_state_dict(read_tensor_file(weights), weights), path, config,
+                          _read_json(preprocessor) if preprocessor.exists() else None)
+    return Checkpoint(unwrap_state_dict(read_tensor_file(path), path), path)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models.levit import LeViTConfig
 from .errors import CheckpointError
+from .io import Checkpoint
 from .formats import CheckpointFormat, StateDict, native_format, register_format, remap_bias_tables, rename_keys
 
 
@@ -96,8 +97,9 @@ def convert_timm(state: StateDict, model: nn.Module) -> StateDict:
     return remap_bias_tables(out, model)
 
 
-def config_from_hf(cfg: dict[str, Any], state: StateDict) -> LeViTConfig:
+def config_from_hf(ckpt: Checkpoint) -> LeViTConfig:
     """Map a Hugging Face ``LevitConfig`` to hybridvit's, refusing what LeViT variants never use."""
+    cfg, state = ckpt.folder_config or {}, ckpt.state_dict
     if cfg.get("model_type") != "levit":
         raise CheckpointError(f"not a LeViT config.json (model_type={cfg.get('model_type')!r})")
     try:

@@ -7,8 +7,10 @@ model folder a format knows how to describe (Hugging Face ``config.json``).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ from torch import nn
 from ..registry import family_model_class, find_variant
 from .errors import CheckpointError
 from .formats import NATIVE, detect_format, load_checkpoint
-from .io import read_checkpoint
+from .io import read_checkpoint, read_tensor_file
 
 FORMAT_VERSION = 1
+_FILES = ("model.safetensors", "config.json")
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -33,7 +36,8 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
         raise ValueError("save the model before hybridvit.fuse(): a fused model has no BatchNorm "
                          "to restore, so it cannot be rebuilt for training or loaded as a checkpoint")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; save_model writes a folder")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = {
         "format": NATIVE,
@@ -43,14 +47,62 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
         "config": model.config_dict(),
         "extra": extra or {},
     }
-    # Write to temporary names and rename, so an interrupted save never leaves a torn folder.
-    for name, write in (("model.safetensors", lambda f: save_file(state, f)),
-                        ("config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, path / name)
+    # Written as a whole new folder, then swapped in: an interrupted save never leaves weights
+    # and config.json from different models, nor a folder with one of them missing.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)  # mkdtemp's folder is private; the saved one gets the usual permissions
+    try:
+        save_file(state, str(new / "model.safetensors"))
+        (new / "config.json").write_text(json.dumps(config, indent=2))
+        for f in new.iterdir():
+            _fsync(f)
+        _swap_in(new, path)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # after a swap: the previous folder
     return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # Linux renameat2 flag: swap two paths atomically
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put folder ``new`` at ``path``; an existing folder's other files (e.g. exports) are kept."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    for entry in path.iterdir():
+        if entry.name not in _FILES and not entry.name.startswith("."):
+            target = new / entry.name
+            if entry.is_dir():
+                shutil.copytree(entry, target)
+            else:
+                try:
+                    os.link(entry, target)
+                except OSError:
+                    shutil.copy2(entry, target)
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_cwd = -100
+    if hasattr(libc, "renameat2") and libc.renameat2(at_cwd, os.fsencode(new), at_cwd, os.fsencode(path),
+                                                      _RENAME_EXCHANGE) == 0:
+        _fsync(path.parent)
+        return
+    # No atomic exchange here (not Linux, or the file system lacks it): two renames, old folder kept until then.
+    old = new.with_name(new.name.replace(".new.", ".old."))
+    os.rename(path, old)
+    os.rename(new, path)
+    os.rename(old, new)
+    _fsync(path.parent)
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -63,7 +115,7 @@ def load_model(path: str | Path) -> nn.Module:
     if fmt.config_from_folder is None:
         raise CheckpointError(f"{path}: {fmt.name} folders do not describe their architecture")
     model_class = family_model_class(fmt.family)
-    config = fmt.config_from_folder(ckpt.folder_config, ckpt.state_dict)
+    config = fmt.config_from_folder(ckpt)
     model = model_class(config)
     model.model_name = ckpt.folder_config.get("model_name") or find_variant(model_class, config)
     load_checkpoint(model, ckpt)
@@ -80,9 +132,7 @@ def read_extra(path: str | Path) -> dict[str, Any]:
 
 def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A model and its stored extras (class names, input size) from a model folder, a training
-    run folder (its ``model/``) or a training ``checkpoint.pt``."""
-    import torch
-
+    run folder (its ``model/``) or a training ``checkpoint.pt`` (its trained, not EMA, weights)."""
     path = Path(path)
     if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").exists():
         path = path / "model"
@@ -90,10 +140,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         return load_model(path), read_extra(path)
     if not path.is_file():
         raise CheckpointError(f"no model at {path} (expected a model folder, a run folder or checkpoint.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from e
+    state = read_tensor_file(path)
     if not isinstance(state, dict) or "model_config" not in state:
         raise CheckpointError(f"{path} is not a hybridvit training checkpoint; pass a model folder instead")
     model_class = family_model_class(state["model_family"])

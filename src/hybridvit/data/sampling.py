@@ -1,8 +1,10 @@
 """Samplers and a dataset wrapper that make every epoch reproducible, with or without workers.
 
-The augmentation of a sample depends only on ``(seed, epoch, index)``: the sampler sends the
-epoch along with each index, and the wrapper seeds the generators around that one sample.
-So a run resumed mid-way (or with another number of data workers) sees the same batches.
+The augmentation of a sample depends only on ``(seed, epoch, draw, index)``: the sampler sends
+the epoch and the draw's position in the epoch along with each index, and the wrapper seeds
+the generators around that one sample. So a run resumed mid-way (or with another number of
+data workers) sees the same batches, and the repeats of one image under repeated
+augmentation (the same index drawn several times per epoch) are augmented differently.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset so that item ``(epoch, index)`` is augmented with its own fixed seed."""
+    """Wraps a dataset so that item ``(epoch, draw, index)`` is augmented with its own fixed seed."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
@@ -40,17 +42,21 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        with _seeded((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**32):
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        epoch, draw, index = key
+        with _seeded(int(np.random.SeedSequence([self.seed, epoch, draw, index]).generate_state(1)[0])):
             return self.dataset[index]
 
 
 class EpochSampler(Sampler):
-    """Yields ``(epoch, index)`` from a base sampler, optionally skipping the first ``skip`` samples."""
+    """Yields ``(epoch, draw, index)`` from a base sampler, optionally skipping the first ``skip`` samples.
 
-    def __init__(self, base: Sampler) -> None:
+    ``draw`` numbers the samples of an epoch across all processes (``position * world_size + rank``).
+    """
+
+    def __init__(self, base: Sampler, rank: int = 0, world_size: int = 1) -> None:
         self.base = base
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0
 
@@ -59,10 +65,10 @@ class EpochSampler(Sampler):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         for n, index in enumerate(self.base):
             if n >= self.skip:
-                yield self.epoch, index
+                yield self.epoch, n * self.world_size + self.rank, index
 
     def __len__(self) -> int:
         return len(self.base) - self.skip  # type: ignore[arg-type]

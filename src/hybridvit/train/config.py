@@ -1,9 +1,11 @@
 """Training options and the papers' recipes.
 
-Every option left at ``None`` is filled from a recipe: ``levit`` (LeViT/DeiT ImageNet recipe,
-official main.py defaults), ``cvt`` (official CvT configs) or ``tiny`` (light defaults that
-train a small dataset such as the built-in digits in minutes on a laptop CPU). ``auto``
-picks ``tiny`` for datasets under 20,000 training images, else the model family's recipe.
+Every option left at ``None`` is filled from a recipe: ``levit`` (the official LeViT
+``main.py`` defaults), ``cvt`` (the official CvT experiment configs) or ``tiny`` (light
+defaults that train a small dataset such as the built-in digits in minutes on a laptop
+CPU). ``auto`` picks ``tiny`` for datasets under 20,000 training images, else the model
+family's recipe. Where the official code differs from its own argument defaults, the recipe
+follows what the code does (see ``docs/recipes.md``).
 """
 
 from __future__ import annotations
@@ -12,23 +14,38 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-_DEIT_AUG = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25, mixup=0.8, cutmix=1.0,
-                 smoothing=0.1, hflip=0.5, scale=(0.08, 1.0), warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5)
+# Shared by the LeViT main.py and the CvT yaml files (both built on DeiT's recipe).
+_DEIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25, mixup=0.8, cutmix=1.0,
+             smoothing=0.1, hflip=0.5, scale=(0.08, 1.0), warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5,
+             cooldown_epochs=0, lr_step="epoch", model_ema_decay=0.99996)
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # lr is per 512 images: the learning rate used is lr * global batch / 512.
-    "levit": dict(_DEIT_AUG, epochs=1000, batch_size=256, lr=5e-4, weight_decay=0.025, repeated_aug=True,
-                  clip_grad=0.01, clip_mode="agc", distillation="hard"),
-    # CvT: 2.5e-4 at 256 images (CvT-13), 1.25e-4 at 128 (CvT-21, W24): both 5e-4 per 512.
-    "cvt": dict(_DEIT_AUG, epochs=300, batch_size=256, lr=5e-4, weight_decay=0.05, repeated_aug=False,
-                clip_grad=None, clip_mode="norm", distillation="none"),
+    # lr is per 512 images: the learning rate used is lr * global batch / 512 (LeViT main.py's rule).
+    "levit": dict(_DEIT, epochs=1000, batch_size=256, lr=5e-4, weight_decay=0.025, repeated_aug=True,
+                  clip_grad=0.01, clip_mode="agc", distillation="hard", model_ema=True),
+    # CvT: 2.5e-4 per GPU at 256 images (CvT-13), 1.25e-4 at 128 (CvT-21, W24), times 8 GPUs: 5e-4 per 512.
+    "cvt": dict(_DEIT, epochs=300, batch_size=256, lr=5e-4, weight_decay=0.05, repeated_aug=False,
+                clip_grad=None, clip_mode="norm", distillation="none", model_ema=False),
     "tiny": dict(epochs=30, batch_size=64, lr=8e-3, weight_decay=0.025, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
-                 auto_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, hflip=0.0,
-                 scale=(0.75, 1.0), repeated_aug=False, clip_grad=None, clip_mode="norm", distillation="hard",
-                 input_size=64),
+                 cooldown_epochs=0, lr_step="update", auto_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0,
+                 cutmix=0.0, smoothing=0.1, hflip=0.0, scale=(0.75, 1.0), repeated_aug=False, clip_grad=None,
+                 clip_mode="norm", distillation="hard", input_size=64, model_ema=False, model_ema_decay=0.9998),
 }
-_CVT_WD = {"cvt_21": 0.1, "cvt_w24": 0.1}
+# Per-variant differences of the official CvT configs (cvt-21-224x224.yaml, cvt-w24-384x384.yaml).
+_CVT_VARIANTS = {"cvt_21": dict(weight_decay=0.1, batch_size=128, repeated_aug=True),
+                 "cvt_w24": dict(weight_decay=0.1, batch_size=128)}
 TINY_DATASET = 20_000
+CHOICES = {"amp": ("auto", "bf16", "fp16", "none"), "device": ("auto", "cpu", "cuda"),
+           "clip_mode": ("norm", "value", "agc"), "distillation": ("hard", "soft", "none"),
+           "lr_step": ("epoch", "update"), "resume": ("no", "yes", "auto")}
+
+
+def check_choice(option: str, value: str | None) -> None:
+    """``ValueError`` naming the valid values of ``option`` (a one-line CLI error, not a traceback)."""
+    choices = CHOICES[option]
+    valid = value is None or value in choices or (option == "device" and value.startswith("cuda:"))
+    if not valid:
+        raise ValueError(f"--{option.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -39,9 +56,11 @@ class TrainConfig:
     data: str | None = field(default=None, metadata={"help": "ImageNet-layout folder (ROOT/train, ROOT/val); default: built-in digits"})
     output: str | None = field(default=None, metadata={"help": "run folder (default runs/<model>-<data>)"})
     recipe: str = field(default="auto", metadata={"help": "auto, levit, cvt or tiny"})
-    epochs: int | None = None
+    epochs: int | None = field(default=None, metadata={"help": "epochs of the cosine schedule"})
+    cooldown_epochs: int | None = field(default=None, metadata={"help": "extra epochs at --min-lr after the cosine"})
     batch_size: int | None = field(default=None, metadata={"help": "images per process"})
     lr: float | None = field(default=None, metadata={"help": "learning rate per 512 images (scaled by the global batch)"})
+    lr_step: str | None = field(default=None, metadata={"help": "epoch (official: lr fixed within an epoch) or update"})
     weight_decay: float | None = None
     warmup_epochs: int | None = None
     warmup_lr: float | None = None
@@ -50,7 +69,7 @@ class TrainConfig:
     workers: int = field(default=2, metadata={"help": "data loading processes per training process"})
     smoothing: float | None = None
     auto_augment: str | None = field(default=None, metadata={"help": "timm RandAugment spec, or 'none'"})
-    color_jitter: float | None = None
+    color_jitter: float | None = field(default=None, metadata={"help": "ignored when RandAugment is on (as in timm)"})
     reprob: float | None = field(default=None, metadata={"help": "random erasing probability"})
     mixup: float | None = None
     cutmix: float | None = None
@@ -59,19 +78,27 @@ class TrainConfig:
     drop_path: float | None = field(default=None, metadata={"help": "default: the model's (paper) rate"})
     clip_grad: float | None = None
     clip_mode: str | None = field(default=None, metadata={"help": "norm, value or agc"})
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    teacher: str | None = field(default=None, metadata={"help": "teacher: timm model name, hybridvit model name or folder"})
+    model_ema: bool | None = field(default=None, metadata={"help": "keep an EMA of the weights (written to OUTPUT/ema)"})
+    model_ema_decay: float | None = None
+    teacher: str | None = field(default=None, metadata={"help": "teacher: timm or hybridvit model name, or a model/run folder"})
     teacher_checkpoint: str | None = field(default=None, metadata={"help": "weights for a named teacher"})
+    teacher_pretrained: bool = field(default=False, metadata={"help": "download a named teacher's published weights"})
     distillation: str | None = field(default=None, metadata={"help": "hard, soft or none (used when a teacher is given)"})
     distillation_tau: float = 1.0
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, off on CPU), bf16, fp16 or none"})
     channels_last: bool = False
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     seed: int = 0
-    resume: bool = field(default=False, metadata={"help": "continue from OUTPUT/checkpoint.pt"})
+    resume: str = field(default="no", metadata={
+        "help": "yes (bare --resume): continue from OUTPUT/checkpoint.pt; auto: continue if it exists, else start"})
     finetune: str | None = field(default=None, metadata={"help": "start from these weights (new classifier)"})
     scale: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):  # the Python API's resume=True / False
+            self.resume = "yes" if self.resume else "no"
+        for option in ("amp", "device", "clip_mode", "distillation", "lr_step", "resume"):
+            check_choice(option, getattr(self, option))
 
     def resolved(self, num_train_images: int, family: str) -> "TrainConfig":
         """A copy with every ``None`` recipe option filled in."""
@@ -82,7 +109,7 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose auto, {', '.join(RECIPES)}")
         recipe = dict(RECIPES[name])
         if name == "cvt":
-            recipe["weight_decay"] = _CVT_WD.get(self.model, recipe["weight_decay"])
+            recipe.update(_CVT_VARIANTS.get(self.model, {}))
         changes = {k: v for k, v in recipe.items() if getattr(self, k, None) is None}
         out = dataclasses.replace(self, recipe=name, **changes)
         if out.auto_augment == "none":

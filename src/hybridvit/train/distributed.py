@@ -70,3 +70,18 @@ def average_buffers(model: torch.nn.Module, info: DistInfo) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf)
             buf.div_(info.world_size)
+
+
+@torch.no_grad()
+def gather_buffers(model: torch.nn.Module, info: DistInfo) -> list[dict[str, torch.Tensor]]:
+    """Every process's floating-point buffers (BatchNorm statistics differ by rank mid-epoch), rank-ordered."""
+    if not info.enabled:
+        return [{name: buf.detach().cpu().clone() for name, buf in model.named_buffers() if buf.is_floating_point()}]
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(info.world_size)]
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point():
+            parts = [torch.empty_like(buf) for _ in range(info.world_size)]
+            dist.all_gather(parts, buf.contiguous())
+            for rank, part in enumerate(parts):
+                ranks[rank][name] = part.cpu()
+    return ranks

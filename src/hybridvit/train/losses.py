@@ -1,10 +1,33 @@
-"""The LeViT/DeiT distillation loss: ½ base loss on the class head + ½ teacher loss on the distillation head."""
+"""Training targets and losses: soft targets for every batch, and the LeViT/DeiT distillation
+loss (½ base loss on the class head + ½ teacher loss on the distillation head)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from torch import nn
+
+
+class SoftTargets:
+    """Turns ``(images, labels)`` into ``(images, soft targets)`` for every batch.
+
+    Mixup/CutMix (timm's, with label smoothing folded in) where the batch allows it; timm
+    mixes a batch with its reverse and needs an even length, so an odd batch (an odd
+    ``--batch-size``, or one with an unreadable image) gets the smoothed one-hot targets
+    instead. Either way the loss is the same soft-target cross-entropy.
+    """
+
+    def __init__(self, num_classes: int, smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> None:
+        self.num_classes, self.smoothing = num_classes, smoothing
+        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
+                           num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is not None and len(y) % 2 == 0:
+            return self.mixup(x, y)
+        return x, mixup_target(y, self.num_classes, smoothing=self.smoothing)
 
 
 class DistillationLoss(nn.Module):

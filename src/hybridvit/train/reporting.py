@@ -24,8 +24,10 @@ class EpochStats:
         self.steps = 0
         self.images = 0
         self.lr = 0.0
-        self.skipped = 0
+        self.skipped = 0  # unreadable images
+        self.skipped_steps = 0  # steps every process skipped: some process had fewer than 2 readable images
         self.bad_files: list[str] = []
+        self.interrupted_at: int | None = None  # the step at which a stop was requested
         self.start = time.perf_counter()
 
     @property
@@ -35,6 +37,10 @@ class EpochStats:
     @property
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def note_unreadable(self, indices: list[int], dataset: Any) -> None:
+        self.skipped += len(indices)
+        self.bad_files += [dataset.describe(i) for i in indices[: max(0, 5 - len(self.bad_files))]]
 
     def update(self, loss: float, images: int, lr: float) -> None:
         self.loss_sum += loss
@@ -52,12 +58,25 @@ class EpochStats:
 
 
 class Reporter:
+    """Used as a context manager, so the TensorBoard writer is closed however the run ends."""
+
     def __init__(self, output: Path, is_main: bool, progress: bool) -> None:
         self.output = output
         self.is_main = is_main
         self.progress = progress and is_main
         self.metrics_file = output / "metrics.jsonl"
         self.writer = None
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def start(self, config: dict[str, Any], n_train: int, n_val: int, n_classes: int, lr: float, world: int,
               start_epoch: int) -> None:
@@ -69,7 +88,8 @@ class Reporter:
             self.metrics_file.write_text("".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.output / "tensorboard"))
+        # A resumed run drops the scalars the checkpoint does not cover (a killed run may have logged more).
+        self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start_epoch or None)
         console.print(f"[bold]{config['model']}[/bold] on {config['data'] or 'digits'}: {n_train} train / {n_val} val "
                       f"images, {n_classes} classes; recipe {config['recipe']}, {config['epochs']} epochs, batch "
                       f"{config['batch_size']} x {world} process(es), lr {lr:.2e}; output {self.output}")
@@ -81,24 +101,32 @@ class Reporter:
                        mininterval=1.0)
         return EpochStats(bar)
 
-    def end_epoch(self, epoch: int, stats: EpochStats, metrics: dict[str, Any], best: float) -> None:
+    def end_epoch(self, epoch: int, stats: EpochStats, metrics: dict[str, Any], best: float,
+                  ema_metrics: dict[str, Any] | None = None) -> None:
         if not self.is_main:
             return
         record = {"epoch": epoch, "train_loss": stats.loss, "lr": stats.lr, "images_per_second": stats.images_per_second,
                   "epoch_seconds": stats.seconds, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
                   "val_loss": metrics["loss"], "best_top1": best, "skipped_train": stats.skipped,
-                  "skipped_val": metrics["skipped"]}
+                  "skipped_val": metrics["skipped"], "skipped_steps": stats.skipped_steps}
+        if ema_metrics is not None:
+            record |= {f"ema_val_{k}": ema_metrics[k] for k in ("top1", "top5", "loss")}
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key in ("train_loss", "lr", "images_per_second", "val_top1", "val_top5", "val_loss"):
-            self.writer.add_scalar(key, record[key], epoch)
+        for key in ("train_loss", "lr", "images_per_second", "val_top1", "val_top5", "val_loss", "ema_val_top1"):
+            if key in record:
+                self.writer.add_scalar(key, record[key], epoch)
         self.writer.flush()
+        ema = f", EMA top-1 {ema_metrics['top1']:.2f}%" if ema_metrics is not None else ""
         console.print(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
-                      f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best {best:.2f}%), "
+                      f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best {best:.2f}%){ema}, "
                       f"{stats.images_per_second:.0f} img/s, {stats.seconds:.1f}s")
         if stats.skipped or metrics["skipped"]:
             console.print(f"[yellow]skipped unreadable images[/yellow]: {stats.skipped} in training, "
                           f"{metrics['skipped']} in validation; e.g. {', '.join(stats.bad_files[:5])}")
+        if stats.skipped_steps:
+            console.print(f"[yellow]skipped {stats.skipped_steps} step(s)[/yellow]: a process had fewer than 2 readable "
+                          f"images in its batch")
 
     def interrupted(self, path: Path, epoch: int, step: int) -> None:
         if self.is_main:
@@ -106,8 +134,7 @@ class Reporter:
                           f"to {path}; continue with the same command and --resume")
 
     def finish(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.close()
         plot_curves(self.metrics_file, self.output / "training_curve.png")
         console.print(f"done: final weights in {self.output / 'model'}, best in {self.output / 'best'}, "
                       f"curves in {self.output / 'training_curve.png'}")

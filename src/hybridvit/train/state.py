@@ -1,7 +1,9 @@
-"""Resumable training state: atomic checkpoint files and random-number-generator state.
+"""Resumable training state: atomic checkpoint files and reproducible random numbers.
 
 Checkpoints hold only tensors and plain containers, so resuming reads them with
-``torch.load(weights_only=True)`` like any other file.
+``torch.load(weights_only=True)`` like any other file. No generator state is saved: every
+training step reseeds the generators from (seed, epoch, step, rank), so a run resumed at
+any step, on any rank, draws the same numbers as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -52,25 +54,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def capture_rng() -> dict[str, Any]:
-    """All generator states as tensors and plain values (weights-only loadable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Seed every generator for one training step (Mixup/CutMix draws, drop-path masks)."""
+    seed_all(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))

@@ -1,0 +1,157 @@
+"""Everything a run needs, built from its config: data pipeline, model, optimisation, targets and loss.
+
+``build_run`` is what ``train`` executes; tests build the same objects to check that each
+part of a recipe acts (the sampler repeats, the transforms change pixels, the schedule
+follows the official one) rather than merely being configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm.optim
+import timm.scheduler
+import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..api import create_model
+from ..checkpoints import load_checkpoint
+from ..data import DataError, Datasets, build_datasets, eval_transform, train_transform
+from ..data.datasets import is_digits
+from ..data.sampling import EpochSampler, SeededSamples, ShardSampler
+from ..registry import ModelInfo, get_model_info
+from .config import TrainConfig
+from .distributed import DistInfo
+from .losses import DistillationLoss, SoftTargets
+from .runtime import amp_dtype, make_loader
+from .teacher import build_teacher
+
+
+@dataclass
+class DataPipeline:
+    datasets: Datasets
+    size: tuple[int, int]
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+@dataclass
+class TrainingRun:
+    cfg: TrainConfig  # resolved: no recipe option left at None
+    info: ModelInfo
+    output: Path
+    device: torch.device
+    data: DataPipeline
+    model: nn.Module
+    train_model: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: timm.scheduler.scheduler.Scheduler
+    num_epochs: int  # the schedule's epochs plus cool-down
+    lr: float  # peak learning rate, scaled by the global batch
+    targets: SoftTargets
+    criterion: DistillationLoss
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEmaV3 | None
+    extra: dict[str, Any]  # stored with saved models: class names and preprocessing
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train_loader)
+
+    def set_lr(self, epoch: int, step: int) -> None:
+        """The learning rate of (epoch, step): constant within an epoch (official) or per update."""
+        if self.cfg.lr_step == "epoch":
+            self.scheduler.step(epoch)
+        else:
+            self.scheduler.step_update(epoch * self.steps_per_epoch + step)
+
+
+def run_output(cfg: TrainConfig) -> Path:
+    data_name = "digits" if is_digits(cfg.data) else Path(cfg.data).name
+    return Path(cfg.output or f"runs/{cfg.model}-{data_name}")
+
+
+def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.device,
+               datasets: Datasets | None = None) -> tuple[TrainConfig, DataPipeline]:
+    """Resolve the recipe from the dataset's size, then the transforms, samplers and loaders."""
+    datasets = datasets or build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
+    cfg = cfg.resolved(len(datasets.train), info.family)
+    size = (cfg.input_size, cfg.input_size) if cfg.input_size else info.input_size[1:]
+    datasets.prepare(
+        size,
+        train_transform(info, size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
+                        hflip=cfg.hflip, scale=cfg.scale),
+        eval_transform(info, size, crop_pct=1.0 if is_digits(cfg.data) else None))
+    if len(datasets.train) < cfg.batch_size * dist.world_size:
+        raise DataError(f"{len(datasets.train)} training images are fewer than one global batch "
+                        f"({cfg.batch_size} x {dist.world_size}); lower --batch-size")
+    if cfg.repeated_aug:  # each image 3 times per epoch, its repeats on different ranks (DeiT's RASampler)
+        base = RepeatAugSampler(datasets.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True)
+    else:
+        base = DistributedSampler(datasets.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                  seed=cfg.seed, drop_last=True)
+    sampler = EpochSampler(base, dist.rank, dist.world_size)
+    train_loader = make_loader(SeededSamples(datasets.train, cfg.seed), cfg.batch_size, sampler, cfg.workers, device, True)
+    if len(train_loader) == 0:
+        raise DataError(f"{len(base)} training images per process per epoch make no full batch of {cfg.batch_size}; "
+                        f"lower --batch-size")
+    val_loader = make_loader(datasets.val, cfg.batch_size, ShardSampler(len(datasets.val), dist.rank, dist.world_size),
+                             cfg.workers, device, False)
+    return cfg, DataPipeline(datasets, size, sampler, train_loader, val_loader)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "img_size": size}
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    model = create_model(cfg.model, **kwargs)
+    if cfg.finetune:
+        load_checkpoint(model, cfg.finetune, exclude_head=True)
+    return model
+
+
+def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> TrainingRun:
+    """Data, model, optimiser, schedule, targets, loss and EMA exactly as ``cfg`` (and its recipe) say."""
+    info = get_model_info(cfg.model)
+    cfg, data = build_data(cfg, info, dist, device)
+    classes, size = data.datasets.classes, data.size
+    teacher = build_teacher(cfg, classes, size)
+    distillation = cfg.distillation if teacher is not None else "none"
+    model = build_model(cfg, len(classes), size)
+    if distillation != "none" and not getattr(model, "distillation", False):
+        raise ValueError(f"--teacher needs a student with a distillation head; {cfg.model} has none "
+                         f"(LeViT has one by default; CvT has none): drop --teacher or pass --distillation none")
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    lr = cfg.lr * cfg.batch_size * dist.world_size / 512
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+    scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
+        optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=cfg.lr_step == "epoch",
+        updates_per_epoch=len(data.train_loader))
+    if teacher is not None:
+        teacher.to(device)
+    dtype = amp_dtype(cfg.amp, device)
+    crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
+    return TrainingRun(
+        cfg=cfg, info=info, output=run_output(cfg), device=device, data=data, model=model,
+        train_model=DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.enabled else model,
+        optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
+        targets=SoftTargets(len(classes), cfg.smoothing, cfg.mixup, cfg.cutmix),
+        criterion=DistillationLoss(SoftTargetCrossEntropy(), teacher, distillation, tau=cfg.distillation_tau),
+        amp_dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+        ema=ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None,
+        extra={"classes": classes, "input_size": list(size), "crop_pct": crop_pct, "mean": list(info.mean),
+               "std": list(info.std)},
+    )
