@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .distributed import DistInfo
 from .losses import DistillationLoss, SoftTargets
 from .runtime import amp_dtype, make_loader
+from .state import seed_all
 from .teacher import build_teacher
 
 
@@ -55,6 +56,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: timm.scheduler.scheduler.Scheduler
     num_epochs: int  # the schedule's epochs plus cool-down
+    steps_per_epoch: int  # full epoch (the loader is shorter while it skips to a resumed step)
     lr: float  # peak learning rate, scaled by the global batch
     targets: SoftTargets
     criterion: DistillationLoss
@@ -62,10 +64,6 @@ class TrainingRun:
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     extra: dict[str, Any]  # stored with saved models: class names and preprocessing
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.data.train_loader)
 
     def set_lr(self, epoch: int, step: int) -> None:
         """The learning rate of (epoch, step): constant within an epoch (official) or per update."""
@@ -126,6 +124,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
     classes, size = data.datasets.classes, data.size
     teacher = build_teacher(cfg, classes, size)
     distillation = cfg.distillation if teacher is not None else "none"
+    seed_all(cfg.seed)  # the same initial weights on every process and in every run with this seed
     model = build_model(cfg, len(classes), size)
     if distillation != "none" and not getattr(model, "distillation", False):
         raise ValueError(f"--teacher needs a student with a distillation head; {cfg.model} has none "
@@ -147,7 +146,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
         cfg=cfg, info=info, output=run_output(cfg), device=device, data=data, model=model,
         train_model=DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if dist.enabled else model,
-        optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
+        optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, steps_per_epoch=len(data.train_loader), lr=lr,
         targets=SoftTargets(len(classes), cfg.smoothing, cfg.mixup, cfg.cutmix),
         criterion=DistillationLoss(SoftTargetCrossEntropy(), teacher, distillation, tau=cfg.distillation_tau),
         amp_dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
