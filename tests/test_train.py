@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -292,3 +293,153 @@ def test_finetune_to_new_classes(reference_run, tmp_path):
     assert model.num_classes == 2
     with pytest.raises(DataError, match=r"trained on classes \[.cat., .dog.\]"):
         evaluate(tmp_path / "ft" / "model", workers=0)
+
+
+@pytest.mark.slow
+def test_odd_batch_size_with_mixup_trains(recipe_folder, tmp_path):
+    """--recipe levit --batch-size 33: every batch is odd, so Mixup cannot run; smoothed targets instead."""
+    out = tmp_path / "odd"
+    done = subprocess.run(cli("train", "--data", str(recipe_folder), "--recipe", "levit", "--batch-size", "33", "--epochs",
+                              "1", "--input-size", "32", "--workers", "0", "--output", str(out)),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics(out)[0]["train_loss"] > 0
+
+
+def test_tensorboard_writer_is_closed_when_a_run_diverges(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    closed = []
+    original = SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: (closed.append(self), original(self))[1])
+    monkeypatch.setattr(DistillationLoss, "forward", lambda self, *args: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(TrainingError, match="loss is inf"):
+        train(TrainConfig(epochs=1, output=str(tmp_path / "run"), **FAST), progress=False)
+    assert len(closed) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--amp", "fp8"], "--amp must be one of auto, bf16, fp16, none; got 'fp8'"),
+    (["--device", "gpu"], "--device must be one of auto, cpu, cuda; got 'gpu'"),
+    (["--clip-mode", "unitwise"], "--clip-mode must be one of norm, value, agc"),
+    (["--resume", "later"], "--resume must be one of no, yes, auto"),
+])
+def test_bad_option_values_are_one_line_errors(args, message):
+    done = subprocess.run(cli("train", *args), capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    done = subprocess.run(cli("eval", "--checkpoint", str(tmp_path / "notes.txt")), capture_output=True, text=True)
+    assert done.returncode == 2 and "notes.txt is not a PyTorch checkpoint" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr and "Unpickl" not in done.stdout
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_on_cpu(amp, recipe_folder, tmp_path, monkeypatch):
+    """The autocast, gradient-scaling and memory-format code that GPUs use, exercised on the CPU."""
+    seen = []
+    original = DistillationLoss.forward
+
+    def record(self, inputs, outputs, targets):
+        seen.append((inputs.is_contiguous(memory_format=torch.channels_last), outputs[0].dtype))
+        return original(self, inputs, outputs, targets)
+
+    monkeypatch.setattr(DistillationLoss, "forward", record)
+    out = tmp_path / amp
+    result = train(TrainConfig(data=str(recipe_folder), epochs=1, amp=amp, channels_last=True, device="cpu",
+                               output=str(out), **FAST), progress=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert len(seen) == 6 and all(layout and out_dtype == dtype for layout, out_dtype in seen)
+    assert result["images"] == 31 and math.isfinite(result["loss"])
+    scaler = torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (scaler is not None and scaler["scale"] > 0) if amp == "fp16" else scaler is None
+
+
+# --- distillation teachers --------------------------------------------------------------------
+
+DIGITS = [str(d) for d in range(10)]
+
+
+def test_a_named_teacher_needs_weights(tmp_path):
+    for name in ("resnet18", "levit_128s"):
+        with pytest.raises(ValueError, match=f"--teacher {name} has no weights"):
+            train(TrainConfig(epochs=1, teacher=name, output=str(tmp_path / name), **FAST), progress=False)
+        assert not (tmp_path / name / "checkpoint.pt").exists()
+
+
+def test_teacher_sources_load_their_trained_weights(reference_run, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from hybridvit.train.teacher import build_teacher
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    trained = hybridvit.load_model(reference_run / "model")
+    save_file(trained.state_dict(), tmp_path / "levit.safetensors")
+    resnet = timm.create_model("resnet18", num_classes=10).eval()
+    torch.save({"state_dict": resnet.state_dict()}, tmp_path / "resnet18.pth")
+    sources = [
+        (dict(teacher=str(reference_run / "model")), trained),
+        (dict(teacher=str(reference_run)), trained),  # a run folder
+        (dict(teacher="levit_128s", teacher_checkpoint=str(tmp_path / "levit.safetensors")), trained),
+        (dict(teacher="resnet18", teacher_checkpoint=str(tmp_path / "resnet18.pth")), resnet),
+    ]
+    with torch.no_grad():
+        for options, reference in sources:
+            teacher = build_teacher(TrainConfig(**options), DIGITS, (32, 32))
+            assert not teacher.training
+            torch.testing.assert_close(teacher(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_must_fit_the_data(reference_run, tmp_path):
+    import timm
+
+    from hybridvit.train.teacher import build_teacher
+
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match=r"teacher resnet18 \(for 2 classes\): size mismatch for fc.weight"):
+        build_teacher(TrainConfig(teacher="resnet18", teacher_checkpoint=str(tmp_path / "r18.pth")), ["a", "b"], (32, 32))
+    with pytest.raises(ValueError, match="was trained on classes"):
+        build_teacher(TrainConfig(teacher=str(reference_run / "model")), ["a", "b"], (32, 32))
+    with pytest.raises(ValueError, match=r"cannot take the training images \(48x48\)"):
+        build_teacher(TrainConfig(teacher=str(reference_run / "model")), DIGITS, (48, 48))  # LeViT built for 32x32
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(ValueError, match=r"teacher vit_tiny_patch16_224 cannot take the training images \(32x32\)"):
+        build_teacher(TrainConfig(teacher="vit_tiny_patch16_224", teacher_checkpoint=str(tmp_path / "vit.pth")), DIGITS, (32, 32))
+
+
+def test_hard_and_soft_distillation_differ_in_loss_and_gradient(reference_run):
+    from hybridvit.train.builder import build_run
+    from hybridvit.train.distributed import DistInfo
+
+    def loss_and_grads(distillation: str, teacher: str | None):
+        run = build_run(TrainConfig(epochs=1, teacher=teacher, distillation=distillation, distillation_tau=2.0, **FAST),
+                        torch.device("cpu"), DistInfo())
+        x, y, _ = next(iter(run.data.train_loader))
+        x, targets = run.targets(x, y)
+        loss = run.criterion(x, run.model.train()(x), targets)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in run.model.parameters() if p.grad is not None])
+
+    teacher = str(reference_run / "model")
+    (hard, g_hard), (soft, g_soft), (none, g_none) = (loss_and_grads(d, t) for d, t in
+                                                      (("hard", teacher), ("soft", teacher), ("none", None)))
+    assert len({hard, soft, none}) == 3
+    assert not torch.allclose(g_hard, g_soft) and not torch.allclose(g_hard, g_none)
+
+
+@pytest.mark.slow
+def test_teacher_never_changes_during_training(reference_run, tmp_path, monkeypatch):
+    from hybridvit.train import builder
+
+    built = []
+    original = builder.build_teacher
+    monkeypatch.setattr(builder, "build_teacher", lambda *a: built.append(original(*a)) or built[-1])
+    train(TrainConfig(epochs=1, teacher=str(reference_run / "model"), output=str(tmp_path / "t"), **FAST), progress=False)
+    (teacher,) = built
+    before = hybridvit.load_model(reference_run / "model").state_dict()
+    assert all(torch.equal(teacher.state_dict()[k], before[k]) for k in before)  # BatchNorm statistics too
+    assert not teacher.training

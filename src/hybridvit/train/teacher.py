@@ -47,7 +47,9 @@ def _named_teacher(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) ->
         state = read_checkpoint(cfg.teacher_checkpoint).state_dict  # read safely (weights only)
         result = teacher.load_state_dict(state, strict=False)
     except RuntimeError as e:  # timm/torch: unknown name, or tensors of the wrong shape
-        raise ValueError(f"teacher {name}: {str(e).strip().splitlines()[0]}") from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise ValueError(f"teacher {name} (for {num_classes} classes): {detail}") from e
     except CheckpointError as e:
         raise ValueError(f"teacher {name}: {e}") from e
     if result.missing_keys or result.unexpected_keys:
