@@ -304,3 +304,70 @@ def test_layer_sequence_order():
     seq = layer_sequence((2, 3, 4))
     assert len(seq) == 2 * (2 + 3 + 4) + 4
     assert seq[4] == (0, "stages.1.downsample.attn", "shrink") and seq[5] == (0, "stages.1.downsample.mlp", "mlp")
+
+
+def _bias_tables(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.endswith("attention_bias.table")}
+
+
+def test_non_square_bias_tables_load_at_other_sizes(tmp_path):
+    from hybridvit.layers import resize_bias_table
+
+    # 112x144 gives a 7x9 first grid; 144x112 a 9x7 one: the same number of entries, another layout.
+    source = randomize_(hybridvit.create_model("levit_128s", num_classes=3, img_size=(112, 144)))
+    hybridvit.save_model(source, tmp_path / "m")
+    grids = {n: m.key_grid for n, m in source.named_modules() if hasattr(m, "key_grid")}
+    for size in [(144, 112), (224, 224), (64, 96)]:
+        target = hybridvit.create_model("levit_128s", num_classes=3, img_size=size, checkpoint_path=tmp_path / "m")
+        target_grids = {n: m.key_grid for n, m in target.named_modules() if hasattr(m, "key_grid")}
+        for key, table in _bias_tables(target).items():
+            name = key.removesuffix(".table")
+            expected = resize_bias_table(source.state_dict()[key], grids[name], target_grids[name])
+            torch.testing.assert_close(table, expected)
+        assert not torch.equal(_bias_tables(target)["stages.0.blocks.0.attn.attention_bias.table"],
+                               source.state_dict()["stages.0.blocks.0.attn.attention_bias.table"])
+    # A bare state dict does not say its grid: a non-square one is refused with the way out.
+    save_file(source.state_dict(), tmp_path / "bare.safetensors")
+    with pytest.raises(CheckpointError, match="non-square grid that a bare state dict does not name"):
+        hybridvit.create_model("levit_128s", num_classes=3, img_size=224, checkpoint_path=tmp_path / "bare.safetensors")
+
+
+def test_hugging_face_cvt_folder_keeps_its_input_size(tmp_path):
+    from hybridvit.checkpoints.cvt import config_from_hf
+    from hybridvit.checkpoints.io import Checkpoint
+
+    ref = transformers.CvtForImageClassification(transformers.CvtConfig(num_labels=5)).eval()
+    ref.save_pretrained(tmp_path / "cvt-13-384")
+    assert hybridvit.load_model(tmp_path / "cvt-13-384").input_hw == (224, 224)  # no preprocessor: the variant's
+    (tmp_path / "cvt-13-384" / "preprocessor_config.json").write_text(
+        '{"crop_pct": 0.875, "size": {"shortest_edge": 384}, "resample": 3}')
+    model = hybridvit.load_model(tmp_path / "cvt-13-384")
+    assert model.input_hw == (384, 384) and model.model_name == "cvt_13"
+    # W24 (277M parameters: read its config only) is a 384 model even without a preprocessor config.
+    w24 = transformers.CvtConfig(embed_dim=[192, 768, 1024], num_heads=[3, 12, 16], depth=[2, 2, 20]).to_dict()
+    assert config_from_hf(Checkpoint({}, tmp_path, w24)).img_size == 384
+
+
+def test_save_model_never_leaves_a_torn_folder(tmp_path, monkeypatch):
+    first = randomize_(hybridvit.create_model("levit_128s", num_classes=3), seed=1)
+    second = randomize_(hybridvit.create_model("levit_128s", num_classes=3), seed=2)
+    hybridvit.save_model(first, tmp_path / "m")
+    (tmp_path / "m" / "export.onnx").write_bytes(b"kept")
+    real_write = type(tmp_path).write_text
+
+    def crash_on_config(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise KeyboardInterrupt  # interrupted after the new weights were written
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "write_text", crash_on_config)
+    with pytest.raises(KeyboardInterrupt):
+        hybridvit.save_model(second, tmp_path / "m")
+    monkeypatch.undo()
+    loaded = hybridvit.load_model(tmp_path / "m")
+    assert all(torch.equal(loaded.state_dict()[k], first.state_dict()[k]) for k in first.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left behind
+    hybridvit.save_model(second, tmp_path / "m")
+    loaded = hybridvit.load_model(tmp_path / "m")
+    assert all(torch.equal(loaded.state_dict()[k], second.state_dict()[k]) for k in second.state_dict())
+    assert (tmp_path / "m" / "export.onnx").read_bytes() == b"kept"

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 import hybridvit
 from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
-from hybridvit.data import build_datasets, eval_transform
+from hybridvit.data import build_datasets, eval_transform, example_image, load_image
 from hybridvit.export import check_onnx, export
 from hybridvit.predict import Predictor, imagenet_class_names
+from hybridvit.registry import get_model_info
 
 runner = CliRunner()
 
@@ -116,11 +117,25 @@ def test_predict_any_image_mode_and_size(tmp_path, digits_run):
 
 
 def test_predict_uses_imagenet_names_for_1000_classes(tmp_path):
-    hybridvit.save_model(hybridvit.create_model("levit_128s"), tmp_path / "m")
-    Image.new("RGB", (256, 256)).save(tmp_path / "x.png")
+    model = randomize_(hybridvit.create_model("levit_128s")).eval()
+    hybridvit.save_model(model, tmp_path / "m")
+    example_image(256).save(tmp_path / "x.png")
     (result,) = Predictor(tmp_path / "m").predict([tmp_path / "x.png"])
     names = imagenet_class_names()
-    assert len(names) == 1000 and names[0].startswith("tench") and result.top[0][0] in names
+    assert len(names) == 1000 and names[0].startswith("tench") and names[999].startswith("toilet tissue")
+    with torch.no_grad():  # the same image through the eager model, preprocessed by hand
+        x = eval_transform(get_model_info("levit_128s"))(load_image(tmp_path / "x.png"))[None]
+        probs = model(x).softmax(-1)[0]
+    top = probs.topk(5)
+    assert [name for name, _ in result.top] == [names[i] for i in top.indices.tolist()]
+    assert [p for _, p in result.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_latency_summary_is_median_and_nearest_rank_p90():
+    from hybridvit.bench.throughput import latency_summary
+
+    assert latency_summary([7.0, 1.0, 10.0, 3.0, 2.0, 9.0, 4.0, 8.0, 6.0, 5.0]) == (5.5, 9.0)
+    assert latency_summary([float(t) for t in range(1, 31)]) == (15.5, 27.0)
 
 
 def test_benchmark_json_compare_and_plot(tmp_path):
@@ -130,7 +145,7 @@ def test_benchmark_json_compare_and_plot(tmp_path):
     report = json.loads(result.output)
     sources = {r["source"] for r in report["results"]}
     assert {"hybridvit", "timm", "transformers"} <= sources
-    assert all(r["images_per_second"] > 0 and r["latency_ms_p90"] >= r["latency_ms_median"] > 0 for r in report["results"])
+    assert all(r["images_per_second"] > 0 and len(r["round_images_per_second"]) == 2 for r in report["results"])
     assert {"ours", "reference", "ratio"} == set(report["ratios"][0]) and report["machine"]["threads"] == 1
     assert report["machine"]["allocator"] == "C library defaults"
     assert (tmp_path / "fig.png").stat().st_size > 10_000
@@ -161,3 +176,39 @@ def test_tuned_allocator_stops_page_faults_on_reused_activations():
 
     assert run("default") > 10 * 15_000
     assert run("tuned") < 16_384  # less than one activation's pages over ten passes
+
+
+def _bomb_png(path) -> None:
+    """A PNG whose header claims 100000 x 100000 pixels (Pillow refuses to decode it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, digits_run):
+    _bomb_png(tmp_path / "bomb.png")
+    predicted = subprocess.run([sys.executable, "-m", "hybridvit", "predict", str(digits_run), str(tmp_path / "bomb.png")],
+                               capture_output=True, text=True)
+    forward = subprocess.run([sys.executable, "-m", "hybridvit", "forward", "levit_128s", str(tmp_path / "bomb.png")],
+                             capture_output=True, text=True)
+    for done, code in ((predicted, 1), (forward, 2)):
+        output = done.stdout + done.stderr
+        assert done.returncode == code and "cannot read image" in output and "bomb.png" in output
+        assert "Traceback" not in output and "decompression bomb" in output
+
+
+def test_export_writes_next_to_the_checkpoint_by_default(tmp_path, digits_run):
+    import shutil
+
+    shutil.copytree(digits_run / "model", tmp_path / "model")
+    result = runner.invoke(app, ["export", str(tmp_path / "model"), "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "levit_128s.pt").stat().st_size > 1e6
+    shutil.copy(digits_run / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    result = runner.invoke(app, ["export", str(tmp_path / "checkpoint.pt"), "--format", "torchscript"])
+    assert result.exit_code == 0 and (tmp_path / "levit_128s.pt").exists()

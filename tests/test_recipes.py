@@ -266,3 +266,27 @@ def test_cvt_recipe_trains_a_cvt(recipe_folder, tmp_path, monkeypatch):
     config = json.loads((out / "train_config.json").read_text())
     assert (config["recipe"], config["weight_decay"], config["repeated_aug"]) == ("cvt", 0.05, False)
     assert evaluate(out / "model", data=recipe_folder, workers=0)["top1"] == pytest.approx(result["top1"])
+
+
+def test_strongest_randaugment_never_fails_and_transform_errors_are_not_skipped(recipe_folder):
+    """Magnitude 10 asks timm's posterize for 0 bits (Pillow 13 refuses: pinned below). A failing
+    transform must stop the run, not pass for an unreadable file."""
+    from hybridvit.data import load_image, train_transform
+    from hybridvit.data.datasets import build_datasets
+
+    info = get_model_info("levit_128s")
+    strongest = train_transform(info, (32, 32), auto_augment="rand-m10-n3-mstd0.5-inc1", color_jitter=0.0,
+                                re_prob=0.0, hflip=0.5, scale=(0.08, 1.0))
+    image = load_image(recipe_folder / "train" / "a" / "0.jpg")
+    for seed in range(300):
+        torch.manual_seed(seed)
+        __import__("random").seed(seed)
+        assert strongest(image).shape == (3, 32, 32)
+
+    def broken(image):
+        raise ValueError("a bug in a transform")
+
+    datasets = build_datasets(recipe_folder)
+    datasets.prepare((32, 32), broken, broken)
+    with pytest.raises(ValueError, match="a bug in a transform"):
+        datasets.train[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import math
 import statistics
 import time
 import warnings
@@ -165,12 +166,17 @@ def _measure(candidates: list[Candidate], dev: torch.device, batch: int, warmup_
             fn(one)
             _sync(dev)
             times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
         r = results[c.name]
-        rows.append(BenchResult(c.name, c.source, c.model, b, r["images"] / r["seconds"], r["rounds"], statistics.median(times),
-                                times[min(len(times) - 1, int(0.9 * len(times)))], peak, c.paper_top1))
+        rows.append(BenchResult(c.name, c.source, c.model, b, r["images"] / r["seconds"], r["rounds"],
+                                *latency_summary(times), peak, c.paper_top1))
     return rows
+
+
+def latency_summary(times_ms: list[float]) -> tuple[float, float]:
+    """Median and 90th percentile (nearest rank: the smallest time at least 90% of runs do not exceed)."""
+    ordered = sorted(times_ms)
+    return statistics.median(ordered), ordered[math.ceil(0.9 * len(ordered)) - 1]
 
 
 def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candidate]:

@@ -68,9 +68,10 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
         try:
-            return self.transform(load_image(path)), target
-        except (ValueError, OSError):
+            image = load_image(path)
+        except ValueError:  # unreadable file; a failing transform is a bug and is raised, not skipped
             return None, index
+        return self.transform(image), target
 
 
 class DigitsDataset(Dataset):
