@@ -9,9 +9,9 @@ a noisy shared machine hits both sides of a comparison alike.
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
-import math
 import statistics
 import time
 import warnings

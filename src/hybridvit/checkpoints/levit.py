@@ -9,7 +9,6 @@ stage before (``encoder.stages.{s}.layers.{j}``). hybridvit groups them as
 
 from __future__ import annotations
 
-from typing import Any
 
 from torch import nn
 

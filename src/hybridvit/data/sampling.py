@@ -18,6 +18,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
+def derived_seed(*parts: int) -> int:
+    """One well-mixed seed from several integers (no collisions between nearby tuples)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     py, np_state = random.getstate(), np.random.get_state()
@@ -44,7 +49,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> Any:
         epoch, draw, index = key
-        with _seeded(int(np.random.SeedSequence([self.seed, epoch, draw, index]).generate_state(1)[0])):
+        with _seeded(derived_seed(self.seed, epoch, draw, index)):
             return self.dataset[index]
 
 

@@ -39,6 +39,7 @@ from .teacher import build_teacher
 class DataPipeline:
     datasets: Datasets
     size: tuple[int, int]
+    crop_pct: float  # of the evaluation transform (the digits are not cropped)
     sampler: EpochSampler
     train_loader: DataLoader
     val_loader: DataLoader
@@ -47,7 +48,6 @@ class DataPipeline:
 @dataclass
 class TrainingRun:
     cfg: TrainConfig  # resolved: no recipe option left at None
-    info: ModelInfo
     output: Path
     device: torch.device
     data: DataPipeline
@@ -78,17 +78,17 @@ def run_output(cfg: TrainConfig) -> Path:
     return Path(cfg.output or f"runs/{cfg.model}-{data_name}")
 
 
-def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.device,
-               datasets: Datasets | None = None) -> tuple[TrainConfig, DataPipeline]:
+def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.device) -> tuple[TrainConfig, DataPipeline]:
     """Resolve the recipe from the dataset's size, then the transforms, samplers and loaders."""
-    datasets = datasets or build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
+    datasets = build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
     cfg = cfg.resolved(len(datasets.train), info.family)
     size = (cfg.input_size, cfg.input_size) if cfg.input_size else info.input_size[1:]
+    crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
     datasets.prepare(
         size,
         train_transform(info, size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
                         hflip=cfg.hflip, scale=cfg.scale),
-        eval_transform(info, size, crop_pct=1.0 if is_digits(cfg.data) else None))
+        eval_transform(info, size, crop_pct=crop_pct))
     if len(datasets.train) < cfg.batch_size * dist.world_size:
         raise DataError(f"{len(datasets.train)} training images are fewer than one global batch "
                         f"({cfg.batch_size} x {dist.world_size}); lower --batch-size")
@@ -104,7 +104,7 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
                         f"lower --batch-size")
     val_loader = make_loader(datasets.val, cfg.batch_size, ShardSampler(len(datasets.val), dist.rank, dist.world_size),
                              cfg.workers, device, False)
-    return cfg, DataPipeline(datasets, size, sampler, train_loader, val_loader)
+    return cfg, DataPipeline(datasets, size, crop_pct, sampler, train_loader, val_loader)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) -> nn.Module:
@@ -141,9 +141,8 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
     if teacher is not None:
         teacher.to(device)
     dtype = amp_dtype(cfg.amp, device)
-    crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
     return TrainingRun(
-        cfg=cfg, info=info, output=run_output(cfg), device=device, data=data, model=model,
+        cfg=cfg, output=run_output(cfg), device=device, data=data, model=model,
         train_model=DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if dist.enabled else model,
         optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, steps_per_epoch=len(data.train_loader), lr=lr,
@@ -151,6 +150,6 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
         criterion=DistillationLoss(SoftTargetCrossEntropy(), teacher, distillation, tau=cfg.distillation_tau),
         amp_dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
         ema=ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None,
-        extra={"classes": classes, "input_size": list(size), "crop_pct": crop_pct, "mean": list(info.mean),
+        extra={"classes": classes, "input_size": list(size), "crop_pct": data.crop_pct, "mean": list(info.mean),
                "std": list(info.std)},
     )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointError
+from ..data.sampling import derived_seed
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -56,4 +57,4 @@ def seed_all(seed: int) -> None:
 
 def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
     """Seed every generator for one training step (Mixup/CutMix draws, drop-path masks)."""
-    seed_all(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))
+    seed_all(derived_seed(seed, epoch, step, rank))
