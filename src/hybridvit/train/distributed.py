@@ -34,7 +34,13 @@ def init_distributed(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        # torchrun's elastic agent keeps one store across restarts, and the process group's keys
+        # would then hold the dead attempt's addresses (gloo: "connectFullMesh ... Connection
+        # refused", costing a restart): each attempt gets keys of its own.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                rank=rank, world_size=world)
     return info
 
 
