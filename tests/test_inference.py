@@ -23,7 +23,7 @@ from hybridvit.registry import get_model_info
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime", "openvino"])
 @pytest.mark.parametrize("name", ["levit_128s", "cvt_13"])
 def test_optimize_fp32_matches_eager(name, backend):
     model = randomize_(hybridvit.create_model(name)).eval()
@@ -43,7 +43,7 @@ def test_optimize_picks_onnxruntime_for_cpu_fp32_only():
     model = hybridvit.create_model("levit_128s", img_size=64).eval()
     assert hybridvit.optimize(model).backend == "onnxruntime"  # installed with the test extra
     assert hybridvit.optimize(model, "bf16").backend == "torchscript"
-    with pytest.raises(ValueError, match="onnxruntime backend runs fp32"):
+    with pytest.raises(ValueError, match="onnxruntime backend does not run int8"):
         hybridvit.optimize(model, "int8", backend="onnxruntime")
     with pytest.raises(ValueError, match="backend"):
         hybridvit.optimize(model, backend="tensorrt")

@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Hybrid convolution/transformer image classifiers.")
 console = Console()
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
-    console = Console(width=140)
+    console = Console(width=200)
 
 
 def _fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -268,36 +268,53 @@ def benchmark_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     threads: int = typer.Option(1, help="CPU threads (the paper: 1)"),
     batch: int = typer.Option(16, help="CPU batch size (the paper: 16); on GPU the largest power of two that fits"),
-    precision: list[str] = typer.Option(["fp32"], help="fp32, bf16, int8 (repeatable)"),
+    precision: Optional[list[str]] = typer.Option(
+        None, help="CPU: fp32 (default), bf16, int8 (dynamic), int8-static, auto; GPU: fp16 (default, the paper's "
+                   "AMP), fp32, bf16 (repeatable)"),
     compare: bool = typer.Option(False, help="also measure the installed reference implementations"),
     paper_rows: bool = typer.Option(False, help="also measure the paper's other Table 3 rows (timm, traced)"),
-    official: Optional[Path] = typer.Option(None, help="a clone of facebookresearch/LeViT to measure its fused, traced models"),
-    warmup: float = typer.Option(10.0, help="warm-up seconds per model"),
-    seconds: float = typer.Option(60.0, "--time", help="timed seconds per model"),
-    rounds: int = typer.Option(20, help="timed rounds, interleaved across models"),
+    official: Optional[Path] = typer.Option(None, help="a clone of facebookresearch/LeViT to measure its fused models"),
+    warmup: float = typer.Option(3.0, help="warm-up seconds per model"),
+    seconds: float = typer.Option(10.0, "--time", help="timed seconds per model"),
+    rounds: int = typer.Option(5, help="timed rounds, interleaved across models"),
     tuned_allocator: bool = typer.Option(False, help="keep freed memory in glibc's heap for every model (no page faults)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, help="write the speed-accuracy figure (PNG)"),
 ) -> None:
-    """Throughput (images/s) and batch-1 latency, the LeViT paper's way, side by side."""
+    """Throughput (images/s), batch-1 latency and share of the machine's matrix-multiply bound, side by side."""
     import json
+    import warnings
 
-    from .bench import benchmark, plot_speed_accuracy
-    from .bench.references import paper_candidates, reference_candidates
-    from .bench.throughput import hybridvit_candidates, paired_ratio
+    from .bench import Plan, benchmark, plot_speed_accuracy
+    from .bench.candidates import (CPU_PRECISIONS, GPU_PRECISIONS, hybridvit_candidates, paper_candidates,
+                                   reference_candidates)
+    from .bench.throughput import paired_ratio
 
+    on_gpu = torch.device(device).type == "cuda"
+    allowed = GPU_PRECISIONS if on_gpu else CPU_PRECISIONS
+    precisions = precision or [allowed[1] if on_gpu else "fp32"]
+    for p in precisions:
+        if p not in allowed:
+            raise ValueError(f"--precision on {device} must be one of {', '.join(allowed)}, got {p!r}")
     names = models or list_models("levit_*")
-    candidates = []
     for name in names:
         get_model_info(name)
-        candidates += [c for p in precision for c in hybridvit_candidates(name, p, device)]
+    if not on_gpu:
+        precisions = _drop_slow_bf16(precisions, threads, json_output)
+    # references run as shipped: once on CPU (fp32), at each precision's autocast on GPU
+    reference_precisions = precisions if on_gpu else ["fp32"]
+    candidates = []
+    for name in names:
+        candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device)]
         if compare:
-            candidates += reference_candidates(name, device, official)
+            candidates += [c for p in reference_precisions for c in reference_candidates(name, device, official, p)]
     if paper_rows:
-        candidates += paper_candidates(device)
-    rows, machine = benchmark(candidates, device, threads, batch, warmup, seconds, rounds,
-                              progress=None if json_output else lambda m: console.print(f"[dim]{m}[/dim]"),
-                              tuned_allocator=tuned_allocator)
+        candidates += [c for p in reference_precisions for c in paper_candidates(device, p)]
+    plan = Plan(batch, warmup, seconds, rounds)
+    with warnings.catch_warnings(), _progress_bar(json_output) as progress:
+        for category in (DeprecationWarning, FutureWarning, UserWarning):  # other libraries' notices
+            warnings.simplefilter("ignore", category)
+        rows, machine = benchmark(candidates, device, threads, plan, progress, tuned_allocator)
     ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
               for ref in rows if ref.source != "hybridvit" and ref.model == ours.model]
@@ -305,17 +322,63 @@ def benchmark_cmd(
         print(json.dumps({"machine": machine, "results": [dataclasses.asdict(r) for r in rows],
                           "ratios": [{"ours": a, "reference": b, "ratio": r} for a, b, r in ratios]}))
     else:
-        table = Table(caption=", ".join(f"{k} {v}" for k, v in machine.items()))
-        for col in ("model", "source", "batch", "images/s", "latency p50 (ms)", "p90 (ms)", "peak GPU MB", "top-1 (paper)"):
-            table.add_column(col, justify="left" if col in ("model", "source") else "right", no_wrap=True)
-        for r in rows:
-            table.add_row(r.name, r.source, str(r.batch), f"{r.images_per_second:,.1f}", f"{r.latency_ms_median:.2f}",
-                          f"{r.latency_ms_p90:.2f}", _fmt(r.peak_memory_mb), _fmt(r.paper_top1, ".1f"))
-        console.print(table)
-        for a, b, r in ratios:
-            console.print(f"{a} / {b}: {r:.2f}x")
+        _print_benchmark(rows, machine, ratios)
     if plot:
         plot_speed_accuracy(rows, plot, f"{device}, {threads} thread(s)" if device == "cpu" else device)
+
+
+def _drop_slow_bf16(precisions: list[str], threads: int, quiet: bool) -> list[str]:
+    """bf16 rows on a CPU whose bf16 products run at under a quarter of fp32's (a fallback
+    path, minutes per row) are left out, with the reason."""
+    from .machine import matmul_rates
+
+    if "bf16" not in precisions:
+        return precisions
+    torch.set_num_threads(threads)
+    rates = matmul_rates()
+    if rates["bf16"] >= rates["fp32"] / 4:
+        return precisions
+    if not quiet:
+        console.print(f"[yellow]bf16 left out: this CPU multiplies bf16 matrices at {rates['bf16']:.1f} GFLOP/s "
+                      f"against {rates['fp32']:.1f} in fp32[/yellow]", highlight=False)
+    return [p for p in precisions if p != "bf16"]
+
+
+def _progress_bar(quiet: bool):
+    """A live bar (on stderr, so --json output stays clean) that the benchmark advances."""
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("benchmark", total=None)
+            yield lambda description, done, total: progress.update(task, description=description, completed=done,
+                                                                    total=total)
+    return bar()
+
+
+def _print_benchmark(rows: list, machine: dict, ratios: list[tuple[str, str, float]]) -> None:
+    rates = machine.pop("matmul_gflops", {})
+    table = Table(caption=", ".join(f"{k} {v}" for k, v in machine.items()))
+    for col in ("model", "source", "batch", "images/s", "of bound", "latency p50 (ms)", "p90 (ms)", "peak GPU MB",
+                "top-1 (paper)"):
+        table.add_column(col, justify="left" if col in ("model", "source") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r.name, r.source, str(r.batch), f"{r.images_per_second:,.1f}", _fmt(r.bound_share, ".0%"),
+                      f"{r.latency_ms_median:.2f}", f"{r.latency_ms_p90:.2f}", _fmt(r.peak_memory_mb),
+                      _fmt(r.paper_top1, ".1f"))
+    console.print(table)
+    if rates:
+        console.print("matrix-multiply bound (GFLOP/s, this run): "
+                      + ", ".join(f"{k} {_fmt(v, '.1f')}" for k, v in rates.items()), highlight=False)
+    for a, b, r in ratios:
+        console.print(f"{a} / {b}: {r:.2f}x", highlight=False)
 
 
 def _bare_resume_means_yes(argv: list[str]) -> list[str]:

@@ -31,13 +31,20 @@ def onnx_bytes(fused: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     return f.getvalue()
 
 
-def onnxruntime_session(model: str | Path | bytes, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session (``threads``: intra-op threads, default ONNX Runtime's)."""
+def onnxruntime_session(model: str | Path | bytes, threads: int | None = None, spinning: bool = True) -> Any:
+    """An ONNX Runtime CPU session (``threads``: intra-op threads, default ONNX Runtime's).
+
+    ``spinning=False`` lets its worker threads sleep after a run: by default they spin,
+    which saves a wake-up per run but slows whatever else runs in the process next.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                 providers=["CPUExecutionProvider"])
 

@@ -1,22 +1,23 @@
-"""``optimize``: the fastest inference callable we measured for a model on its device.
+"""``optimize``: the fastest inference callable for a model on the machine at hand.
 
-Measured on CPU (single thread, batch 16; see docs/benchmarks.md): fp32 runs fastest as an
-ONNX export in ONNX Runtime when that is installed. The TorchScript path (bf16, int8, GPU,
-or fp32 without ONNX Runtime) applies BatchNorm fusion, the
+Which path is fastest depends on the CPU and its thread count (docs/benchmarks.md): ONNX
+Runtime and OpenVINO run the fused model's ONNX export within a few percent of each other in
+fp32 and beat the frozen TorchScript graph by 10-25%; bf16 is 1.7x fp32 on a CPU with
+AVX512-BF16 and a hundred times slower on one without it. ``precision="auto"`` therefore
+measures the candidates on this machine; an explicit ``bf16`` warns when this CPU multiplies
+bf16 matrices slower than fp32 ones. The TorchScript path applies BatchNorm fusion, the
 precomputed attention bias and the fastest attention path per shape (``layers.attention``),
-then TorchScript tracing with freezing, plus ``optimize_for_inference`` (oneDNN weight
-prepacking, convolution/activation fusion) in fp32 for families whose ``cpu_graph_rewrite``
-says it helped (LeViT: +14%; CvT, and LeViT in bf16: slower). ``torch.compile`` (inductor)
-was slower here and takes ~30 s to compile, so it is not used. Tokens stay token-major
-``(B, N, C)``: on CPU the linear maps are then plain matrix products, which beat the
-1x1-convolution ``(B, C, H, W)`` form.
+then freezing, plus ``optimize_for_inference`` in fp32 for families whose
+``cpu_graph_rewrite`` says it helped (LeViT: +14%; CvT, and LeViT in bf16: slower).
+``torch.compile`` (inductor) was slower and takes ~30 s to compile, so it is not used.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
+import statistics
+import time
 import warnings
 from typing import Callable
 
@@ -24,13 +25,22 @@ import torch
 from torch import nn
 
 from .fusion import fuse
+from .machine import matmul_rates
+from .runners import (OnnxRuntimeRunner, OpenVinoRunner, onnxruntime_available, openvino_available,
+                      torchscript_runner)
 
-PRECISIONS = ("fp32", "bf16", "int8")
-BACKENDS = ("auto", "torchscript", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torchscript")
+# Largest relative difference from the eager fp32 model that counts as the same outputs.
+AGREEMENT = {"fp32": 1e-4, "bf16": 5e-2, "int8": 5e-2}
 
 
 class InferenceModel(nn.Module):
-    """A captured, fused model: checks inputs like the original and returns float32 logits."""
+    """A captured, fused model: checks inputs like the original and returns float32 logits.
+
+    ``measured`` holds images/s per ``precision/backend`` candidate when ``precision="auto"``
+    chose this one.
+    """
 
     def __init__(self, runner: Callable[[torch.Tensor], torch.Tensor], source: nn.Module, dtype: torch.dtype,
                  precision: str, backend: str) -> None:
@@ -41,6 +51,7 @@ class InferenceModel(nn.Module):
         self.backend = backend
         self.model_name = getattr(source, "model_name", None)
         self._check_input = getattr(source, "check_input", None)
+        self.measured: dict[str, float] = {}
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,66 +60,121 @@ class InferenceModel(nn.Module):
         return self.runner(x.to(self.dtype)).float()
 
 
-class _OnnxRuntimeRunner:
-    """Runs an ONNX export of the fused model in ONNX Runtime's CPU provider."""
-
-    def __init__(self, fused: nn.Module, example: torch.Tensor) -> None:
-        from .export import onnx_bytes, onnxruntime_session
-
-        self.session = onnxruntime_session(onnx_bytes(fused, example), torch.get_num_threads())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
-
-
-def onnxruntime_available() -> bool:
-    """Both halves of the ONNX Runtime backend are installed: the exporter's ``onnx`` and the runtime."""
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-
-
 def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Tensor | None = None,
              backend: str = "auto") -> InferenceModel:
     """Return the fastest inference version of ``model`` (left untouched) on its current device.
 
-    ``fp32`` stays within 1e-5 of the eager model. ``bf16`` runs in bfloat16 (CPUs with
-    AVX512-BF16/AMX, or the GPU). ``int8`` applies dynamic int8 quantization to the linear
-    maps (CPU only). ``example_input`` fixes the captured input size (default: the model's
-    own size, batch 1); any batch size works afterwards. ``backend``: ``torchscript`` (a
-    frozen trace), ``onnxruntime`` (CPU fp32: an in-memory ONNX export run by ONNX Runtime,
-    whose threads follow ``torch.get_num_threads()``), or ``auto``: ONNX Runtime for fp32 on
-    the CPU when it and ``onnx`` are installed (13-16% faster than TorchScript there), TorchScript
-    otherwise.
+    ``fp32`` stays within 1e-4 of the eager model. ``bf16`` runs in bfloat16 (fast on CPUs with
+    AVX512-BF16/AMX, and on the GPU; a warning says when this CPU's bf16 products are slower
+    than fp32). ``int8`` applies dynamic int8 quantization to the linear maps (CPU; for
+    calibrated static int8 see ``hybridvit.quantize``). ``auto`` builds every precision and
+    backend that can run here, times them on ``example_input`` for a few seconds, and keeps
+    the fastest whose outputs agree with fp32 (bf16 is skipped where this CPU's bf16 matrix
+    products are slower than fp32). ``example_input`` fixes the captured input size (default:
+    the model's own, batch 1); any batch size works afterwards. ``backend``: ``onnxruntime``
+    or ``openvino`` (CPU: an in-memory ONNX export, PyTorch's thread count), ``torchscript``
+    (a frozen trace), or ``auto``: ONNX Runtime for fp32 on the CPU when installed,
+    TorchScript otherwise (with ``precision="auto"``: measured).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = next(model.parameters()).device
-    if backend == "auto":
-        cpu_fp32 = device.type == "cpu" and precision == "fp32"
-        backend = "onnxruntime" if cpu_fp32 and onnxruntime_available() else "torchscript"
-    if backend == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
-        raise ValueError("the onnxruntime backend runs fp32 on the CPU")
     if example_input is None:
         example_input = torch.zeros(1, model.in_chans, *model.input_hw, device=device)  # type: ignore[attr-defined]
     getattr(model, "check_input", lambda x: None)(example_input)
     fused = fuse(model).requires_grad_(False)
+    if precision == "auto":
+        return _fastest(model, fused, example_input, backend)
+    if backend == "auto":
+        backend = "onnxruntime" if device.type == "cpu" and precision == "fp32" and onnxruntime_available() \
+            else "torchscript"
+    if not supports(backend, precision, device):
+        raise ValueError(f"the {backend} backend does not run {precision} on {device.type}")
+    if precision == "bf16" and device.type == "cpu":
+        _warn_if_slow_bf16()
+    return _build(model, fused, example_input, precision, backend)
+
+
+def supports(backend: str, precision: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run ``precision`` on ``device``."""
+    if backend == "torchscript":
+        return precision != "int8" or device.type == "cpu"
+    if device.type != "cpu":
+        return False
     if backend == "onnxruntime":
-        return InferenceModel(_OnnxRuntimeRunner(fused, example_input), model, torch.float32, precision, backend)
-    dtype = torch.float32
-    if precision == "bf16":
-        dtype = torch.bfloat16
-        fused = fused.to(dtype)
-    elif precision == "int8":
-        if device.type != "cpu":
-            raise ValueError("int8 (dynamic quantization) runs on the CPU; move the model to the CPU first")
-        fused = torch.ao.quantization.quantize_dynamic(fused, {nn.Linear}, dtype=torch.qint8)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input checks run outside the graph
-        graph = torch.jit.freeze(torch.jit.trace(fused, example_input.to(dtype)))
-        if device.type == "cpu" and precision == "fp32" and getattr(model, "cpu_graph_rewrite", False):
-            graph = torch.jit.optimize_for_inference(graph)
-    return InferenceModel(graph, model, dtype, precision, backend)
+        return precision == "fp32"
+    return precision in ("fp32", "bf16")  # openvino
+
+
+def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision: str, backend: str) -> InferenceModel:
+    if backend == "onnxruntime":
+        return InferenceModel(OnnxRuntimeRunner(fused, example), model, torch.float32, precision, backend)
+    if backend == "openvino":
+        return InferenceModel(OpenVinoRunner(fused, example, precision), model, torch.float32, precision, backend)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    graph_model = fused.to(dtype) if precision == "bf16" else fused
+    if precision == "int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's notice: not the user's to act on
+            graph_model = torch.ao.quantization.quantize_dynamic(fused, {nn.Linear}, dtype=torch.qint8)
+    rewrite = example.device.type == "cpu" and precision == "fp32" and getattr(model, "cpu_graph_rewrite", False)
+    return InferenceModel(torchscript_runner(graph_model, example.to(dtype), rewrite), model, dtype, precision,
+                          backend)
+
+
+def _warn_if_slow_bf16() -> None:
+    rates = matmul_rates()
+    if rates["bf16"] < rates["fp32"]:
+        warnings.warn(f"this CPU multiplies bf16 matrices at {rates['bf16']:.1f} GFLOP/s against {rates['fp32']:.1f} "
+                      f"in fp32: bf16 will be slower than fp32 here (precision='auto' picks by measurement)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _candidates(device: torch.device, backend: str) -> list[tuple[str, str]]:
+    """(precision, backend) pairs worth timing here; int8 changes outputs too much to be picked blindly."""
+    precisions = ["fp32"]
+    if device.type != "cpu" or matmul_rates()["bf16"] >= matmul_rates()["fp32"]:
+        precisions.append("bf16")
+    available = {"onnxruntime": onnxruntime_available(), "openvino": openvino_available(), "torchscript": True}
+    backends = [b for b in BACKENDS[1:] if available[b]] if backend == "auto" else [backend]
+    return [(p, b) for p in precisions for b in backends if supports(b, p, device)]
+
+
+def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, backend: str, rounds: int = 3,
+             round_s: float = 0.3) -> InferenceModel:
+    """Build each candidate, drop those whose outputs disagree with the eager fp32 model, time
+    the rest in interleaved rounds on ``example`` and keep the fastest."""
+    x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
+    with torch.inference_mode():
+        reference = fused(x).float()
+    built, rejected = [], []
+    for precision, b in _candidates(example.device, backend):
+        candidate = _build(model, fused, example, precision, b)
+        error = ((candidate(x) - reference).abs().max() / reference.abs().max()).item()
+        (built if error <= AGREEMENT[precision] else rejected).append(candidate)
+    if not built:
+        raise RuntimeError("no inference path reproduced the model's fp32 outputs")
+    speeds: dict[int, list[float]] = {id(c): [] for c in built}
+    for _ in range(rounds):
+        for c in built:
+            speeds[id(c)].append(_images_per_second(c, x, round_s))
+    measured = {f"{c.precision}/{c.backend}": statistics.median(speeds[id(c)]) for c in built}
+    best = max(built, key=lambda c: measured[f"{c.precision}/{c.backend}"])
+    best.measured = measured | {f"{c.precision}/{c.backend}": float("nan") for c in rejected}
+    return best
+
+
+def _images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seconds: float) -> float:
+    fn(x)
+    start, images = time.perf_counter(), 0
+    while images == 0 or time.perf_counter() - start < seconds:
+        fn(x)
+        images += x.shape[0]
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return images / (time.perf_counter() - start)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -1,29 +1,32 @@
 """Images/s and latency, measured the paper's way (LeViT §5.1) and interleaved across candidates.
 
-CPU: ``threads`` threads (1 in the paper), batch 16. GPU: the largest power-of-two batch
-that fits, mixed precision. Each candidate gets a warm-up, then its timed window is split
-into short rounds run round-robin with the other candidates; throughput = images / total
-timed seconds (the paper's figure), and ratios are medians of per-round paired ratios, so that
-a noisy shared machine hits both sides of a comparison alike.
+CPU: ``threads`` threads (1 in the paper), batch 16. Every candidate gets a warm-up, then its
+timed window is split into rounds run round-robin with the other candidates; throughput =
+images / total timed seconds (the paper's figure), and ratios are medians of per-round paired
+ratios, so that a noisy shared machine hits both sides of a comparison alike. Each row is also
+given as a share of what the machine's own matrix-multiply rate (measured in the same run, at
+the same thread count and precision) allows its MACs. GPU: the largest power-of-two batch that
+fits, each candidate measured alone (built, probed, timed, released), so that neither its
+batch nor its peak memory depends on the others; ``fp16`` is the paper's protocol (AMP).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import resource
 import statistics
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..api import create_model
-from ..optimize import onnxruntime_available, optimize, tune_cpu_allocator
-from ..registry import get_model_info
+from ..machine import bound_share, matmul_rates
+from ..optimize import tune_cpu_allocator
+
+Progress = Callable[[str, int, int], None]  # description, steps done, steps in all
 
 
 @dataclass
@@ -36,7 +39,8 @@ class Candidate:
     source: str  # "hybridvit" or the reference it stands for
     model: str  # the architecture measured (rows of one architecture are compared)
     paper_top1: float | None = None
-    dtype: torch.dtype = torch.float32
+    precision: str = "fp32"
+    macs: int | None = None  # per image; gives the row's share of the matrix-multiply bound
 
 
 @dataclass
@@ -44,6 +48,7 @@ class BenchResult:
     name: str
     source: str
     model: str
+    precision: str
     batch: int
     images_per_second: float
     round_images_per_second: list[float]
@@ -51,6 +56,38 @@ class BenchResult:
     latency_ms_p90: float
     peak_memory_mb: float | None
     paper_top1: float | None
+    macs: int | None = None
+    bound_share: float | None = None
+
+
+class DeviceOps:
+    """What the measurement asks of a device. Tests stand in for a GPU with a subclass."""
+
+    out_of_memory: type[BaseException] = torch.OutOfMemoryError
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_gpu = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.is_gpu:
+            torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        """Return cached blocks after a candidate (or a probe that ran out of memory) is done."""
+        gc.collect()
+        if self.is_gpu:
+            torch.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        if self.is_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mb(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.is_gpu else None
+
+    def make_input(self, batch: int, hw: tuple[int, int]) -> torch.Tensor:
+        return torch.randn(batch, 3, *hw, device=self.device)
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
@@ -64,30 +101,14 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         pass
     info = {"cpu": cpu, "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "date": time.strftime("%Y-%m-%d")}
+    for module in ("onnxruntime", "openvino"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _largest_batch(fn: Callable, make_input: Callable[[int], torch.Tensor], device: torch.device, cap: int = 4096) -> int:
-    """Largest power-of-two batch that runs without running out of GPU memory."""
-    batch, best = 1, 1
-    while batch <= cap:
-        try:
-            fn(make_input(batch))
-            _sync(device)
-            best = batch
-            batch *= 2
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
-    return best
 
 
 def paired_ratio(ours: BenchResult, reference: BenchResult) -> float:
@@ -96,80 +117,130 @@ def paired_ratio(ours: BenchResult, reference: BenchResult) -> float:
     return statistics.median(a / b for a, b in zip(ours.round_images_per_second, reference.round_images_per_second))
 
 
-def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1, batch: int = 16,
-              warmup_s: float = 10.0, time_s: float = 60.0, rounds: int = 20, latency_runs: int = 30,
-              progress: Callable[[str], None] | None = None,
-              tuned_allocator: bool = False) -> tuple[list[BenchResult], dict[str, Any]]:
-    """Measure every candidate; returns the rows and the machine description.
+@dataclass
+class Plan:
+    """How long to measure: warm-up and timed seconds per candidate, rounds, batch-1 runs."""
+
+    batch: int = 16
+    warmup_s: float = 3.0
+    time_s: float = 10.0
+    rounds: int = 5
+    latency_runs: int = 30
+
+
+def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1, plan: Plan | None = None,
+              progress: Progress | None = None, tuned_allocator: bool = False,
+              ops: DeviceOps | None = None) -> tuple[list[BenchResult], dict[str, Any]]:
+    """Measure every candidate; returns the rows and the machine description (with its
+    matrix-multiply rates on CPU).
 
     ``tuned_allocator`` applies ``tune_cpu_allocator`` first, so that no candidate pays page
     faults; otherwise they run on the C library's defaults, whose state depends on what ran
     earlier in the process (docs/benchmarks.md).
     """
-    dev = torch.device(device)
+    plan = plan or Plan()
+    ops = ops or DeviceOps(torch.device(device))
     allocator = "C library defaults"
-    if dev.type == "cpu":
+    rates: dict[str, float | None] = {}
+    if not ops.is_gpu:
         torch.set_num_threads(threads)
         if tuned_allocator:
             allocator = "glibc tuned (no mmap, no trim)" if tune_cpu_allocator() else "tuning unsupported: defaults"
-    rows = _measure(candidates, dev, batch, warmup_s, time_s, rounds, latency_runs, progress)
-    info = machine_info(dev, threads)
+        rates = matmul_rates()
+    steps = _Steps(progress, len(candidates) * (plan.rounds + 2))
+    if ops.is_gpu:  # one at a time: nothing else resident while its batch is probed and timed
+        rows = []
+        for c in candidates:
+            rows += _time([_prepare(c, ops, plan, steps)], ops, plan, steps)
+            ops.release()
+    else:
+        rows = _time([_prepare(c, ops, plan, steps) for c in candidates], ops, plan, steps)
+    for row in rows:
+        row.bound_share = bound_share(row.images_per_second, row.macs, rates.get(row.precision.split("-")[0]))
+    info = machine_info(ops.device, threads)
     info["allocator"] = allocator
+    info["matmul_gflops"] = rates
     info["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return rows, info
 
 
-def _measure(candidates: list[Candidate], dev: torch.device, batch: int, warmup_s: float, time_s: float, rounds: int,
-             latency_runs: int, progress: Callable[[str], None] | None) -> list[BenchResult]:
-    """Build and warm up every candidate, then time them in interleaved rounds."""
-    built, results = [], {}
-    for c in candidates:
-        if progress:
-            progress(f"preparing {c.name} ({c.source})")
-        fn = c.build()
+class _Steps:
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
 
-        def make_input(b: int, c: Candidate = c) -> torch.Tensor:
-            return torch.randn(b, 3, *c.input_hw, device=dev).to(c.dtype)
+    def __call__(self, description: str) -> None:
+        if self.progress:
+            self.progress(description, self.done, self.total)
+        self.done += 1
 
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        b = _largest_batch(fn, make_input, dev) if dev.type == "cuda" else batch
-        x = make_input(b)
-        start = time.perf_counter()
-        while time.perf_counter() - start < warmup_s or time.perf_counter() == start:
-            fn(x)
-            _sync(dev)
-        built.append((c, fn, x, b))
-        results[c.name] = {"seconds": 0.0, "images": 0, "rounds": []}
-    per_round = time_s / rounds
-    for r in range(rounds):
-        for c, fn, x, b in built:
-            if progress:
-                progress(f"round {r + 1}/{rounds}: {c.name}")
+
+@dataclass
+class _Prepared:
+    candidate: Candidate
+    fn: Callable[[torch.Tensor], Any]
+    x: torch.Tensor
+
+
+def _prepare(c: Candidate, ops: DeviceOps, plan: Plan, steps: _Steps) -> _Prepared:
+    """Build ``c``, pick its batch (the largest that fits on GPU) and warm it up."""
+    steps(f"preparing {c.name}")
+    fn = c.build()
+    batch = _largest_batch(fn, c.input_hw, ops) if ops.is_gpu else plan.batch
+    x = ops.make_input(batch, c.input_hw)
+    start = time.perf_counter()
+    while True:
+        fn(x)
+        ops.sync()
+        if time.perf_counter() - start >= plan.warmup_s:
+            break
+    ops.reset_peak()
+    return _Prepared(c, fn, x)
+
+
+def _largest_batch(fn: Callable, hw: tuple[int, int], ops: DeviceOps, cap: int = 4096) -> int:
+    """Largest power-of-two batch that runs without running out of GPU memory."""
+    batch, best = 1, 1
+    while batch <= cap:
+        try:
+            fn(ops.make_input(batch, hw))
+            ops.sync()
+            best = batch
+            batch *= 2
+        except ops.out_of_memory:
+            break
+        finally:
+            ops.release()
+    return best
+
+
+def _time(prepared: list[_Prepared], ops: DeviceOps, plan: Plan, steps: _Steps) -> list[BenchResult]:
+    """Timed rounds, round-robin over ``prepared``, then batch-1 latency."""
+    per_round = plan.time_s / plan.rounds
+    rounds: dict[int, list[tuple[int, float]]] = {id(p): [] for p in prepared}
+    for r in range(plan.rounds):
+        for p in prepared:
+            steps(f"round {r + 1}/{plan.rounds}: {p.candidate.name}")
             start, images = time.perf_counter(), 0
-            while True:
-                fn(x)
-                _sync(dev)
-                images += b
-                if time.perf_counter() - start >= per_round:
-                    break
-            seconds = time.perf_counter() - start
-            results[c.name]["seconds"] += seconds
-            results[c.name]["images"] += images
-            results[c.name]["rounds"].append(images / seconds)
+            while images == 0 or time.perf_counter() - start < per_round:
+                p.fn(p.x)
+                ops.sync()
+                images += p.x.shape[0]
+            rounds[id(p)].append((images, time.perf_counter() - start))
     rows = []
-    for c, fn, x, b in built:
-        one = x[:1]
+    for p in prepared:
+        c = p.candidate
+        steps(f"latency: {c.name}")
+        peak = ops.peak_mb()
         times = []
-        for _ in range(latency_runs):
+        for _ in range(plan.latency_runs):
             start = time.perf_counter()
-            fn(one)
-            _sync(dev)
+            p.fn(p.x[:1])
+            ops.sync()
             times.append((time.perf_counter() - start) * 1e3)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-        r = results[c.name]
-        rows.append(BenchResult(c.name, c.source, c.model, b, r["images"] / r["seconds"], r["rounds"],
-                                *latency_summary(times), peak, c.paper_top1))
+        images, seconds = (sum(v) for v in zip(*rounds[id(p)]))
+        rows.append(BenchResult(c.name, c.source, c.model, c.precision, p.x.shape[0], images / seconds,
+                                [i / s for i, s in rounds[id(p)]], *latency_summary(times), peak, c.paper_top1,
+                                c.macs))
     return rows
 
 
@@ -177,64 +248,3 @@ def latency_summary(times_ms: list[float]) -> tuple[float, float]:
     """Median and 90th percentile (nearest rank: the smallest time at least 90% of runs do not exceed)."""
     ordered = sorted(times_ms)
     return statistics.median(ordered), ordered[math.ceil(0.9 * len(ordered)) - 1]
-
-
-def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candidate]:
-    """Our model through ``optimize``; in fp32 on the CPU with ONNX Runtime installed, both
-    backends (``auto`` picks ONNX Runtime; the TorchScript row shows the pure-PyTorch path)."""
-    info = get_model_info(name)
-    hw = info.input_size[1:]
-    on_gpu = torch.device(device).type == "cuda"
-
-    def build(backend: str):
-        def make():
-            model = create_model(name).to(device).eval()
-            if on_gpu:  # the paper's GPU protocol: AMP (fp16) on the fused model
-                from ..fusion import fuse
-
-                fused = fuse(model)
-
-                def run(x):
-                    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                        return fused(x)
-                return run
-            return optimize(model, precision, torch.zeros(1, 3, *hw, device=device), backend=backend)
-        return make
-
-    if not on_gpu and precision == "fp32" and onnxruntime_available():
-        backends = {f"{name} (onnxruntime)": "onnxruntime", f"{name} (torchscript)": "torchscript"}
-    else:
-        backends = {name if precision == "fp32" else f"{name} ({precision})": "auto"}
-    return [Candidate(label, build(b), hw, "hybridvit", name, info.paper_top1) for label, b in backends.items()]
-
-
-def _amp(device: str):
-    """The paper's GPU protocol runs references under fp16 autocast; CPU runs fp32."""
-    return torch.autocast("cuda", dtype=torch.float16) if torch.device(device).type == "cuda" else nullcontext()
-
-
-def eager(model_fn: Callable[[], torch.nn.Module], device: str, output: Callable[[Any], Any] = lambda o: o):
-    """A reference model run as its authors ship it (eager, eval mode, no gradients)."""
-    def build():
-        model = model_fn().to(device).eval()
-
-        def run(x):
-            with torch.inference_mode(), _amp(device):
-                return output(model(x))
-        return run
-    return build
-
-
-def traced(model_fn: Callable[[], torch.nn.Module], hw: tuple[int, int], device: str):
-    """A reference model jit-traced, as the paper's speed test does for every row."""
-    def build():
-        model = model_fn().to(device).eval()
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.jit.trace(model, torch.zeros(1, 3, *hw, device=device))
-
-        def run(x):
-            with torch.inference_mode(), _amp(device):
-                return graph(x)
-        return run
-    return build

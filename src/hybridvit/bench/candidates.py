@@ -1,0 +1,194 @@
+"""The rows a benchmark measures: ours through ``optimize`` (each backend), the same
+architectures as other libraries ship them (eager, traced, or exported to OpenVINO, the CPU
+runtime a user would reach for), and the other rows of the LeViT paper's Table 3."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..api import create_model
+from ..flops import count_macs
+from ..optimize import optimize
+from ..registry import get_model_info, list_models
+from ..runners import OpenVinoRunner, installed, onnxruntime_available, openvino_available
+from .throughput import Candidate
+
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8-static")
+GPU_PRECISIONS = ("fp32", "fp16", "bf16")  # fp16: the paper's GPU protocol (AMP)
+
+# timm name: (input resolution, top-1 printed in the LeViT paper's Table 3)
+PAPER_ROWS = {
+    "efficientnet_b0": (224, 77.1), "efficientnet_b1": (240, 79.1), "efficientnet_b2": (260, 80.1),
+    "efficientnet_b3": (300, 81.6), "efficientnet_b4": (380, 82.9),
+    "deit_tiny_distilled_patch16_224": (224, 76.6), "deit_small_distilled_patch16_224": (224, 82.6),
+    "resnet50": (224, None),
+}
+_OFFICIAL_NAMES = {"levit_128s": "LeViT_128S", "levit_128": "LeViT_128", "levit_192": "LeViT_192",
+                   "levit_256": "LeViT_256", "levit_384": "LeViT_384"}
+
+Build = Callable[[], Callable[[torch.Tensor], Any]]
+
+
+def macs(name: str) -> int | None:
+    """MACs per image of a registered architecture at its own size (None for others)."""
+    if name not in list_models():
+        return None
+    with torch.device("meta"):
+        return count_macs(create_model(name))
+
+
+def _amp(device: str, precision: str):
+    """Autocast for a GPU row's precision; CPU references run as shipped, in fp32."""
+    if torch.device(device).type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def eager(model_fn: Callable[[], nn.Module], device: str, precision: str = "fp32",
+          output: Callable[[Any], Any] = lambda o: o) -> Build:
+    """A model run as its authors ship it (eager, eval mode, no gradients)."""
+    def build():
+        model = model_fn().to(device).eval()
+
+        def run(x):
+            with torch.inference_mode(), _amp(device, precision):
+                return output(model(x))
+        return run
+    return build
+
+
+def traced(model_fn: Callable[[], nn.Module], hw: tuple[int, int], device: str, precision: str = "fp32") -> Build:
+    """A model jit-traced, as the paper's speed test does for every row."""
+    def build():
+        model = model_fn().to(device).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(model, torch.zeros(1, 3, *hw, device=device))
+
+        def run(x):
+            with torch.inference_mode(), _amp(device, precision):
+                return graph(x)
+        return run
+    return build
+
+
+class _Logits(nn.Module):
+    """A model whose output carries ``.logits`` (transformers), as a plain tensor for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def in_openvino(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build:
+    """A model's plain ONNX export run by OpenVINO with the settings ``optimize`` uses."""
+    def build():
+        return OpenVinoRunner(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw))
+    return build
+
+
+def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candidate]:
+    """Our model through ``optimize``: on CPU in fp32 one row per installed backend, in
+    ``auto`` the path it measured fastest; on GPU the fused model under the precision's autocast."""
+    info = get_model_info(name)
+    hw = info.input_size[1:]
+    count = macs(name)
+
+    def row(label: str, make: Callable[[], Any], row_precision: str = precision) -> Candidate:
+        return Candidate(label, make, hw, "hybridvit", name, info.paper_top1, row_precision, count)
+
+    if torch.device(device).type == "cuda":
+        from ..fusion import fuse
+
+        return [row(name if precision == "fp16" else f"{name} ({precision})",
+                    eager(lambda: fuse(create_model(name)), device, precision))]
+
+    def ours(p: str, backend: str = "auto"):
+        example = torch.zeros(16 if p == "auto" else 1, 3, *hw)
+        if p == "int8-static":
+            from ..quantize import quantize_static
+
+            return lambda: quantize_static(create_model(name).eval(), [torch.randn(8, 3, *hw) for _ in range(4)])
+        return lambda: optimize(create_model(name).eval(), p, example, backend=backend)
+
+    if precision == "fp32":
+        available = {"onnxruntime": onnxruntime_available(), "openvino": openvino_available(), "torchscript": True}
+        return [row(f"{name} ({b})", ours("fp32", b)) for b, ok in available.items() if ok]
+    return [row(f"{name} ({precision})", ours(precision),
+                "fp32" if precision == "auto" else precision)]
+
+
+def _hf_model(name: str) -> nn.Module:
+    import transformers
+
+    cfg = get_model_info(name).config
+    if name.startswith("levit"):
+        config = transformers.LevitConfig(hidden_sizes=list(cfg.embed_dim), num_attention_heads=list(cfg.num_heads),
+                                          depths=list(cfg.depth), key_dim=[cfg.key_dim] * 3, drop_path_rate=0,
+                                          num_labels=1000)
+        return transformers.LevitForImageClassificationWithTeacher(config)
+    config = transformers.CvtConfig(embed_dim=list(cfg.embed_dim), num_heads=list(cfg.num_heads), depth=list(cfg.depth),
+                                    num_labels=1000)
+    return transformers.CvtForImageClassification(config)
+
+
+def _official_levit(repo: Path, name: str) -> Callable[[], nn.Module]:
+    """The official repository's model, BatchNorm-fused with its own utility (its speed test's recipe)."""
+    sys.path.insert(0, str(repo))
+    try:
+        levit, utils = importlib.import_module("levit"), importlib.import_module("utils")
+    finally:
+        sys.path.remove(str(repo))
+
+    def make():
+        model = getattr(levit, _OFFICIAL_NAMES[name])(num_classes=1000)
+        utils.replace_batchnorm(model)
+        return model
+    return make
+
+
+def reference_candidates(name: str, device: str, official_repo: Path | None = None,
+                         precision: str = "fp32") -> list[Candidate]:
+    """Installed implementations of the same architecture as ``name`` (in OpenVINO too, on CPU)."""
+    info = get_model_info(name)
+    hw, top1, count = info.input_size[1:], info.paper_top1, macs(name)
+    on_cpu = torch.device(device).type == "cpu"
+    suffix = "" if precision in ("fp32", "fp16") else f" ({precision})"
+    rows = []
+
+    def add(label: str, source: str, build: Build) -> None:
+        rows.append(Candidate(label + suffix, build, hw, source, name, top1, precision, count))
+
+    if name.startswith("levit"):
+        import timm
+
+        add(f"timm {name}", "timm", eager(lambda: timm.create_model(name), device, precision))
+        if official_repo is not None:
+            official = _official_levit(official_repo, name)
+            add(f"official {name} (fused, traced)", "official", traced(official, hw, device, precision))
+            if on_cpu and openvino_available():
+                add(f"official {name} (fused, OpenVINO)", "official", in_openvino(official, hw))
+    if installed("transformers"):
+        add(f"transformers {name}", "transformers", eager(lambda: _hf_model(name), device, precision, lambda o: o.logits))
+        if on_cpu and openvino_available():
+            add(f"transformers {name} (OpenVINO)", "transformers", in_openvino(lambda: _Logits(_hf_model(name)), hw))
+    return rows
+
+
+def paper_candidates(device: str, precision: str = "fp32") -> list[Candidate]:
+    """The non-LeViT rows of the paper's Table 3, from timm, traced."""
+    import timm
+
+    return [Candidate(n, traced(lambda n=n: timm.create_model(n), (r, r), device, precision), (r, r), "timm", n, top1,
+                      precision) for n, (r, top1) in PAPER_ROWS.items()]

@@ -1,0 +1,78 @@
+"""This machine's own matrix-multiply rate: the ceiling a model's MAC count puts on its speed.
+
+CPUs of one kind differ by 1.5x and more in fp32, bf16 and int8 matrix-multiply rates (an
+AVX2 EPYC runs bf16 through a slow fallback; an AVX512-BF16 Xeon can run it slower than its
+fp32). A throughput figure only means something next to the rate of the machine it came
+from, so the benchmark measures the rate in the same run, at the same thread count, and
+reports each row as a share of ``rate / (2 * MACs)`` images/s.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import time
+
+import torch
+
+# Square products of this size run at the kernels' peak (measured from 256 to 2048) while a
+# slow bf16 fallback still finishes one in a fraction of a second.
+SIZE = 512
+
+
+def _rate(run, flops: float, seconds: float) -> float:
+    """GFLOP/s (GOP/s for int8) of ``run``: best of short repeated windows after a warm-up."""
+    run()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while True:
+        start, count = time.perf_counter(), 0
+        while count == 0 or time.perf_counter() - start < seconds / 5:
+            run()
+            count += 1
+        best = max(best, flops * count / (time.perf_counter() - start) / 1e9)
+        if time.perf_counter() >= deadline:
+            return best
+
+
+def _torch_rate(dtype: torch.dtype, seconds: float) -> float:
+    a, b = torch.randn(SIZE, SIZE).to(dtype), torch.randn(SIZE, SIZE).to(dtype)
+    return _rate(lambda: torch.mm(a, b), 2 * SIZE**3, seconds)
+
+
+def _int8_rate(seconds: float) -> float | None:
+    """ONNX Runtime's u8 x s8 product (the kernel its int8 models run); None without it."""
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .export import onnxruntime_session
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-127, 127, (SIZE, SIZE), dtype=np.int8), "B")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "mm",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [SIZE, SIZE])],
+                              [helper.make_tensor_value_info("C", TensorProto.INT32, [SIZE, SIZE])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = onnxruntime_session(model.SerializeToString(), torch.get_num_threads(), spinning=False)
+    a = rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)
+    return _rate(lambda: session.run(None, {"A": a}), 2 * SIZE**3, seconds)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(threads: int, seconds: float) -> dict[str, float | None]:
+    return {"fp32": _torch_rate(torch.float32, seconds), "bf16": _torch_rate(torch.bfloat16, seconds),
+            "int8": _int8_rate(seconds)}
+
+
+def matmul_rates(seconds: float = 0.5) -> dict[str, float | None]:
+    """GFLOP/s of a square matrix product per precision at the current thread count (cached
+    per thread count): fp32 and bf16 as PyTorch multiplies them, int8 as ONNX Runtime does."""
+    return dict(_cached(torch.get_num_threads(), seconds))
+
+
+def bound_share(images_per_second: float, macs: float, rate_gflops: float | None) -> float | None:
+    """Fraction of the images/s that ``rate_gflops`` allows a model of ``macs`` MACs per image."""
+    if not rate_gflops or not macs:
+        return None
+    return images_per_second * 2 * macs / (rate_gflops * 1e9)
