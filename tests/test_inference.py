@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from hybridvit.predict import Predictor, imagenet_class_names
 from hybridvit.registry import get_model_info
 
 runner = CliRunner()
+opt = importlib.import_module("hybridvit.optimize")  # the module (the package exports the function)
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnxruntime", "openvino"])
@@ -149,6 +151,12 @@ def test_benchmark_json_compare_and_plot(tmp_path):
     assert all(r["images_per_second"] > 0 and len(r["round_images_per_second"]) == 2 for r in report["results"])
     assert {"ours", "reference", "ratio"} == set(report["ratios"][0]) and report["machine"]["threads"] == 1
     assert report["machine"]["allocator"] == "C library defaults"
+    assert set(report["machine"]["matmul_gflops"]) == {"fp32", "bf16", "int8"}
+    ours = [r for r in report["results"] if r["source"] == "hybridvit"]
+    assert {r["name"] for r in ours} == {f"levit_128s ({b})" for b in ("onnxruntime", "openvino", "torchscript")}
+    rate = report["machine"]["matmul_gflops"]["fp32"] * 1e9
+    for r in report["results"]:  # every row of this architecture: its share of the fp32 bound
+        assert r["bound_share"] == pytest.approx(r["images_per_second"] * 2 * r["macs"] / rate)
     assert (tmp_path / "fig.png").stat().st_size > 10_000
 
 
@@ -213,3 +221,55 @@ def test_export_writes_next_to_the_checkpoint_by_default(tmp_path, digits_run):
     shutil.copy(digits_run / "checkpoint.pt", tmp_path / "checkpoint.pt")
     result = runner.invoke(app, ["export", str(tmp_path / "checkpoint.pt"), "--format", "torchscript"])
     assert result.exit_code == 0 and (tmp_path / "levit_128s.pt").exists()
+
+
+def test_optimize_auto_keeps_fp32_outputs_and_reports_what_it_measured():
+    model = randomize_(hybridvit.create_model("levit_128s", img_size=64)).eval()
+    fast = hybridvit.optimize(model, "auto", torch.zeros(4, 3, 64, 64))
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(fast(x), model(x)) < (1e-4 if fast.precision == "fp32" else 5e-2)
+    assert {"fp32/onnxruntime", "fp32/openvino", "fp32/torchscript"} <= set(fast.measured)
+    assert fast.measured[f"{fast.precision}/{fast.backend}"] == max(fast.measured.values())
+
+
+def _fake_rates(monkeypatch, fp32, bf16):
+    monkeypatch.setattr(opt, "matmul_rates", lambda: {"fp32": fp32, "bf16": bf16, "int8": None})
+
+
+def test_optimize_auto_picks_the_fastest_path_whose_outputs_agree(monkeypatch):
+    """Three fake paths: the fastest gives wrong logits and is dropped; of the others the faster wins."""
+    import time as time_module
+
+    _fake_rates(monkeypatch, 100.0, 200.0)  # bf16 looks fast here, so it is tried
+    model = hybridvit.create_model("levit_128s", img_size=64).eval()
+    fused = hybridvit.fuse(model)
+    delays = {"onnxruntime": 0.004, "openvino": 0.001, "torchscript": 0.0}
+
+    def fake_build(source, fused_model, example, precision, backend):
+        def run(x):
+            time_module.sleep(delays[backend] + (0.0 if precision == "bf16" else 0.002))
+            out = fused_model(x.float())
+            return out + 1.0 if precision == "bf16" else out  # bf16 here: fast but wrong
+        return opt.InferenceModel(run, source, torch.float32, precision, backend)
+
+    monkeypatch.setattr(opt, "_build", fake_build)
+    assert ("bf16", "torchscript") in opt._candidates(torch.device("cpu"), "auto")
+    best = opt._fastest(model, fused, torch.zeros(2, 3, 64, 64), "auto", rounds=2, round_s=0.05)
+    assert (best.precision, best.backend) == ("fp32", "torchscript")
+    assert best.measured["fp32/torchscript"] > best.measured["fp32/openvino"] > best.measured["fp32/onnxruntime"]
+    assert all(v != v for k, v in best.measured.items() if k.startswith("bf16"))  # rejected: nan
+
+
+def test_bf16_is_tried_and_allowed_silently_only_where_this_cpu_runs_it_fast(monkeypatch):
+    import warnings
+
+    model = hybridvit.create_model("levit_128s", img_size=64).eval()
+    _fake_rates(monkeypatch, 100.0, 20.0)
+    assert all(p == "fp32" for p, _ in opt._candidates(torch.device("cpu"), "auto"))
+    with pytest.warns(RuntimeWarning, match="bf16 will be slower than fp32"):
+        hybridvit.optimize(model, "bf16")
+    _fake_rates(monkeypatch, 100.0, 180.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert hybridvit.optimize(model, "bf16").precision == "bf16"
