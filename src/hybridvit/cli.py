@@ -292,7 +292,7 @@ def benchmark_cmd(
 
     on_gpu = torch.device(device).type == "cuda"
     allowed = GPU_PRECISIONS if on_gpu else CPU_PRECISIONS
-    precisions = precision or [allowed[1] if on_gpu else "fp32"]
+    precisions = precision or ["fp16" if on_gpu else "fp32"]
     for p in precisions:
         if p not in allowed:
             raise ValueError(f"--precision on {device} must be one of {', '.join(allowed)}, got {p!r}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,16 +33,35 @@ def openvino_available() -> bool:
 
 
 class OnnxRuntimeRunner:
-    """An ONNX export of the fused model in ONNX Runtime's CPU provider, with as many threads
-    as PyTorch's; its workers do not spin between runs, so they do not slow what runs next."""
+    """An ONNX export of the fused model in ONNX Runtime's CPU provider, with PyTorch's thread
+    count; its workers do not spin between runs, so they do not slow what runs next.
+
+    With several threads, a batch of at least one image per thread runs as that many
+    single-threaded slices at once (ONNX Runtime sessions may be run concurrently): LeViT's
+    and CvT's matrices are small, and splitting each across threads lost 7-13% of throughput
+    at 2 threads against slicing the batch (docs/benchmarks.md). Smaller batches (latency)
+    use the intra-op threads.
+    """
 
     def __init__(self, fused: nn.Module, example: torch.Tensor) -> None:
         from .export import onnx_bytes, onnxruntime_session
 
-        self.session = onnxruntime_session(onnx_bytes(fused, example), torch.get_num_threads(), spinning=False)
+        model = onnx_bytes(fused, example)
+        self.threads = torch.get_num_threads()
+        self.session = onnxruntime_session(model, self.threads, spinning=False)
+        if self.threads > 1:
+            self.single = onnxruntime_session(model, 1, spinning=False)
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hybridvit-ort")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"images": x.contiguous().numpy()})[0])
+        images = x.contiguous().numpy()
+        if self.threads == 1 or len(images) < self.threads:
+            return torch.from_numpy(self.session.run(None, {"images": images})[0])
+        slices = np.array_split(images, self.threads)
+        return torch.from_numpy(np.concatenate(list(self.pool.map(self._run_single, slices))))
+
+    def _run_single(self, images: np.ndarray) -> np.ndarray:
+        return self.single.run(None, {"images": images})[0]
 
 
 class OpenVinoRunner:
