@@ -4,7 +4,6 @@ stood in for), which rows run, and what the command prints."""
 from __future__ import annotations
 
 import gc
-import json
 import weakref
 
 import pytest
