@@ -122,9 +122,9 @@ class Plan:
     """How long to measure: warm-up and timed seconds per candidate, rounds, batch-1 runs."""
 
     batch: int = 16
-    warmup_s: float = 3.0
-    time_s: float = 10.0
-    rounds: int = 5
+    warmup_s: float = 2.0
+    time_s: float = 8.0
+    rounds: int = 4
     latency_runs: int = 30
 
 
