@@ -6,6 +6,7 @@ from .flops import count_macs, count_params
 from .fusion import fuse
 from .optimize import optimize, tune_cpu_allocator
 from .models import HybridClassifier
+from .quantize import quantize_static
 from .registry import get_model_info, list_models
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "optimize",
+    "quantize_static",
     "tune_cpu_allocator",
     "save_model",
 ]

@@ -262,6 +262,41 @@ def export_cmd(
             console.print(f"ONNX Runtime vs PyTorch: max relative difference {check_onnx(target, model):.2e}")
 
 
+@app.command("quantize")
+def quantize_cmd(
+    checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
+    calibration: Path = typer.Option(..., help="image folder: ImageNet layout (its train split) or any images"),
+    images: int = typer.Option(256, min=1, help="calibration images (a seeded random subset)"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME_int8.onnx next to the model)"),
+    batch_size: int = typer.Option(32, min=1, help="calibration batch size"),
+) -> None:
+    """Write a static int8 ONNX model (QDQ) calibrated on your images, checked against fp32."""
+    from .checkpoints import load_trained
+    from .quantize import calibration_set, quantize_static
+
+    model, extra = load_trained(checkpoint)
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    target = output or folder / f"{model.model_name or 'model'}_int8.onnx"
+    # two more batches, held out from calibration, to compare the int8 model with fp32
+    data = calibration_set(calibration, model, images + 2 * batch_size, batch_size, crop_pct=extra.get("crop_pct"))
+    held_out = 2 if len(data.batches) > 2 else 0
+    calibrate = data.batches[:len(data.batches) - held_out]
+    try:
+        int8 = quantize_static(model, calibrate, target)
+    except ImportError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    skipped = f", {len(data.skipped)} unreadable skipped" if data.skipped else ""
+    console.print(f"wrote {target} (static int8, QDQ; calibrated on {sum(len(b) for b in calibrate)} images{skipped})")
+    x = torch.cat(data.batches[-held_out:] if held_out else calibrate)
+    with torch.inference_mode():
+        reference, got = fuse(model)(x), int8(x)
+    difference = ((got - reference).abs().max() / reference.abs().max()).item()
+    agreement = (got.argmax(1) == reference.argmax(1)).float().mean().item()
+    console.print(f"int8 vs fp32 on {len(x)} {'held-out' if held_out else 'calibration'} images: top-1 agreement "
+                  f"{agreement:.1%}, max relative difference {difference:.2e}")
+
+
 @app.command("benchmark")
 def benchmark_cmd(
     models: Optional[list[str]] = typer.Argument(None, help="models (default: the five LeViTs)"),
@@ -303,18 +338,18 @@ def benchmark_cmd(
         precisions = _drop_slow_bf16(precisions, threads, json_output)
     # references run as shipped: once on CPU (fp32), at each precision's autocast on GPU
     reference_precisions = precisions if on_gpu else ["fp32"]
-    candidates = []
-    for name in names:
-        candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device)]
-        if compare:
-            candidates += [c for p in reference_precisions for c in reference_candidates(name, device, official, p)]
-    if paper_rows:
-        candidates += [c for p in reference_precisions for c in paper_candidates(device, p)]
-    plan = Plan(batch, warmup, seconds, rounds)
     with warnings.catch_warnings(), _progress_bar(json_output) as progress:
         for category in (DeprecationWarning, FutureWarning, UserWarning):  # other libraries' notices
             warnings.simplefilter("ignore", category)
-        rows, machine = benchmark(candidates, device, threads, plan, progress, tuned_allocator)
+        candidates = []
+        for name in names:
+            candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device)]
+            if compare:
+                candidates += [c for p in reference_precisions for c in reference_candidates(name, device, official, p)]
+        if paper_rows:
+            candidates += [c for p in reference_precisions for c in paper_candidates(device, p)]
+        rows, machine = benchmark(candidates, device, threads, Plan(batch, warmup, seconds, rounds), progress,
+                                  tuned_allocator)
     ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
               for ref in rows if ref.source != "hybridvit" and ref.model == ours.model]

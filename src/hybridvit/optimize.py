@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .export import onnx_bytes
 from .fusion import fuse
 from .machine import matmul_rates
 from .runners import (OnnxRuntimeRunner, OpenVinoRunner, onnxruntime_available, openvino_available,
@@ -110,7 +111,7 @@ def supports(backend: str, precision: str, device: torch.device) -> bool:
 
 def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision: str, backend: str) -> InferenceModel:
     if backend == "onnxruntime":
-        return InferenceModel(OnnxRuntimeRunner(fused, example), model, torch.float32, precision, backend)
+        return InferenceModel(OnnxRuntimeRunner(onnx_bytes(fused, example)), model, torch.float32, precision, backend)
     if backend == "openvino":
         return InferenceModel(OpenVinoRunner(fused, example, precision), model, torch.float32, precision, backend)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

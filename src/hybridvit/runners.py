@@ -33,8 +33,9 @@ def openvino_available() -> bool:
 
 
 class OnnxRuntimeRunner:
-    """An ONNX export of the fused model in ONNX Runtime's CPU provider, with PyTorch's thread
-    count; its workers do not spin between runs, so they do not slow what runs next.
+    """An ONNX model (the fused model's export, or its static int8 version) in ONNX Runtime's
+    CPU provider, with PyTorch's thread count; its workers do not spin between runs, so they
+    do not slow what runs next.
 
     With several threads, a batch of at least one image per thread runs as that many
     single-threaded slices at once (ONNX Runtime sessions may be run concurrently): LeViT's
@@ -43,10 +44,9 @@ class OnnxRuntimeRunner:
     use the intra-op threads.
     """
 
-    def __init__(self, fused: nn.Module, example: torch.Tensor) -> None:
-        from .export import onnx_bytes, onnxruntime_session
+    def __init__(self, model: bytes) -> None:
+        from .export import onnxruntime_session
 
-        model = onnx_bytes(fused, example)
         self.threads = torch.get_num_threads()
         self.session = onnxruntime_session(model, self.threads, spinning=False)
         if self.threads > 1:

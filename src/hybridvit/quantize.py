@@ -1,0 +1,220 @@
+"""Calibrated post-training static int8 quantization with ONNX Runtime (QDQ format).
+
+``optimize(model, "int8")`` quantizes activations at run time; static int8 fixes every
+activation's scale from calibration images instead, so chains of linear maps, reshapes,
+transposes and residual additions run in int8 with no range search per batch. The fused
+model's ONNX export goes through ONNX Runtime's ``quantize_static`` (min/max calibration).
+The choices below were measured on a 2-core AMD EPYC with AVX2 and no VNNI, one thread,
+batch 16, 224x224, against the fp32 ONNX Runtime model (``optimize(model, "fp32")``):
+
+- uint8 activations, int8 weights: LeViT-128S at 1.37x fp32, against 1.18x with uint8
+  weights and 0.79x with int8 activations (ONNX Runtime's x86 kernels are built for u8 x s8).
+- Per-channel weights with ``reduce_range`` (7-bit weights): without VNNI the u8 x s8 kernel
+  adds pairs of products in saturating 16-bit lanes, which full-range per-channel weights
+  overflow (LeViT-128S: 3x the output error of the u8 x u8 kernel, which cannot saturate;
+  with 7 bits, the same error). Per-tensor weights and asymmetric weights were no faster.
+- Each Softmax, the arithmetic between it and the MatMul of its scores, and that MatMul stay
+  float: with attention scores in int8 the digits-trained LeViT fell from 96% top-1 to 10%,
+  and they were slower too (a K=16 product; ONNX Runtime's int8 Softmax). Convolutions of
+  the input images stay float as well: LeViT's 3-channel stem convolution was slower in int8.
+- No ``quant_pre_process``: it changed neither speed nor accuracy here.
+
+Result: LeViT-128S at 1.40x and CvT-13 at 1.48x fp32's images/s, top-1 unchanged on the
+digits-trained LeViT. What separates this from int8's 2x matrix-product rate on this CPU is
+the quantize/dequantize steps and the ops left in float (a quarter of LeViT-128S's fp32 time
+is spent outside matrix products).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .data import DataError, eval_transform, load_image
+from .data.datasets import image_extensions
+from .export import onnx_bytes
+from .fusion import fuse
+from .optimize import InferenceModel
+from .registry import get_model_info
+from .runners import OnnxRuntimeRunner, onnxruntime_available
+
+if TYPE_CHECKING:
+    import onnx
+
+CALIBRATION_IMAGES = 256
+# An attention-score MatMul and the arithmetic (scale, bias) between it and its Softmax.
+_SCORE_PATH = {"MatMul", "Add", "Sub", "Mul", "Div"}
+
+
+@dataclass
+class CalibrationSet:
+    """Preprocessed calibration batches; ``skipped``: files Pillow could not decode."""
+
+    batches: list[torch.Tensor]
+    skipped: list[Path] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+    @property
+    def images(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def calibration_set(data: str | Path, model: nn.Module, images: int = CALIBRATION_IMAGES, batch_size: int = 32,
+                    seed: int = 0, crop_pct: float | None = None) -> CalibrationSet:
+    """``images`` images drawn at random (seeded) from a folder, preprocessed as for evaluation.
+
+    ``data``: an ImageNet-layout root (its ``train`` split, so that ``val`` still measures the
+    quantized model), a class folder or any folder of images, searched recursively. As in
+    training and evaluation, files that cannot be decoded are skipped (and listed), and the
+    next files drawn take their place. ``crop_pct``: the model's own (stored with trained
+    models), default its variant's.
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"calibration data {root} is not a folder of images")
+    if (root / "train").is_dir():
+        root = root / "train"
+    extensions = image_extensions()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    if not files:
+        raise DataError(f"no image files in {root} or its subfolders")
+    if getattr(model, "model_name", None) is None:
+        raise ValueError("unknown model variant, cannot pick its preprocessing")
+    transform = eval_transform(get_model_info(model.model_name), model.input_hw, crop_pct)
+    random.Random(seed).shuffle(files)
+    tensors, skipped = [], []
+    for path in files:
+        if len(tensors) == images:
+            break
+        try:
+            image = load_image(path)
+        except ValueError:  # undecodable file; a failing transform is a bug and is raised
+            skipped.append(path)
+            continue
+        tensors.append(transform(image))
+    if not tensors:
+        raise DataError(f"none of the {len(skipped)} image files in {root} could be read")
+    return CalibrationSet(list(torch.stack(tensors).split(batch_size)), skipped)
+
+
+def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torch.Tensor,
+                    output: str | Path | None = None, per_channel: bool = True,
+                    reduce_range: bool = True) -> InferenceModel:
+    """Static int8 version of ``model`` (left untouched), calibrated on ``calibration``.
+
+    ``calibration``: preprocessed image batches (e.g. a ``calibration_set``) or one tensor of
+    images (split into batches of 32); their height and width are the model's from now on, the
+    batch size stays free. ``output``: also write the quantized ONNX file there. Returns float
+    logits from ONNX Runtime on the CPU with PyTorch's thread count. ``reduce_range`` (7-bit
+    weights) avoids overflow on CPUs without VNNI; without it, VNNI CPUs gain one bit of
+    weight precision.
+    """
+    if not onnxruntime_available():
+        raise ImportError("static int8 quantization needs onnx and onnxruntime: pip install hybridvit[export]")
+    import onnx
+    from onnxruntime import quantization as ortq
+
+    batches = list(calibration.split(32) if isinstance(calibration, torch.Tensor) else calibration)
+    if not batches or not sum(len(b) for b in batches):
+        raise ValueError("no calibration images")
+    check = getattr(model, "check_input", lambda x: None)
+    for batch in batches:
+        check(batch)
+        if batch.shape[1:] != batches[0].shape[1:]:
+            raise ValueError(f"calibration batches differ in size: {tuple(batches[0].shape)}, {tuple(batch.shape)}")
+
+    class Reader(ortq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch.detach().cpu().float().contiguous().numpy()}
+
+    fused = fuse(model).cpu().requires_grad_(False)
+    source = onnx.load_from_string(onnx_bytes(fused, torch.zeros(2, *batches[0].shape[1:])))
+    _unshare_weights(source)
+    with tempfile.TemporaryDirectory() as tmp, _without_preprocessing_advice():
+        target = Path(tmp) / "int8.onnx"
+        ortq.quantize_static(source, target, Reader(), quant_format=ortq.QuantFormat.QDQ,
+                             activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+                             per_channel=per_channel, reduce_range=reduce_range, nodes_to_exclude=_float_nodes(source))
+        quantized = target.read_bytes()
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_bytes(quantized)
+    return InferenceModel(OnnxRuntimeRunner(quantized), model, torch.float32, "int8-static", "onnxruntime")
+
+
+def _unshare_weights(model: onnx.ModelProto) -> None:
+    """Give every node a float initializer of its own. The exporter merges equal tensors (the
+    zero weights and biases of an untrained LeViT's residual branches), by name or through
+    Identity nodes; ONNX Runtime's quantizer takes a weight behind an Identity, or a bias that
+    an Add also reads, for an activation, and leaves its product in float or per-tensor."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers]:
+        initializers[node.output[0]] = _copy(graph, initializers[node.input[0]], node.output[0])
+        graph.node.remove(node)
+    readers: Counter[str] = Counter()
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in initializers and initializers[name].data_type == TensorProto.FLOAT:
+                readers[name] += 1
+                if readers[name] > 1:
+                    node.input[k] = _copy(graph, initializers[name], f"{name}.{readers[name]}").name
+
+
+def _copy(graph: onnx.GraphProto, tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    copy = graph.initializer.add()
+    copy.CopyFrom(tensor)
+    copy.name = name
+    return copy
+
+
+def _float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes kept in float: each Softmax with the score arithmetic and MatMul
+    before it, convolutions of the graph input (see the module docstring) and LayerNorms
+    (ONNX Runtime has no int8 kernel for them, and its per-channel rule misfits their 1-D scales)."""
+    graph = model.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    inputs = {i.name for i in graph.input}
+    names = [n.name for n in graph.node if n.op_type == "LayerNormalization"
+             or n.op_type == "Conv" and n.input[0] in inputs]
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        names.append(softmax.name)
+        node = producer.get(softmax.input[0])
+        while node is not None and node.op_type in _SCORE_PATH:
+            names.append(node.name)
+            if node.op_type == "MatMul":
+                break
+            node = next((producer[i] for i in node.input if i in producer and producer[i].op_type in _SCORE_PATH), None)
+    return names
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """Silence ONNX Runtime's advice (on the root logger) to run ``quant_pre_process``: measured
+    here, it changed nothing."""
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
