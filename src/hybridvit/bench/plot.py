@@ -14,17 +14,18 @@ def plot_speed_accuracy(rows: list[BenchResult], path: str | Path, title: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    series: dict[str, list[BenchResult]] = {}  # one curve per implementation (and precision)
+    series: dict[str, list[BenchResult]] = {}  # one curve per family and implementation (backend, precision)
     for r in rows:
         if r.paper_top1 is not None:
-            precision = r.name.split("(")[-1].rstrip(")") if r.source == "hybridvit" and "(" in r.name else ""
-            series.setdefault(f"{r.source} {precision}".strip(), []).append(r)
+            variant = r.name.split("(")[-1].rstrip(")") if "(" in r.name else ""
+            family = r.model.split("_")[0]
+            series.setdefault(f"{r.source} {variant} [{family}]".replace("  ", " "), []).append(r)
     for label, members in series.items():
         members.sort(key=lambda r: r.paper_top1)
         ours = label.startswith("hybridvit")
         ax.plot([r.images_per_second for r in members], [r.paper_top1 for r in members],
                 "o-" if ours else "s--", label=label, linewidth=2 if ours else 1)
-        if label == "hybridvit":
+        if ours and label == next(k for k in series if k.startswith("hybridvit")):
             for r in members:
                 ax.annotate(r.name, (r.images_per_second, r.paper_top1), fontsize=7, xytext=(4, -10),
                             textcoords="offset points")
