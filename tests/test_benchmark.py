@@ -97,7 +97,7 @@ def test_cpu_rows_cover_every_installed_backend_with_the_architectures_macs():
     assert [r.name for r in rows] == [f"levit_128s ({b})" for b in ("onnxruntime", "openvino", "torchscript")]
     assert {r.macs for r in rows} == {macs("levit_128s")} and macs("efficientnet_b0") is None
     refs = {r.name for r in reference_candidates("cvt_13", "cpu")}
-    assert refs == {"transformers cvt_13", "transformers cvt_13 (OpenVINO)"}
+    assert refs == {"transformers cvt_13", "transformers cvt_13 (OpenVINO)", "transformers cvt_13 (ONNX Runtime)"}
 
 
 def test_benchmark_cli_rejects_a_precision_the_device_cannot_run():

@@ -18,7 +18,7 @@ from ..api import create_model
 from ..flops import count_macs
 from ..optimize import optimize
 from ..registry import get_model_info, list_models
-from ..runners import OpenVinoRunner, installed, onnxruntime_available, openvino_available
+from ..runners import OnnxRuntimeRunner, OpenVinoRunner, installed, onnxruntime_available, openvino_available
 from .throughput import Candidate
 
 CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8-static")
@@ -95,6 +95,15 @@ def in_openvino(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build
     """A model's plain ONNX export run by OpenVINO with the settings ``optimize`` uses."""
     def build():
         return OpenVinoRunner(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw))
+    return build
+
+
+def in_onnxruntime(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build:
+    """A model's plain ONNX export run by ONNX Runtime with the settings ``optimize`` uses."""
+    def build():
+        from ..export import onnx_bytes
+
+        return OnnxRuntimeRunner(onnx_bytes(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw)))
     return build
 
 
@@ -177,13 +186,21 @@ def reference_candidates(name: str, device: str, official_repo: Path | None = No
         if official_repo is not None:
             official = _official_levit(official_repo, name)
             add(f"official {name} (fused, traced)", "official", traced(official, hw, device, precision))
-            if on_cpu and openvino_available():
-                add(f"official {name} (fused, OpenVINO)", "official", in_openvino(official, hw))
+            _exported(add, f"official {name} (fused, {{runtime}})", "official", official, hw, on_cpu)
     if installed("transformers"):
         add(f"transformers {name}", "transformers", eager(lambda: _hf_model(name), device, precision, lambda o: o.logits))
-        if on_cpu and openvino_available():
-            add(f"transformers {name} (OpenVINO)", "transformers", in_openvino(lambda: _Logits(_hf_model(name)), hw))
+        _exported(add, f"transformers {name} ({{runtime}})", "transformers", lambda: _Logits(_hf_model(name)), hw,
+                  on_cpu)
     return rows
+
+
+def _exported(add: Callable[[str, str, Build], None], label: str, source: str, model_fn: Callable[[], nn.Module],
+              hw: tuple[int, int], on_cpu: bool) -> None:
+    """Rows of a model's plain ONNX export in each installed CPU runtime (``label`` has a ``{runtime}`` field)."""
+    if on_cpu and openvino_available():
+        add(label.format(runtime="OpenVINO"), source, in_openvino(model_fn, hw))
+    if on_cpu and onnxruntime_available():
+        add(label.format(runtime="ONNX Runtime"), source, in_onnxruntime(model_fn, hw))
 
 
 def paper_candidates(device: str, precision: str = "fp32") -> list[Candidate]:

@@ -123,8 +123,8 @@ class Plan:
 
     batch: int = 16
     warmup_s: float = 2.0
-    time_s: float = 8.0
-    rounds: int = 4
+    time_s: float = 6.0
+    rounds: int = 3
     latency_runs: int = 30
 
 
