@@ -13,7 +13,7 @@ mkdir -p docs
 for threads in 1 "$(nproc)"; do
     hybridvit benchmark levit_128s levit_256 cvt_13 --threads "$threads" --compare "${extra[@]}" \
         --precision fp32 --precision bf16 --precision int8 --precision int8-static \
-        --warmup 3 --time "$TIME" --rounds "$ROUNDS" --json > "docs/bench_cpu_${threads}t.json"
+        --warmup 2 --time "$TIME" --rounds "$ROUNDS" --json > "docs/bench_cpu_${threads}t.json"
 done
 hybridvit benchmark levit_128s levit_256 cvt_13 --threads 1 --precision fp32 --warmup 1 --time 2 --rounds 1 \
     --plot docs/speed_accuracy_cpu.png > /dev/null
