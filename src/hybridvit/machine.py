@@ -10,10 +10,11 @@ reports each row as a share of ``rate / (2 * MACs)`` images/s.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import time
 
 import torch
+
+from .runners import onnxruntime_available
 
 # Square products of this size run at the kernels' peak (measured from 256 to 2048) while a
 # slow bf16 fallback still finishes one in a fraction of a second.
@@ -41,7 +42,7 @@ def _torch_rate(dtype: torch.dtype, seconds: float) -> float:
 
 def _int8_rate(seconds: float) -> float | None:
     """ONNX Runtime's u8 x s8 product (the kernel its int8 models run); None without it."""
-    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+    if not onnxruntime_available():
         return None
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .data import DataError, eval_transform, load_image
-from .data.datasets import image_extensions
+from .data.datasets import image_files
 from .export import onnx_bytes
 from .fusion import fuse
 from .optimize import InferenceModel
@@ -86,8 +86,7 @@ def calibration_set(data: str | Path, model: nn.Module, images: int = CALIBRATIO
         raise DataError(f"calibration data {root} is not a folder of images")
     if (root / "train").is_dir():
         root = root / "train"
-    extensions = image_extensions()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    files = image_files(root)
     if not files:
         raise DataError(f"no image files in {root} or its subfolders")
     if getattr(model, "model_name", None) is None:

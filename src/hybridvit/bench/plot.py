@@ -20,12 +20,13 @@ def plot_speed_accuracy(rows: list[BenchResult], path: str | Path, title: str) -
             variant = r.name.split("(")[-1].rstrip(")") if "(" in r.name else ""
             family = r.model.split("_")[0]
             series.setdefault(f"{r.source} {variant} [{family}]".replace("  ", " "), []).append(r)
+    annotated = next((label for label in series if label.startswith("hybridvit")), None)  # names on one curve
     for label, members in series.items():
         members.sort(key=lambda r: r.paper_top1)
         ours = label.startswith("hybridvit")
         ax.plot([r.images_per_second for r in members], [r.paper_top1 for r in members],
                 "o-" if ours else "s--", label=label, linewidth=2 if ours else 1)
-        if ours and label == next(k for k in series if k.startswith("hybridvit")):
+        if label == annotated:
             for r in members:
                 ax.annotate(r.name, (r.images_per_second, r.paper_top1), fontsize=7, xytext=(4, -10),
                             textcoords="offset points")

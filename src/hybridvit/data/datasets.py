@@ -29,6 +29,12 @@ def image_extensions() -> set[str]:
     return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively), in a fixed order."""
+    extensions = image_extensions()
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+
+
 def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted folder names) and ``(path, class index)`` samples of one split."""
     folder = root / split
@@ -39,10 +45,9 @@ def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{folder} has no class folders (expected {folder}/<class>/<image files>)")
-    exts = image_extensions()
     samples, empty = [], []
     for index, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        files = image_files(folder / name)
         if not files:
             empty.append(name)
         samples += [(p, index) for p in files]
