@@ -85,7 +85,8 @@ def find_variant(model_class: type[nn.Module], config: Any) -> str | None:
 
 # Config fields that change neither the variant's identity nor which weights fit it
 # (bias tables are resampled for another input size; CvT's activation has no weights).
-FREE_FIELDS = frozenset({"num_classes", "distillation", "drop_path_rate", "img_size", "mlp_act"})
+FREE_FIELDS = frozenset({"num_classes", "distillation", "drop_path_rate", "img_size", "mlp_act", "dynamic_size",
+                         "bias_resampling"})
 
 
 def architecture(config: Any) -> dict[str, Any]:

@@ -1,17 +1,23 @@
 """Fusable building blocks shared by every model family."""
 
-from .attention import attention, reference_attention
-from .attention_bias import AttentionBias, FixedAttentionBias, bias_index, resize_bias_table
+from .attention import AttentionMap, attention, capture_attention, reference_attention
+from .attention_bias import (BIAS_RESAMPLING, AttentionBias, FixedAttentionBias, bias_for_grid, bias_in_graph,
+                             bias_index, resize_bias_table)
 from .norm_act import BNLinear, ConvBN, LinearBN
 
 __all__ = [
     "AttentionBias",
+    "AttentionMap",
+    "BIAS_RESAMPLING",
     "BNLinear",
     "ConvBN",
     "FixedAttentionBias",
     "LinearBN",
     "attention",
+    "bias_for_grid",
+    "bias_in_graph",
     "bias_index",
+    "capture_attention",
     "reference_attention",
     "resize_bias_table",
 ]

@@ -16,12 +16,14 @@ One entry point for every family. Three paths, all computing ``softmax(q·kᵀ·
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 _REFERENCE_ONLY = False
+_CAPTURED: list["AttentionMap"] | None = None
 _SMALL_GRID = 64  # keys: below this, the score matrix is small and the explicit path is faster
 
 
@@ -36,6 +38,27 @@ def reference_attention() -> Iterator[None]:
         _REFERENCE_ONLY = previous
 
 
+@dataclass
+class AttentionMap:
+    """One attention call's probabilities ``(B, heads, Nq, Nk)`` and the grids its tokens lie on
+    (tokens beyond ``h * w``, such as CvT's class token, come first)."""
+
+    probs: torch.Tensor
+    query_grid: tuple[int, int]
+    key_grid: tuple[int, int]
+
+
+@contextmanager
+def capture_attention() -> Iterator[list[AttentionMap]]:
+    """Record every attention call's probabilities inside the block, in call order (for figures)."""
+    global _CAPTURED
+    previous, _CAPTURED = _CAPTURED, []
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = previous
+
+
 def _prefers_fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.shape[-1] == v.shape[-1] or q.device.type == "cuda":
         return True
@@ -43,12 +66,20 @@ def _prefers_fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, *, query_grid: tuple[int, int] | None = None,
+              key_grid: tuple[int, int] | None = None) -> torch.Tensor:
     """``softmax(q·kᵀ·scale + bias) · v`` for ``(B, heads, N, d)`` tensors and a ``(heads, Nq, Nk)`` bias.
 
-    ``scale`` defaults to ``1 / sqrt(q width)``.
+    ``scale`` defaults to ``1 / sqrt(q width)``. The grids the queries and keys lie on are
+    only recorded, by ``capture_attention``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _CAPTURED is not None:
+        scores = (q @ k.transpose(-2, -1)) * scale
+        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+        _CAPTURED.append(AttentionMap(probs.detach(), tuple(map(int, query_grid or (0, 0))),
+                                      tuple(map(int, key_grid or (0, 0)))))
+        return probs @ v
     needs_bias_grad = bias is not None and torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
     if _REFERENCE_ONLY or needs_bias_grad:
         scores = (q @ k.transpose(-2, -1)) * scale

@@ -4,6 +4,7 @@ from . import levit  # noqa: I001  (registration order: LeViT, then CvT)
 from . import cvt
 from .base import HybridClassifier
 from .cvt import CvT, CvTConfig
+from .features import FeatureExtractor, FeatureInfo
 from .levit import LeViT, LeViTConfig
 
-__all__ = ["CvT", "CvTConfig", "HybridClassifier", "LeViT", "LeViTConfig", "cvt", "levit"]
+__all__ = ["CvT", "CvTConfig", "FeatureExtractor", "FeatureInfo", "HybridClassifier", "LeViT", "LeViTConfig", "cvt", "levit"]

@@ -23,6 +23,8 @@ class HybridClassifier(nn.Module):
     head_names: ClassVar[tuple[str, ...]] = ("head",)
     # Whether ``optimize`` should apply TorchScript's oneDNN rewrite on CPU (measured per family).
     cpu_graph_rewrite: ClassVar[bool] = False
+    # Smallest input side: below it the image is smaller than one patch of the embedding.
+    min_input_size: ClassVar[int] = 16
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -45,6 +47,10 @@ class HybridClassifier(nn.Module):
                 f"{self.describe()} expects images shaped (batch, {self.in_chans}, height, width); "
                 f"got a tensor of shape {tuple(x.shape)}"
             )
+        if min(x.shape[-2:]) < self.min_input_size:
+            m = self.min_input_size
+            raise ValueError(f"{self.describe()} needs inputs of at least {m}x{m} (one patch of its stride-{m} "
+                             f"embedding); got {x.shape[-2]}x{x.shape[-1]}")
 
     @property
     def input_hw(self) -> tuple[int, int]:

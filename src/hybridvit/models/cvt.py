@@ -9,6 +9,7 @@ token exists only in the last stage; it skips the convolutional projection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from ..layers import ConvBN, attention
 from ..registry import ModelInfo, register_model
 from .base import HybridClassifier
+from .features import feature_take_indices, stage_output
 
 _ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
@@ -163,7 +165,6 @@ class CvT(HybridClassifier):
 
     family = "cvt"
     config_class = CvTConfig
-    min_input_size = 16  # the total stride of the three embeddings
 
     def __init__(self, config: CvTConfig) -> None:
         super().__init__(config)
@@ -175,6 +176,9 @@ class CvT(HybridClassifier):
             stages.append(Stage(in_chans, i, c, with_cls_token=last, drop_path=c.drop_path_rate if last else 0.0))
             in_chans = c.embed_dim[i]
         self.stages = nn.ModuleList(stages)
+        reductions = [math.prod(c.patch_stride[:i + 1]) for i in range(3)]
+        self.feature_info = [dict(num_chs=dim, reduction=r, module=f"stages.{i}")
+                             for i, (dim, r) in enumerate(zip(c.embed_dim, reductions))]
         self.norm = nn.LayerNorm(self.num_features)
         self.reset_classifier(c.num_classes)
         self.apply(self._init_weights)
@@ -196,20 +200,32 @@ class CvT(HybridClassifier):
         if num_classes > 0:
             self._init_weights(self.head)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        super().check_input(x)
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(f"{self.describe()} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
-                             f"(its total stride); got {x.shape[-2]}x{x.shape[-1]}")
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> normalised last-stage tokens ``(B, 1 + H'*W', C)``, class token first."""
         self.check_input(x)
         for stage in self.stages[:-1]:
             tokens, grid = stage(x)
-            x = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # map for the next embedding
+            x = stage_output(tokens, grid, "NCHW")  # map for the next embedding
         tokens, _ = self.stages[-1](x)
         return self.norm(tokens)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (strides 4, 8, 16) as timm returns them, without the class token;
+        ``norm`` applies the final LayerNorm to the last stage's map (it only fits that width)."""
+        self.check_input(x)
+        take, last = feature_take_indices(len(self.stages), indices)
+        maps = []
+        for i, stage in enumerate(self.stages[:last + 1] if stop_early else self.stages):
+            tokens, grid = stage(x)
+            final = i == len(self.stages) - 1
+            normed = self.norm(tokens) if final else tokens
+            if i in take:
+                patches = (normed if norm else tokens)[:, tokens.shape[1] - grid[0] * grid[1]:]  # no class token
+                maps.append(stage_output(patches, grid, output_fmt))
+            x = normed if final else stage_output(tokens, grid, "NCHW")
+        return maps if intermediates_only else (x, maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]

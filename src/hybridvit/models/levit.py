@@ -14,9 +14,10 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from ..layers import AttentionBias, BNLinear, ConvBN, LinearBN, attention
+from ..layers import BIAS_RESAMPLING, AttentionBias, BNLinear, ConvBN, LinearBN, attention
 from ..registry import ModelInfo, register_model, to_hw
 from .base import HybridClassifier
+from .features import feature_take_indices, stage_output
 
 
 @dataclass
@@ -32,10 +33,13 @@ class LeViTConfig:
     shrink_attn_ratio: float = 4.0  # V is 4D in shrinking attention
     shrink_mlp_ratio: float = 2.0
     drop_path_rate: float = 0.0  # same rate on every residual branch, as in the official code
-    img_size: int | tuple[int, int] = 224
+    img_size: int | tuple[int, int] = 224  # the size the attention-bias tables are learnt for
     in_chans: int = 3
     num_classes: int = 1000
     distillation: bool = True
+    # Serve any input size: biases for other key grids come from the learnt tables (cached per size).
+    dynamic_size: bool = False
+    bias_resampling: str = "bilinear"  # how: "bilinear" over the offsets, or "keep" them (smaller grids)
 
     def __post_init__(self) -> None:
         # JSON round-trips turn tuples into lists; keep one canonical form.
@@ -44,6 +48,8 @@ class LeViTConfig:
         )
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = tuple(self.img_size)
+        if self.bias_resampling not in BIAS_RESAMPLING:
+            raise ValueError(f"bias_resampling must be one of {BIAS_RESAMPLING}, got {self.bias_resampling!r}")
 
 
 def _half(grid: tuple[int, int]) -> tuple[int, int]:
@@ -68,50 +74,52 @@ class PatchEmbed(nn.Sequential):
 class Attention(nn.Module):
     """Multi-head attention with small keys, attention bias and Hardswish on A·V."""
 
-    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, grid: tuple[int, int]) -> None:
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, grid: tuple[int, int],
+                 bias_resampling: str = "bilinear") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
         # Output channels are grouped per head as [q | k | v], the official layout.
         self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim))
-        self.attention_bias = AttentionBias(num_heads, grid)
+        self.attention_bias = AttentionBias(num_heads, grid, resampling=bias_resampling)
         self.act = nn.Hardswish()
         self.proj = LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
-        x = attention(q, k, v, self.attention_bias())
+        x = attention(q, k, v, self.attention_bias(grid), query_grid=grid, key_grid=grid)
         return self.proj(self.act(x.transpose(1, 2).reshape(B, N, -1)))
 
 
 class ShrinkAttention(nn.Module):
     """Attention between stages: queries on the subsampled grid, keys/values on the full one."""
 
-    def __init__(
-        self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float, grid: tuple[int, int]
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float,
+                 grid: tuple[int, int], bias_resampling: str = "bilinear") -> None:
         super().__init__()
-        self.grid = grid
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
         self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim))  # per head [k | v]
         self.q = LinearBN(in_dim, num_heads * key_dim)
-        self.attention_bias = AttentionBias(num_heads, grid, stride=2)
+        self.attention_bias = AttentionBias(num_heads, grid, stride=2, resampling=bias_resampling)
         self.act = nn.Hardswish()
         self.proj = LinearBN(num_heads * self.val_dim, out_dim)  # no residual: BN starts at 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens on ``grid`` -> tokens on the subsampled grid (odd sizes round up, as the stem does)."""
         B, N, C = x.shape
         k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
-        x_sub = x.view(B, self.grid[0], self.grid[1], C)[:, ::2, ::2].reshape(B, -1, C)
+        x_sub = x.view(B, grid[0], grid[1], C)[:, ::2, ::2]
+        sub_grid = (x_sub.shape[1], x_sub.shape[2])
+        x_sub = x_sub.reshape(B, -1, C)
         q = self.q(x_sub).view(B, x_sub.shape[1], self.num_heads, self.key_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        x = attention(q, k, v, self.attention_bias())
-        return self.proj(self.act(x.transpose(1, 2).reshape(B, x_sub.shape[1], -1)))
+        x = attention(q, k, v, self.attention_bias(grid), query_grid=sub_grid, key_grid=grid)
+        return self.proj(self.act(x.transpose(1, 2).reshape(B, x_sub.shape[1], -1))), sub_grid
 
 
 class MLP(nn.Module):
@@ -132,14 +140,14 @@ class Block(nn.Module):
     """One attention + MLP pair, each a residual branch with drop path."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, mlp_ratio: float,
-                 grid: tuple[int, int], drop_path: float) -> None:
+                 grid: tuple[int, int], drop_path: float, bias_resampling: str = "bilinear") -> None:
         super().__init__()
-        self.attn = Attention(dim, key_dim, num_heads, attn_ratio, grid)
+        self.attn = Attention(dim, key_dim, num_heads, attn_ratio, grid, bias_resampling)
         self.mlp = MLP(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(x))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(x, grid))
         return x + self.drop_path(self.mlp(x))
 
 
@@ -147,24 +155,32 @@ class Shrink(nn.Module):
     """Shrinking attention (C -> C', grid halved) followed by a residual MLP block."""
 
     def __init__(self, in_dim: int, out_dim: int, key_dim: int, attn_ratio: float, mlp_ratio: float,
-                 grid: tuple[int, int], drop_path: float) -> None:
+                 grid: tuple[int, int], drop_path: float, bias_resampling: str = "bilinear") -> None:
         super().__init__()
-        self.attn = ShrinkAttention(in_dim, out_dim, key_dim, in_dim // key_dim, attn_ratio, grid)
+        self.attn = ShrinkAttention(in_dim, out_dim, key_dim, in_dim // key_dim, attn_ratio, grid, bias_resampling)
         self.mlp = MLP(out_dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(x)
-        return x + self.drop_path(self.mlp(x))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, grid = self.attn(x, grid)
+        return x + self.drop_path(self.mlp(x)), grid
 
 
-class Stage(nn.Sequential):
+class Stage(nn.Module):
     """An optional shrink from the previous stage, then ``depth`` blocks at one resolution."""
 
     def __init__(self, downsample: Shrink | None, blocks: list[Block]) -> None:
         super().__init__()
-        self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens ``(B, H*W, C)`` on ``grid`` -> this stage's tokens and grid."""
+        if self.downsample is not None:
+            x, grid = self.downsample(x, grid)
+        for block in self.blocks:
+            x = block(x, grid)
+        return x, grid
 
 
 class LeViT(HybridClassifier):
@@ -195,13 +211,15 @@ class LeViT(HybridClassifier):
             shrink = None
             if i > 0:
                 shrink = Shrink(c.embed_dim[i - 1], dim, c.key_dim, c.shrink_attn_ratio, c.shrink_mlp_ratio,
-                                grid, c.drop_path_rate)
+                                grid, c.drop_path_rate, c.bias_resampling)
                 grid = _half(grid)
-            blocks = [Block(dim, c.key_dim, heads, c.attn_ratio, c.mlp_ratio, grid, c.drop_path_rate)
+            blocks = [Block(dim, c.key_dim, heads, c.attn_ratio, c.mlp_ratio, grid, c.drop_path_rate, c.bias_resampling)
                       for _ in range(depth)]
             stages.append(Stage(shrink, blocks))
             self.grids.append(grid)
-        self.stages = nn.Sequential(*stages)
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = [dict(num_chs=dim, reduction=16 * 2**i, module=f"stages.{i}")
+                             for i, dim in enumerate(c.embed_dim)]
         self.reset_classifier(c.num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -216,21 +234,42 @@ class LeViT(HybridClassifier):
 
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)
-        if tuple(x.shape[-2:]) != self.img_size:
+        if not self.config.dynamic_size and tuple(x.shape[-2:]) != self.img_size:
             h, w = self.img_size
             raise ValueError(
                 f"{self.describe()} was built for {h}x{w} inputs (its attention biases are tied to that "
-                f"grid); got {x.shape[-2]}x{x.shape[-1]}. Resize the images, or create the model with "
-                f"img_size=({x.shape[-2]}, {x.shape[-1]})."
+                f"grid); got {x.shape[-2]}x{x.shape[-1]}. Resize the images, create the model with "
+                f"img_size=({x.shape[-2]}, {x.shape[-1]}) (tables resampled on load), or with dynamic_size=True "
+                f"to serve any size."
             )
+
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        self.check_input(x)
+        x = self.stem(x)
+        # Contiguous tokens: a strided view would turn every linear map of stage 1 into a slower
+        # batched product (the residual adds keep the input's layout).
+        return x.flatten(2).transpose(1, 2).contiguous(), (x.shape[-2], x.shape[-1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> final tokens ``(B, N, C_last)``, N in row-major grid order."""
-        self.check_input(x)
-        # Contiguous tokens: a strided view would turn every linear map of stage 1 into a slower
-        # batched product (the residual adds keep the input's layout).
-        x = self.stem(x).flatten(2).transpose(1, 2).contiguous()
-        return self.stages(x)
+        x, grid = self._stem(x)
+        for stage in self.stages:
+            x, grid = stage(x, grid)
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (strides 16, 32, 64) as timm returns them; ``indices``: which stages
+        (``None`` all, ``n`` the last n). LeViT has no final norm, so ``norm`` changes nothing."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        x, grid = self._stem(x)
+        maps = []
+        for i, stage in enumerate(self.stages[:last + 1] if stop_early else self.stages):
+            x, grid = stage(x, grid)
+            if i in take:
+                maps.append(stage_output(x, grid, output_fmt))
+        return maps if intermediates_only else (x, maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = x.mean(dim=1)
