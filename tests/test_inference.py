@@ -251,7 +251,7 @@ def test_optimize_auto_picks_the_fastest_path_whose_outputs_agree(monkeypatch):
             time_module.sleep(delays[backend] + (0.0 if precision == "bf16" else 0.002))
             out = fused_model(x.float())
             return out + 1.0 if precision == "bf16" else out  # bf16 here: fast but wrong
-        return opt.InferenceModel(run, source, torch.float32, precision, backend)
+        return opt.InferenceModel(run, source, torch.float32, precision, backend, example.shape[-2:])
 
     monkeypatch.setattr(opt, "_build", fake_build)
     assert ("bf16", "torchscript") in opt._candidates(torch.device("cpu"), "auto")

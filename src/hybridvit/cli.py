@@ -241,8 +241,11 @@ def export_cmd(
     format: str = typer.Option("onnx", help="onnx, torchscript or exported-program"),
     output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder)"),
     opset: int = typer.Option(17, help="ONNX opset"),
+    dynamic_size: bool = typer.Option(False, "--dynamic-size", help="ONNX: leave height and width free too "
+                                      "(LeViT: attention biases computed in the graph)"),
 ) -> None:
     """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
+    import dataclasses
     import importlib.util
 
     from .checkpoints import load_trained
@@ -251,15 +254,22 @@ def export_cmd(
     model, _ = load_trained(checkpoint)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dynamic_size and hasattr(model.config, "dynamic_size"):
+        model.config = dataclasses.replace(model.config, dynamic_size=True)  # the weights serve any size
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     target = output or folder / f"{model.model_name or 'model'}{FORMATS[format]}"
-    export(model, target, format, opset=opset)
-    console.print(f"wrote {target} ({format}, fused, dynamic batch)")
+    export(model, target, format, opset=opset, dynamic_size=dynamic_size)
+    h, w = model.input_hw
+    console.print(f"wrote {target} ({format}, fused, dynamic batch{', height and width' if dynamic_size else ''})")
     if format == "onnx":
         if importlib.util.find_spec("onnxruntime") is None:
             console.print("onnxruntime is not installed: the file was not checked")
-        else:
-            console.print(f"ONNX Runtime vs PyTorch: max relative difference {check_onnx(target, model):.2e}")
+            return
+        # other sizes: larger, non-square and odd
+        sizes = [(h, w)] + ([(h + h // 2, w), (h - h // 4 + 1, w + w // 4 + 3)] if dynamic_size else [])
+        for size in sizes:
+            difference = check_onnx(target, model, size=size)
+            console.print(f"ONNX Runtime vs PyTorch at {size[0]}x{size[1]}: max relative difference {difference:.2e}")
 
 
 @app.command("quantize")

@@ -1,7 +1,14 @@
-"""Export a fused model with a dynamic batch dimension: ONNX, TorchScript or a torch.export program."""
+"""Export a fused model with a dynamic batch dimension: ONNX, TorchScript or a torch.export program.
+
+ONNX files can also leave height and width free (``dynamic_size``): CvT's graph has nothing
+tied to the input size; LeViT's attention biases are then derived from the learnt tables
+inside the graph (resampled to each key grid), which costs a little per run, so a file for
+one size is the faster choice when the size is known.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -11,23 +18,30 @@ import torch
 from torch import nn
 
 from .fusion import fuse
-from .layers import reference_attention
+from .layers import bias_in_graph, reference_attention
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
 
-def _example(model: nn.Module, batch: int) -> torch.Tensor:
-    return torch.randn(batch, model.in_chans, *model.input_hw)  # type: ignore[attr-defined]
+def serves_any_size(model: nn.Module) -> bool:
+    """Whether ``model`` accepts inputs of other sizes than its own (LeViT: ``dynamic_size``)."""
+    return bool(getattr(getattr(model, "config", None), "dynamic_size", True))
 
 
-def onnx_bytes(fused: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
-    """An inference-ready ``fused`` model as ONNX (input ``images``, output ``logits``, free batch)."""
+def onnx_bytes(fused: nn.Module, example: torch.Tensor, opset: int = 17, dynamic_size: bool = False) -> bytes:
+    """An inference-ready ``fused`` model as ONNX (input ``images``, output ``logits``, free batch;
+    free height and width too with ``dynamic_size``)."""
+    if dynamic_size and not serves_any_size(fused):
+        raise ValueError(f"{getattr(fused, 'model_name', None) or type(fused).__name__} serves only its own input "
+                         f"size: create it with dynamic_size=True to export a graph for any size")
+    image_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     f = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings(), reference_attention():  # plain MatMul/Softmax nodes
         warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
-        torch.onnx.export(fused, (example,), f, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        with bias_in_graph() if dynamic_size else contextlib.nullcontext():
+            torch.onnx.export(fused, (example,), f, input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": image_axes, "logits": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
     return f.getvalue()
 
 
@@ -49,21 +63,25 @@ def onnxruntime_session(model: str | Path | bytes, threads: int | None = None, s
                                 providers=["CPUExecutionProvider"])
 
 
-def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int = 17) -> Path:
+def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int = 17,
+           dynamic_size: bool = False) -> Path:
     """Write ``model`` BatchNorm-fused for inference; the batch dimension stays free.
 
     ``onnx`` uses PyTorch's TorchScript-based exporter (input ``images``, output ``logits``),
     ``torchscript`` a frozen trace (``torch.jit.load``), ``exported-program`` ``torch.export``
-    (``torch.export.load``). Input height and width are the model's own.
+    (``torch.export.load``). Input height and width are the model's own, or free in an ONNX
+    file with ``dynamic_size`` (LeViT: models created with ``dynamic_size=True``).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dynamic_size and format != "onnx":
+        raise ValueError(f"dynamic_size is for ONNX files; {format} exports are traced at the model's input size")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse(model).cpu().requires_grad_(False)
-    example = _example(fused, 2)  # batch 2: torch.export specialises sizes 0 and 1
+    example = torch.randn(2, fused.in_chans, *fused.input_hw)  # batch 2: torch.export specialises sizes 0 and 1
     if format == "onnx":
-        path.write_bytes(onnx_bytes(fused, example, opset))
+        path.write_bytes(onnx_bytes(fused, example, opset, dynamic_size))
         return path
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
@@ -76,10 +94,12 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
     return path
 
 
-def check_onnx(path: str | Path, model: nn.Module, batch: int = 3, threads: int | None = None) -> float:
-    """Largest relative difference between ONNX Runtime and the PyTorch model on random images."""
+def check_onnx(path: str | Path, model: nn.Module, batch: int = 3, threads: int | None = None,
+               size: tuple[int, int] | None = None) -> float:
+    """Largest relative difference between ONNX Runtime and the PyTorch model on random images
+    (of the model's input size, or ``size``)."""
     session = onnxruntime_session(path, threads)
-    x = _example(model, batch)
+    x = torch.randn(batch, model.in_chans, *(size or model.input_hw))  # type: ignore[attr-defined]
     with torch.no_grad():
         reference = model.eval()(x)
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])

@@ -36,17 +36,25 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "torchscript")
 AGREEMENT = {"fp32": 1e-4, "bf16": 5e-2}
 
 
+Runner = Callable[[torch.Tensor], torch.Tensor]
+_SIZES_KEPT = 8  # captured graphs per input size (a server sees a handful of sizes)
+
+
 class InferenceModel(nn.Module):
     """A captured, fused model: checks inputs like the original and returns float32 logits.
 
+    A graph is captured for one input size. Given ``rebuild`` (input example -> runner), a new
+    size captures another graph on its first call (about a second; the last few sizes are
+    kept), so the model serves every size its source serves; without it other sizes are refused.
     ``measured`` holds images/s per ``precision/backend`` candidate when ``precision="auto"``
     chose this one (nan where a candidate's outputs disagreed with fp32).
     """
 
-    def __init__(self, runner: Callable[[torch.Tensor], torch.Tensor], source: nn.Module, dtype: torch.dtype,
-                 precision: str, backend: str) -> None:
+    def __init__(self, runner: Runner, source: nn.Module, dtype: torch.dtype, precision: str, backend: str,
+                 input_hw: tuple[int, int], rebuild: Callable[[torch.Tensor], Runner] | None = None) -> None:
         super().__init__()
-        self.runner = runner
+        self.runners: dict[tuple[int, int], Runner] = {tuple(input_hw): runner}
+        self.rebuild = rebuild
         self.dtype = dtype
         self.precision = precision
         self.backend = backend
@@ -58,7 +66,21 @@ class InferenceModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._check_input is not None:
             self._check_input(x)
-        return self.runner(x.to(self.dtype)).float()
+        return self._runner_for(x)(x.to(self.dtype)).float()
+
+    def _runner_for(self, x: torch.Tensor) -> Runner:
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        runner = self.runners.get(hw)
+        if runner is not None:
+            return runner
+        if self.rebuild is None:
+            h, w = next(iter(self.runners))
+            raise ValueError(f"this {self.precision} {self.backend} model was captured for {h}x{w} inputs; got "
+                             f"{hw[0]}x{hw[1]} (build it again at the size you serve)")
+        if len(self.runners) >= _SIZES_KEPT:
+            del self.runners[list(self.runners)[1]]  # the oldest extra size; the first is the one asked for
+        runner = self.runners[hw] = self.rebuild(torch.zeros(1, *x.shape[1:], dtype=torch.float32, device=x.device))
+        return runner
 
 
 def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Tensor | None = None,
@@ -110,19 +132,24 @@ def supports(backend: str, precision: str, device: torch.device) -> bool:
 
 
 def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision: str, backend: str) -> InferenceModel:
-    if backend == "onnxruntime":
-        return InferenceModel(OnnxRuntimeRunner(onnx_bytes(fused, example)), model, torch.float32, precision, backend)
-    if backend == "openvino":
-        return InferenceModel(OpenVinoRunner(fused, example, precision), model, torch.float32, precision, backend)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    graph_model = fused.to(dtype) if precision == "bf16" else fused
-    if precision == "int8":
+    dtype = torch.bfloat16 if precision == "bf16" and backend == "torchscript" else torch.float32
+    graph_model = fused
+    if backend == "torchscript" and precision == "bf16":
+        graph_model = fused.to(dtype)
+    elif precision == "int8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's notice: not the user's to act on
             graph_model = torch.ao.quantization.quantize_dynamic(fused, {nn.Linear}, dtype=torch.qint8)
-    rewrite = example.device.type == "cpu" and precision == "fp32" and getattr(model, "cpu_graph_rewrite", False)
-    return InferenceModel(torchscript_runner(graph_model, example.to(dtype), rewrite), model, dtype, precision,
-                          backend)
+    rewrite = precision == "fp32" and getattr(model, "cpu_graph_rewrite", False)
+
+    def capture(example: torch.Tensor) -> Runner:
+        if backend == "onnxruntime":
+            return OnnxRuntimeRunner(onnx_bytes(fused, example))
+        if backend == "openvino":
+            return OpenVinoRunner(fused, example, precision)
+        return torchscript_runner(graph_model, example.to(dtype), rewrite and example.device.type == "cpu")
+
+    return InferenceModel(capture(example), model, dtype, precision, backend, example.shape[-2:], capture)
 
 
 def _warn_if_slow_bf16() -> None:

@@ -154,7 +154,8 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_bytes(quantized)
-    return InferenceModel(OnnxRuntimeRunner(quantized), model, torch.float32, "int8-static", "onnxruntime")
+    return InferenceModel(OnnxRuntimeRunner(quantized), model, torch.float32, "int8-static", "onnxruntime",
+                          batches[0].shape[-2:])
 
 
 def _unshare_weights(model: onnx.ModelProto) -> None:

@@ -89,6 +89,7 @@ def torchscript_runner(fused: nn.Module, example: torch.Tensor, rewrite: bool) -
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         # input checks run outside the graph; torch.jit's deprecation notice is not the user's to act on
         warnings.simplefilter("ignore")
+        fused(example)  # fills size-dependent caches (LeViT's biases at another size): constants in the trace
         graph = torch.jit.freeze(torch.jit.trace(fused, example))
         if rewrite:
             graph = torch.jit.optimize_for_inference(graph)
