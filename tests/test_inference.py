@@ -98,7 +98,7 @@ def test_torchscript_and_exported_program(tmp_path, digits_run):
 def test_export_cli_checks_onnx(tmp_path, digits_run):
     result = runner.invoke(app, ["export", str(digits_run / "model"), "--format", "onnx", "--output", str(tmp_path / "d.onnx")])
     assert result.exit_code == 0, result.output
-    assert "ONNX Runtime vs PyTorch: max relative difference" in result.output
+    assert "ONNX Runtime vs PyTorch at 32x32: max relative difference" in result.output
 
 
 def test_predict_any_image_mode_and_size(tmp_path, digits_run):

@@ -186,6 +186,10 @@ def eval_cmd(
     device: str = typer.Option("auto"),
     amp: str = typer.Option("auto", help="auto, bf16, fp16 or none"),
     fused: bool = typer.Option(True, help="fold BatchNorms first (the deployed model)"),
+    input_size: Optional[int] = typer.Option(None, help="evaluate at this height (default: the training size)"),
+    input_width: Optional[int] = typer.Option(None, help="width, when it differs from --input-size"),
+    bias_resampling: Optional[str] = typer.Option(None, help="LeViT at another size: bilinear (default) or keep "
+                                                  "(the learnt offsets as they are; smaller sizes only)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Top-1, top-5 and loss of a trained model (fused), also under torchrun."""
@@ -194,7 +198,9 @@ def eval_cmd(
 
     from .train import evaluate
 
-    metrics = evaluate(checkpoint, data, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused)
+    size = (input_size, input_width or input_size) if input_size else None
+    metrics = evaluate(checkpoint, data, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused,
+                       input_size=size, bias_resampling=bias_resampling)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if json_output:
@@ -245,7 +251,6 @@ def export_cmd(
                                       "(LeViT: attention biases computed in the graph)"),
 ) -> None:
     """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
-    import dataclasses
     import importlib.util
 
     from .checkpoints import load_trained
@@ -255,7 +260,7 @@ def export_cmd(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dynamic_size and hasattr(model.config, "dynamic_size"):
-        model.config = dataclasses.replace(model.config, dynamic_size=True)  # the weights serve any size
+        model = model.reconfigured(dynamic_size=True)  # the same weights serve any size
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     target = output or folder / f"{model.model_name or 'model'}{FORMATS[format]}"
     export(model, target, format, opset=opset, dynamic_size=dynamic_size)

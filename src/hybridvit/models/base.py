@@ -57,6 +57,13 @@ class HybridClassifier(nn.Module):
         """The configured input ``(height, width)``: preprocessing, tracing and MAC counts use it."""
         return to_hw(self.config.img_size)
 
+    def reconfigured(self, **changes: Any) -> "HybridClassifier":
+        """A copy built with config ``changes`` that keep every weight (e.g. ``dynamic_size=True``)."""
+        model = type(self)(dataclasses.replace(self.config, **changes))
+        model.load_state_dict(self.state_dict())
+        model.model_name = self.model_name
+        return model.to(next(self.parameters()).device).train(self.training)
+
     def describe(self) -> str:
         return self.model_name or type(self).__name__
 

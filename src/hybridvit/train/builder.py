@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import create_model
-from ..checkpoints import load_checkpoint
+from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, Datasets, build_datasets, eval_transform, train_transform
 from ..data.datasets import is_digits
 from ..data.sampling import EpochSampler, SeededSamples, ShardSampler
@@ -82,7 +82,7 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
     """Resolve the recipe from the dataset's size, then the transforms, samplers and loaders."""
     datasets = build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
     cfg = cfg.resolved(len(datasets.train), info.family)
-    size = (cfg.input_size, cfg.input_size) if cfg.input_size else info.input_size[1:]
+    size = (cfg.input_size, cfg.input_width or cfg.input_size) if cfg.input_size else info.input_size[1:]
     crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
     datasets.prepare(
         size,
@@ -113,7 +113,10 @@ def build_model(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) -> nn
         kwargs["drop_path_rate"] = cfg.drop_path
     model = create_model(cfg.model, **kwargs)
     if cfg.finetune:
-        load_checkpoint(model, cfg.finetune, exclude_head=True)
+        try:  # the classifier too when it fits (the same classes at a new input size)
+            load_checkpoint(model, cfg.finetune)
+        except CheckpointError:
+            load_checkpoint(model, cfg.finetune, exclude_head=True)
     return model
 
 

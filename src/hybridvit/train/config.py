@@ -66,6 +66,7 @@ class TrainConfig:
     warmup_lr: float | None = None
     min_lr: float | None = None
     input_size: int | None = field(default=None, metadata={"help": "training/eval resolution (default: the model's)"})
+    input_width: int | None = field(default=None, metadata={"help": "width, when it differs from --input-size"})
     workers: int = field(default=2, metadata={"help": "data loading processes per training process"})
     smoothing: float | None = None
     auto_augment: str | None = field(default=None, metadata={"help": "timm RandAugment spec, or 'none'"})
@@ -91,7 +92,8 @@ class TrainConfig:
     seed: int = 0
     resume: str = field(default="no", metadata={
         "help": "yes (bare --resume): continue from OUTPUT/checkpoint.pt; auto: continue if it exists, else start"})
-    finetune: str | None = field(default=None, metadata={"help": "start from these weights (new classifier)"})
+    finetune: str | None = field(default=None, metadata={
+        "help": "start from these weights (their classifier when the classes match, else a new one)"})
     scale: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +101,8 @@ class TrainConfig:
             self.resume = "yes" if self.resume else "no"
         for option in ("amp", "device", "clip_mode", "distillation", "lr_step", "resume"):
             check_choice(option, getattr(self, option))
+        if self.input_width is not None and self.input_size is None:
+            raise ValueError("--input-width needs --input-size (the height)")
 
     def resolved(self, num_train_images: int, family: str) -> "TrainConfig":
         """A copy with every ``None`` recipe option filled in."""

@@ -48,15 +48,22 @@ def run_evaluation(model: nn.Module, loader: DataLoader, device: torch.device, d
 
 
 def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size: int = 64, workers: int = 2,
-             device: str = "auto", amp: str = "auto", fused: bool = True) -> dict[str, Any]:
-    """Top-1/top-5/loss of a saved model (folder, training run or ``checkpoint.pt``), fused, on a val split."""
+             device: str = "auto", amp: str = "auto", fused: bool = True, input_size: tuple[int, int] | None = None,
+             bias_resampling: str | None = None) -> dict[str, Any]:
+    """Top-1/top-5/loss of a saved model (folder, training run or ``checkpoint.pt``), fused, on a val split.
+
+    ``input_size``: evaluate at another size than the training one (LeViT then serves it with
+    biases derived from its tables, by ``bias_resampling``).
+    """
     check_choice("amp", amp)
     check_choice("device", device)
     dev, dist = setup_device(device)
     try:
         model, extra = load_trained(checkpoint)
         info = get_model_info(model.model_name) if model.model_name else None
-        size = model.input_hw  # training builds the model at its training size
+        size = tuple(input_size) if input_size else model.input_hw  # the model's: its training size
+        if hasattr(model.config, "dynamic_size") and (size != model.input_hw or bias_resampling):
+            model = model.reconfigured(dynamic_size=True, bias_resampling=bias_resampling or "bilinear")
         if info is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
         datasets = build_datasets(data, with_train=False)
