@@ -239,3 +239,36 @@ def test_features_load_checkpoints_and_fuse(tmp_path):
                 assert rel_err(got, want) < 1e-4
     assert not any(k.startswith("model.head") for k in backbone.state_dict())
     assert dataclasses.asdict(backbone.model.config)["num_classes"] == 0
+
+
+def test_finetune_at_a_new_size_keeps_a_fitting_classifier(tmp_path):
+    from hybridvit.train import TrainConfig
+    from hybridvit.train.builder import build_model
+
+    source = levit(img_size=64, dynamic=False)
+    hybridvit.save_model(source, tmp_path / "m")
+    cfg = TrainConfig(finetune=str(tmp_path / "m"), input_size=80, input_width=96)
+    same = build_model(cfg, 5, (80, 96))
+    assert same.input_hw == (80, 96)
+    assert torch.equal(same.head.linear.weight, source.head.linear.weight)  # same classes: kept
+    other = build_model(cfg, 3, (80, 96))
+    assert other.head.linear.weight.shape[0] == 3  # other classes: a new classifier, the rest loaded
+    assert torch.equal(other.stem.conv1.conv.weight, source.stem.conv1.conv.weight)
+    with pytest.raises(ValueError, match="--input-width needs --input-size"):
+        TrainConfig(input_width=96)
+
+
+@pytest.mark.slow
+def test_eval_at_other_sizes(digits_run):
+    from hybridvit.train import evaluate
+
+    native = evaluate(digits_run, workers=0)
+    assert native["top1"] > 50
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(digits_run), "--workers", "0", "--input-size", "48",
+                                      "--input-width", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0 < float(result.output.split('"top1": ')[1].split(",")[0]) <= 100
+    kept = evaluate(digits_run, workers=0, input_size=(32, 32), bias_resampling="keep")
+    assert kept["top1"] == native["top1"]  # the trained grid: the learnt offsets are the table itself
+    with pytest.raises(ValueError, match="up to the trained"):
+        evaluate(digits_run, workers=0, input_size=(48, 40), bias_resampling="keep")

@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from tqdm import tqdm
 
+from ..figures import plot_curves
+
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -139,25 +141,3 @@ class Reporter:
         console.print(f"done: final weights in {self.output / 'model'}, best in {self.output / 'best'}, "
                       f"curves in {self.output / 'training_curve.png'}")
 
-
-def plot_curves(metrics_file: Path, png: Path) -> None:
-    """Loss and top-1 per epoch from ``metrics.jsonl``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    epochs = [r["epoch"] + 1 for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["val_top1"] for r in rows], label="top-1")
-    ax_acc.plot(epochs, [r["val_top5"] for r in rows], label="top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
-    ax_acc.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
