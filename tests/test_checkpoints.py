@@ -371,3 +371,31 @@ def test_save_model_never_leaves_a_torn_folder(tmp_path, monkeypatch):
     loaded = hybridvit.load_model(tmp_path / "m")
     assert all(torch.equal(loaded.state_dict()[k], second.state_dict()[k]) for k in second.state_dict())
     assert (tmp_path / "m" / "export.onnx").read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("layout", ["timm", "official"])
+def test_backbone_from_foreign_checkpoints_matches_timm_intermediates(layout, tmp_path, images):
+    ref = timm_levit("levit_128s", seed=5)
+    state = ref.state_dict() if layout == "timm" else {"model": timm_to_official(ref.state_dict(), (2, 3, 4))}
+    torch.save(state, tmp_path / "w.pth")
+    backbone = hybridvit.create_model("levit_128s", features_only=True, checkpoint_path=tmp_path / "w.pth").eval()
+    with torch.no_grad():
+        expected = ref.forward_intermediates(images, intermediates_only=True)
+        got = backbone(images)
+        fused = hybridvit.fuse(backbone)(images)
+    assert len(got) == len(expected) == 3
+    for g, f, e in zip(got, fused, expected):
+        assert g.shape == e.shape and rel_err(g, e) < 1e-4 and rel_err(f, e) < 1e-4
+
+
+def test_cvt_backbone_from_hugging_face_matches_its_stage_outputs(tmp_path):
+    ref = transformers.CvtForImageClassification(transformers.CvtConfig(num_labels=5)).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    backbone = hybridvit.create_model("cvt_13", features_only=True, checkpoint_path=tmp_path / "hf").eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        hidden = ref.cvt(x, output_hidden_states=True).hidden_states
+        got = backbone(x)
+    assert [tuple(g.shape) for g in got] == [tuple(h.shape) for h in hidden]
+    for g, h in zip(got, hidden):
+        assert rel_err(g, h) < 1e-4
