@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/resolution"))
     parser.add_argument("--train-size", type=int, default=128)
     parser.add_argument("--sizes", default="96x96,160x160,96x128", help="comma-separated HxW")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]

@@ -380,7 +380,8 @@ def benchmark_cmd(
 
 @app.command("plot")
 def plot_cmd(
-    kind: str = typer.Argument(..., metavar="KIND", help="attention-bias, attention, filters, block-timings, curves or speed-accuracy"),
+    kind: str = typer.Argument(..., metavar="KIND",
+                               help="attention-bias, attention, filters, block-timings, curves or speed-accuracy"),
     source: str = typer.Argument(..., metavar="MODEL_OR_RUN", help="model name (random weights), model/run folder or "
                                  "checkpoint.pt; curves: run folder or metrics.jsonl; speed-accuracy: benchmark JSON"),
     output: Path = typer.Option(..., help="PNG to write (block-timings also writes its table as .md beside it)"),

@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 KINDS = ("attention-bias", "attention", "filters", "block-timings", "curves", "speed-accuracy")
 DPI = 100
 
+__all__ = [
+    "DPI", "KINDS", "AttentionView", "BlockTiming", "BlockTimings", "attention_view", "benchmark_title", "bias_layers",
+    "block_types", "capture_maps", "denormalise", "figure_attention", "figure_attention_bias", "figure_block_timings",
+    "figure_curves", "figure_filters", "figure_speed_accuracy", "filter_images", "first_conv", "load_figure_model",
+    "make_figure", "measure_block_timings", "model_input", "panel_grid", "panels", "plot_attention",
+    "plot_attention_bias", "plot_block_timings", "plot_curves", "plot_filters", "plot_resolution",
+    "plot_speed_accuracy", "preprocessing", "read_benchmark", "read_metrics", "save_figure", "wrapped",
+]
+
 
 # --- shared plumbing -------------------------------------------------------------------------
 
@@ -45,22 +54,22 @@ def _pyplot() -> Any:
     return plt
 
 
-def panel_grid(rows: int, cols: int, panel_inches: float = 1.4, title: str | None = None) -> tuple[Figure, np.ndarray]:
-    """A figure of ``rows x cols`` image panels (a 2-D array of axes), ticks off."""
-    fig, axes = _pyplot().subplots(rows, cols, figsize=(max(cols * panel_inches, 5.0), rows * panel_inches + 0.4),
-                                   squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+def panel_grid(counts: Sequence[int], panel_inches: float = 1.4,
+               title: str | None = None) -> tuple[Figure, list[list[Axes]]]:
+    """A figure with ``counts[r]`` image panels in row ``r``, left-aligned, ticks off (no axes where no panel)."""
+    cols = max(counts)
+    fig = _pyplot().figure(figsize=(max(cols * panel_inches, 5.0), len(counts) * panel_inches + 0.4),
+                           layout="constrained")
+    grid = fig.add_gridspec(len(counts), cols)
+    axes = [[fig.add_subplot(grid[r, c], xticks=[], yticks=[]) for c in range(n)] for r, n in enumerate(counts)]
     if title:
         fig.suptitle(title, fontsize="medium")
     return fig, axes
 
 
-def _blank(axes: Sequence[Axes]) -> None:
-    """Hide axes a grid has no panel for."""
-    for ax in axes:
-        ax.axis("off")
+def wrapped(n: int, cols: int) -> list[int]:
+    """Panels per row for ``n`` panels in rows of ``cols``."""
+    return [min(cols, n - start) for start in range(0, n, cols)]
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
@@ -75,12 +84,29 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
 
 
 def panels(fig: Figure) -> list[Axes]:
-    """The axes of ``fig`` that show an image, in layout order."""
+    """The axes of ``fig`` that show an image, in the order they were made (row by row)."""
     return [ax for ax in fig.axes if ax.images]
 
 
 def _first_param(model: nn.Module) -> torch.Tensor:
+    """Where the model lives (device), for the inputs made here."""
     return next(model.parameters())
+
+
+def _select(items: list, indices: Sequence[int] | None, what: str) -> list:
+    """``items`` picked by (possibly negative) ``indices``; all when None."""
+    if indices is None:
+        return items
+    for i in indices:
+        if not -len(items) <= i < len(items):
+            raise ValueError(f"{what} {i} does not exist: there are {len(items)} (0..{len(items) - 1})")
+    return [items[i] for i in indices]
+
+
+def _describe(model: nn.Module) -> str:
+    """The model's registered name, or its class, for titles and messages."""
+    describe = getattr(model, "describe", None)
+    return describe() if callable(describe) else type(model).__name__
 
 
 # --- attention bias (LeViT appendix B) -------------------------------------------------------
@@ -99,16 +125,15 @@ def bias_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def figure_attention_bias(model: nn.Module, layers: Sequence[int] | None = None) -> Figure:
     """Each head's learnt bias as a function of the (|dy|, |dx|) offset: one row per layer, one panel per head."""
     tables = _select(bias_layers(model), layers, "attention-bias layer")
-    cols = max(t.shape[0] for _, t in tables)
-    fig, axes = panel_grid(len(tables), cols, 1.1, f"{_describe(model)}: attention bias per head "
-                                                   f"(rows |dy|, columns |dx|)")
+    fig, axes = panel_grid([t.shape[0] for _, t in tables], 1.1,
+                           f"{_describe(model)}: attention bias per head (rows |dy|, columns |dx|; "
+                           f"one colour scale per layer, its range on the left)")
     for row, (name, table) in zip(axes, tables):
         lo, hi = table.min().item(), table.max().item()  # one colour scale per layer: heads compare
-        for h, ax in enumerate(row[:table.shape[0]]):
+        for h, ax in enumerate(row):
             ax.imshow(table[h].numpy(), cmap="viridis", vmin=lo, vmax=hi)
             ax.set_title(f"head {h}", fontsize=7)
-        row[0].set_ylabel(f"{name}\n{table.shape[1]}x{table.shape[2]}", fontsize=7)
-        _blank(row[table.shape[0]:])
+        row[0].set_ylabel(f"{name}\n{table.shape[1]}x{table.shape[2]}, {lo:+.2f}..{hi:+.2f}", fontsize=7)
     return fig
 
 
@@ -117,27 +142,22 @@ def plot_attention_bias(model: nn.Module, path: str | Path, layers: Sequence[int
     return save_figure(figure_attention_bias(model, layers), path)
 
 
-def _select(items: list, indices: Sequence[int] | None, what: str) -> list:
-    """``items`` picked by (possibly negative) ``indices``; all when None."""
-    if indices is None:
-        return items
-    for i in indices:
-        if not -len(items) <= i < len(items):
-            raise ValueError(f"{what} {i} does not exist: there are {len(items)} (0..{len(items) - 1})")
-    return [items[i] for i in indices]
-
 
 # --- attention maps --------------------------------------------------------------------------
 
-def _preprocessing(model: nn.Module) -> ModelInfo:
-    """The registered variant's preprocessing, or the ImageNet defaults for an unregistered model."""
+def preprocessing(model: nn.Module, extra: dict[str, Any] | None = None) -> ModelInfo:
+    """How ``model`` expects images: its registered variant's settings (ImageNet's for an unregistered
+    model), overridden by a trained model's stored ``extra`` (mean, std, crop_pct; see ``load_trained``)."""
     name = getattr(model, "model_name", None)
-    if name in list_models():
-        return get_model_info(name)
-    return ModelInfo(name=name or type(model).__name__, model_class=type(model), config=getattr(model, "config", None))
+    info = get_model_info(name) if name in list_models() else ModelInfo(
+        name=name or type(model).__name__, model_class=type(model), config=getattr(model, "config", None))
+    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in (extra or {}).items()
+              if k in ("mean", "std", "crop_pct") and v is not None}
+    return dataclasses.replace(info, **stored)
 
 
-def model_input(model: nn.Module, image: str | Path | Image.Image | None = None) -> torch.Tensor:
+def model_input(model: nn.Module, image: str | Path | Image.Image | None = None,
+                extra: dict[str, Any] | None = None) -> torch.Tensor:
     """One preprocessed image ``(1, C, H, W)`` at the model's input size; a synthetic picture when None."""
     from .data.transforms import eval_transform, example_image, load_image
 
@@ -147,7 +167,8 @@ def model_input(model: nn.Module, image: str | Path | Image.Image | None = None)
         if not Path(image).is_file():
             raise FileNotFoundError(f"no image file {image}")
         image = load_image(image)
-    transform = eval_transform(_preprocessing(model), input_size=getattr(model, "input_hw", None))
+    size = (extra or {}).get("input_size") or getattr(model, "input_hw", None)
+    transform = eval_transform(preprocessing(model, extra), input_size=tuple(size) if size else None)
     return transform(image).unsqueeze(0).to(_first_param(model).device)
 
 
@@ -168,29 +189,18 @@ class AttentionView:
 
 
 def capture_maps(model: nn.Module, x: torch.Tensor) -> list[AttentionMap]:
-    """Every attention call's probabilities for input ``x``, with the token grids filled in."""
-    q_grids: list[tuple[int, int]] = []
-    k_grids: list[tuple[int, int]] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out, grids=grids: grids.append(tuple(out.shape[-2:])))
-             for name, m in model.named_modules()
-             for suffix, grids in (("conv_proj_q", q_grids), ("conv_proj_k", k_grids)) if name.endswith(suffix)]
-    try:
-        with torch.inference_mode(), capture_attention() as maps:
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    # CvT's convolutional projections do not tell ``attention`` their grids: their outputs do, in call order.
-    unknown = iter(zip(q_grids, k_grids))
-    return [m if m.query_grid != (0, 0) else dataclasses.replace(m, **dict(zip(("query_grid", "key_grid"),
-                                                                                next(unknown))))
-            for m in maps]
+    """Every attention call's probabilities for input ``x``, with the grids its tokens lie on."""
+    with torch.inference_mode(), capture_attention() as maps:
+        model(x)
+    return maps
 
 
 def attention_view(maps: list[AttentionMap], layer: int, query: tuple[float, float],
                    image_hw: tuple[int, int]) -> AttentionView:
     """Each head's probabilities for the query at pixel ``query`` (y, x) of an ``image_hw`` input."""
     amap = _select(maps, [layer], "attention layer")[0]
+    if not all(0 <= p < s for p, s in zip(query, image_hw)):
+        raise ValueError(f"query (y, x) = {tuple(query)} lies outside the {image_hw[0]}x{image_hw[1]} input")
     (qh, qw), (kh, kw) = amap.query_grid, amap.key_grid
     cell = tuple(min(max(int(p * g / s), 0), g - 1) for p, g, s in zip(query, (qh, qw), image_hw))
     probs = amap.probs[0].float().cpu()  # (heads, Nq, Nk)
@@ -200,43 +210,42 @@ def attention_view(maps: list[AttentionMap], layer: int, query: tuple[float, flo
 
 
 def figure_attention(model: nn.Module, image: str | Path | Image.Image | None = None,
-                     query: tuple[float, float] | None = None, layer: int = -1) -> Figure:
+                     query: tuple[float, float] | None = None, layer: int = -1,
+                     extra: dict[str, Any] | None = None) -> Figure:
     """Where each head of one attention call looks from one query position, over the image.
 
     ``query`` is (y, x) in input pixels (default: the centre); ``layer`` indexes the forward's
-    attention calls (default: the last). Each overlay is the raw key-grid map, drawn bilinearly
-    over the image's extent (its AxesImage array is the map itself).
+    attention calls (default: the last); ``extra``: a trained model's stored preprocessing. Each
+    overlay is the raw key-grid map, drawn bilinearly over the image's extent (its AxesImage
+    array is the map itself).
     """
     model = model.eval()
-    x = model_input(model, image)
+    x = model_input(model, image, extra)
     hw = tuple(x.shape[-2:])
     query = query or (hw[0] / 2, hw[1] / 2)
     view = attention_view(capture_maps(model, x), layer, query, hw)
-    picture = denormalise(x[0], _preprocessing(model))
+    picture = denormalise(x[0], preprocessing(model, extra))
     heads = view.maps.shape[0]
-    cols = min(heads + 1, 5)
-    fig, axes = panel_grid(math.ceil((heads + 1) / cols), cols, 1.8,
+    fig, axes = panel_grid(wrapped(heads + 1, 5), 1.8,
                            f"{_describe(model)}: attention call {view.layer} of {view.layers}, query (y, x) = "
                            f"({query[0]:.0f}, {query[1]:.0f}) on cell {view.query_cell} of the query grid")
     extent = (0, hw[1], hw[0], 0)
-    flat = axes.flat
-    ax = next(flat)
-    ax.imshow(picture, extent=extent)
-    ax.plot(query[1], query[0], "r+", markersize=12, markeredgewidth=2)
-    ax.set_title("image and query", fontsize=8)
-    for h in range(heads):
-        ax = next(flat)
+    first, *others = [ax for row in axes for ax in row]
+    first.imshow(picture, extent=extent)
+    first.plot(query[1], query[0], "r+", markersize=12, markeredgewidth=2)
+    first.set_title("image and query", fontsize=8)
+    for h, ax in enumerate(others):
         ax.imshow(picture, extent=extent)
         ax.imshow(view.maps[h].numpy(), extent=extent, interpolation="bilinear", cmap="inferno", alpha=0.6)
         ax.set_title(f"head {h}", fontsize=8)
-    _blank(list(flat))
     return fig
 
 
 def plot_attention(model: nn.Module, path: str | Path, image: str | Path | Image.Image | None = None,
-                   query: tuple[float, float] | None = None, layer: int = -1) -> Path:
+                   query: tuple[float, float] | None = None, layer: int = -1,
+                   extra: dict[str, Any] | None = None) -> Path:
     """Save ``figure_attention``."""
-    return save_figure(figure_attention(model, image, query, layer), path)
+    return save_figure(figure_attention(model, image, query, layer, extra), path)
 
 
 # --- first-layer filters (LeViT figure 2) ----------------------------------------------------
@@ -262,12 +271,10 @@ def figure_filters(model: nn.Module) -> Figure:
     conv = first_conv(model)
     images = filter_images(conv.weight)
     n, k = images.shape[0], images.shape[1]
-    cols = math.ceil(math.sqrt(n))
-    fig, axes = panel_grid(math.ceil(n / cols), cols, 0.8, f"{_describe(model)}: first-layer filters "
-                                                           f"({n} x {conv.in_channels}x{k}x{k})")
-    for img, ax in zip(images, axes.flat):
+    fig, axes = panel_grid(wrapped(n, math.ceil(math.sqrt(n))), 0.8,
+                           f"{_describe(model)}: first-layer filters ({n} x {conv.in_channels}x{k}x{k})")
+    for img, ax in zip(images, [ax for row in axes for ax in row]):
         ax.imshow(img if img.shape[-1] == 3 else img.mean(-1), cmap="gray", interpolation="nearest")
-    _blank(axes.flat[n:])
     return fig
 
 
@@ -292,6 +299,8 @@ def block_types(model: nn.Module) -> dict[str, str]:
 
 @dataclass
 class BlockTiming:
+    """One block type's time per image and share of the forward, unfused and fused."""
+
     block: str
     unfused_ms: float  # per image
     fused_ms: float
@@ -313,17 +322,21 @@ class BlockTimings:
     cpu: str
     path: Path | None = None  # the PNG, once saved
 
+    @property
+    def setting(self) -> str:
+        """What was measured, for titles."""
+        return f"{self.model} at {self.input_hw[0]}x{self.input_hw[1]}, batch {self.batch}, {self.threads} thread(s)"
+
     def markdown(self) -> str:
         """The rows as a markdown table, with the rest of the forward and the total."""
-        lines = [f"{self.model} at {self.input_hw[0]}x{self.input_hw[1]}, batch {self.batch}, {self.iterations} iterations, "
-                 f"{self.threads} thread(s), {self.cpu}, torch {torch.__version__}", "",
+        total_u, total_f = self.total_ms["unfused"], self.total_ms["fused"]
+        other = ("other (residuals, reshapes, pooling)", total_u - sum(r.unfused_ms for r in self.rows),
+                 total_f - sum(r.fused_ms for r in self.rows))
+        lines = [f"{self.setting}, {self.iterations} timed iterations; {self.cpu}, torch {torch.__version__}", "",
                  "| block | unfused ms/img | share | fused ms/img | share |", "|---|---:|---:|---:|---:|"]
-        other = {k: v - sum(getattr(r, f"{k}_ms") for r in self.rows) for k, v in self.total_ms.items()}
-        for name, u, f in ([(r.block, r.unfused_ms, r.fused_ms) for r in self.rows]
-                           + [("other (residuals, reshapes, pooling)", other["unfused"], other["fused"]),
-                              ("total", self.total_ms["unfused"], self.total_ms["fused"])]):
-            lines.append(f"| {name} | {u:.3f} | {u / self.total_ms['unfused']:.1%} | {f:.3f} | "
-                         f"{f / self.total_ms['fused']:.1%} |")
+        rows = [(r.block, r.unfused_ms, r.fused_ms) for r in self.rows] + [other, ("total", total_u, total_f)]
+        for name, u, f in rows:
+            lines.append(f"| {name} | {u:.3f} | {u / total_u:.1%} | {f:.3f} | {f / total_f:.1%} |")
         return "\n".join(lines) + "\n"
 
 
@@ -356,9 +369,12 @@ class _BlockClock:
 
 def measure_block_timings(model: nn.Module, batch_size: int = 16, iterations: int = 10, warmup: int = 2,
                           threads: int | None = None) -> BlockTimings:
-    """Time per block type of the eval model and of ``hybridvit.fuse(model)``, interleaved per iteration."""
+    """Time per block type of the eval model and of ``hybridvit.fuse(model)``, interleaved per iteration (CPU)."""
     from .fusion import fuse
 
+    if _first_param(model).device.type != "cpu":
+        raise ValueError("block timings are measured on the CPU (hooks time without synchronising a GPU); "
+                         "pass model.cpu()")
     model = model.eval()
     models = {"unfused": model, "fused": fuse(model)}
     previous = torch.get_num_threads()
@@ -367,7 +383,7 @@ def measure_block_timings(model: nn.Module, batch_size: int = 16, iterations: in
     clocks = {k: _BlockClock(m) for k, m in models.items()}
     total = dict.fromkeys(models, 0.0)
     hw = tuple(getattr(model, "input_hw", (224, 224)))
-    x = torch.randn(batch_size, getattr(model, "in_chans", 3), *hw, device=_first_param(model).device)
+    x = torch.randn(batch_size, getattr(model, "in_chans", 3), *hw)
     try:
         with torch.inference_mode():
             for step in range(warmup + iterations):
@@ -385,10 +401,9 @@ def measure_block_timings(model: nn.Module, batch_size: int = 16, iterations: in
         torch.set_num_threads(previous)
     per_image = 1e3 / (iterations * batch_size)
     total_ms = {k: v * per_image for k, v in total.items()}
-    rows = [BlockTiming(kind, clocks["unfused"].seconds[kind] * per_image, clocks["fused"].seconds[kind] * per_image,
-                        clocks["unfused"].seconds[kind] * per_image / total_ms["unfused"],
-                        clocks["fused"].seconds[kind] * per_image / total_ms["fused"])
-            for kind in clocks["unfused"].seconds]
+    ms = {k: {kind: v * per_image for kind, v in clock.seconds.items()} for k, clock in clocks.items()}
+    rows = [BlockTiming(kind, ms["unfused"][kind], ms["fused"][kind], ms["unfused"][kind] / total_ms["unfused"],
+                        ms["fused"][kind] / total_ms["fused"]) for kind in ms["unfused"]]
     return BlockTimings(_describe(model), rows, total_ms, hw, batch_size, iterations, threads or previous,
                         machine_info(torch.device("cpu"), threads or previous)["cpu"])
 
@@ -404,7 +419,7 @@ def figure_block_timings(timings: BlockTimings) -> Figure:
     ax.set_yticks(y, [r.block for r in timings.rows])
     ax.invert_yaxis()
     ax.set(xlabel="ms per image (share of the forward)",
-           title=f"{timings.model} at {timings.input_hw[0]}x{timings.input_hw[1]}, batch {timings.batch}, {timings.threads} thread(s)")
+           title=timings.setting)
     ax.legend(fontsize=8, loc="lower right")
     return fig
 
@@ -518,17 +533,19 @@ def plot_resolution(rows: list[dict[str, Any]], path: str | Path, title: str) ->
 
 # --- any kind from a name or a path (the plot command) ---------------------------------------
 
-def load_figure_model(source: str | Path) -> nn.Module:
-    """A registered name (random weights) or a model folder, run folder or training checkpoint."""
+def load_figure_model(source: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A registered name (random weights, no extras) or a model folder, run folder or training
+    checkpoint, with its stored extras (preprocessing, class names)."""
     from .api import create_model
     from .checkpoints import load_trained
 
     if str(source) in list_models():
-        return create_model(str(source)).eval()
+        return create_model(str(source)).eval(), {}
     if not Path(source).exists():
         raise FileNotFoundError(f"{source} is neither a registered model ({', '.join(list_models())}) nor a "
                                 f"model folder, training run folder or checkpoint.pt")
-    return load_trained(source)[0].eval()
+    model, extra = load_trained(source)
+    return model.eval(), extra
 
 
 def make_figure(kind: str, source: str | Path, output: str | Path, *, image: str | Path | None = None,
@@ -547,26 +564,12 @@ def make_figure(kind: str, source: str | Path, output: str | Path, *, image: str
         return plot_speed_accuracy(rows, output, benchmark_title(machine))
     if kind == "attention" and layers is not None and len(layers) != 1:
         raise ValueError(f"the attention figure maps one attention call; got layers {list(layers)}")
-    model = load_figure_model(source)
+    model, extra = load_figure_model(source)
     if kind == "attention-bias":
         return plot_attention_bias(model, output, layers)
     if kind == "attention":
-        return plot_attention(model, output, image, query, layers[0] if layers else -1)
+        return plot_attention(model, output, image, query, layers[0] if layers else -1, extra)
     if kind == "filters":
         return plot_filters(model, output)
     return plot_block_timings(model, output, batch_size, iterations, threads)
 
-
-def _describe(model: nn.Module) -> str:
-    describe = getattr(model, "describe", None)
-    return describe() if callable(describe) else type(model).__name__
-
-
-__all__ = [
-    "KINDS", "AttentionView", "BlockTiming", "BlockTimings", "attention_view", "bias_layers", "block_types",
-    "capture_maps", "figure_attention", "figure_attention_bias", "figure_block_timings", "figure_curves",
-    "figure_filters", "figure_speed_accuracy", "filter_images", "first_conv", "load_figure_model", "make_figure",
-    "measure_block_timings", "model_input", "panel_grid", "panels", "plot_attention", "plot_attention_bias",
-    "plot_block_timings", "plot_curves", "plot_filters", "plot_resolution", "plot_speed_accuracy", "read_benchmark",
-    "read_metrics", "save_figure",
-]

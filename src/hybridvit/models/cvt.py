@@ -99,11 +99,14 @@ class ConvAttention(nn.Module):
         if self.with_cls_token:
             cls, x = x[:, :1], x[:, 1:]
         x_map = x.transpose(1, 2).reshape(B, C, *grid)
-        q, k, v = (conv(x_map).flatten(2).transpose(1, 2) for conv in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
+        q, k, v = (conv(x_map) for conv in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
+        q_grid, kv_grid = (q.shape[-2], q.shape[-1]), (k.shape[-2], k.shape[-1])
+        q, k, v = (t.flatten(2).transpose(1, 2) for t in (q, k, v))
         if cls is not None:  # the class token bypasses the convolution and rejoins here
             q, k, v = torch.cat((cls, q), 1), torch.cat((cls, k), 1), torch.cat((cls, v), 1)
         q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
-        x = attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, q.shape[2], C)
+        x = attention(q, k, v, scale=self.scale, query_grid=q_grid, key_grid=kv_grid)
+        x = x.transpose(1, 2).reshape(B, q.shape[2], C)
         return self.proj(x)
 
 
