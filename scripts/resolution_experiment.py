@@ -3,7 +3,8 @@
 Trains LeViT-128S on the digits at ``--train-size``, then for each other size evaluates it
 with the attention biases resampled from the learnt tables (``bilinear``), with the learnt
 offsets kept as they are (``keep``, for grids no larger than the trained one), and after a
-short fine-tune at that size. Writes ``resolution.json``, ``resolution.md`` and
+short fine-tune at that size; as a control, with every bias table set to zero (what the
+biases contribute at all). Writes ``resolution.json``, ``resolution.md`` and
 ``resolution.png`` into ``--output``.
 
     python scripts/resolution_experiment.py --output runs/resolution
@@ -19,6 +20,7 @@ import torch
 
 import hybridvit
 from hybridvit.bench import machine_info
+from hybridvit.checkpoints import load_trained
 from hybridvit.figures import plot_resolution
 from hybridvit.train import TrainConfig, evaluate, train
 
@@ -48,7 +50,15 @@ def main() -> None:
     base = args.output / "base"
     if not (base / "model").exists():
         train(TrainConfig(epochs=args.epochs, input_size=args.train_size, batch_size=64, workers=0, output=str(base)))
-    rows = [dict(size=list(native), trained=True, bilinear=top1(base / "model", native), keep=None, finetuned=None)]
+    no_bias = args.output / "base_without_bias"
+    model, extra = load_trained(base / "model")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "attention_bias" in name:
+                p.zero_()
+    hybridvit.save_model(model, no_bias, extra)
+    rows = [dict(size=list(native), trained=True, bilinear=top1(base / "model", native), keep=None, finetuned=None,
+                 no_bias=top1(no_bias, native))]
     for size in sizes:
         fits = all(g <= n for g, n in zip(grid(size), grid(native)))
         tuned = args.output / f"finetune_{size[0]}x{size[1]}"
@@ -57,7 +67,7 @@ def main() -> None:
                               workers=0, lr=2e-3, warmup_epochs=0, finetune=str(base / "model"), output=str(tuned)))
         rows.append(dict(size=list(size), trained=False, bilinear=top1(base / "model", size, "bilinear"),
                          keep=top1(base / "model", size, "keep") if fits else None,
-                         finetuned=top1(tuned / "model", size)))
+                         finetuned=top1(tuned / "model", size), no_bias=top1(no_bias, size)))
     meta = machine_info(torch.device("cpu"), torch.get_num_threads()) | dict(
         hybridvit=hybridvit.__version__, model="levit_128s", data="digits (360 val images)", epochs=args.epochs,
         finetune_epochs=args.finetune_epochs)
@@ -70,13 +80,14 @@ def table(rows: list[dict]) -> str:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
-    lines = ["| input | first key grid | biases resampled (bilinear) | offsets kept | fine-tuned at that size |",
-             "|---|---|---|---|---|"]
+    lines = ["| input | first key grid | biases resampled (bilinear) | offsets kept | fine-tuned at that size "
+             "| control: biases zeroed |", "|---|---|---|---|---|---|"]
     for r in rows:
         h, w = r["size"]
         g = grid((h, w))
         name = f"{h}x{w}" + (" (trained)" if r["trained"] else "")
-        lines.append(f"| {name} | {g[0]}x{g[1]} | {pct(r['bilinear'])} | {pct(r['keep'])} | {pct(r['finetuned'])} |")
+        lines.append(f"| {name} | {g[0]}x{g[1]} | {pct(r['bilinear'])} | {pct(r['keep'])} | {pct(r['finetuned'])} "
+                     f"| {pct(r['no_bias'])} |")
     return "\n".join(lines)
 
 

@@ -395,7 +395,11 @@ def plot_cmd(
 ) -> None:
     """The papers' figures for any model or checkpoint, and a run's or benchmark's plots."""
     from .figures import BlockTimings, make_figure
+    from .optimize import tune_cpu_allocator
 
+    if kind == "block-timings":
+        # glibc's page faults on fresh activations made the stem's time vary 2.2-3.5 ms/image between runs
+        tune_cpu_allocator()
     result = make_figure(kind, source, output, image=image, query=query, layers=layer or None,
                          batch_size=batch_size, iterations=iterations, threads=threads)
     if isinstance(result, BlockTimings):

@@ -519,15 +519,19 @@ def plot_speed_accuracy(rows: list[BenchResult], path: str | Path, title: str) -
 
 
 def plot_resolution(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Top-1 per input size of scripts/resolution_experiment.py: resampled, kept and fine-tuned biases."""
-    fig, ax = _pyplot().subplots(figsize=(7, 4), layout="constrained")
+    """Top-1 per input size of scripts/resolution_experiment.py: resampled, kept, fine-tuned, zeroed biases."""
+    fig, ax = _pyplot().subplots(figsize=(8, 4), layout="constrained")
     labels = [f"{r['size'][0]}x{r['size'][1]}" + (" (trained)" if r["trained"] else "") for r in rows]
     x = np.arange(len(rows))
-    for offset, key in ((-0.27, "bilinear"), (0, "keep"), (0.27, "finetuned")):
-        ax.bar(x + offset, [math.nan if r[key] is None else r[key] for r in rows], width=0.26, label=key)
+    series = {"bilinear": "biases resampled", "keep": "offsets kept", "finetuned": "fine-tuned at the size",
+              "no_bias": "control: biases zeroed"}
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series.items()):
+        values = [math.nan if r.get(key) is None else r[key] for r in rows]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width=width, label=label)
     ax.set_xticks(x, labels)
-    ax.set(ylabel="top-1 (%)", title=title)
-    ax.legend()
+    ax.set(ylabel="top-1 (%)", title=title, ylim=(0, 100))
+    ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, path)
 
 
