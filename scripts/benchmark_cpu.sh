@@ -15,5 +15,4 @@ for threads in 1 "$(nproc)"; do
         --precision fp32 --precision bf16 --precision int8 --precision int8-static \
         --warmup 2 --time "$TIME" --rounds "$ROUNDS" --json > "docs/bench_cpu_${threads}t.json"
 done
-hybridvit benchmark levit_128s levit_256 cvt_13 --threads 1 --precision fp32 --warmup 1 --time 2 --rounds 1 \
-    --plot docs/speed_accuracy_cpu.png > /dev/null
+hybridvit plot speed-accuracy docs/bench_cpu_1t.json --output docs/speed_accuracy_cpu.png

@@ -74,16 +74,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     only recorded, by ``capture_attention``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _CAPTURED is not None:
+    needs_bias_grad = bias is not None and torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
+    if _REFERENCE_ONLY or needs_bias_grad or _CAPTURED is not None:
         scores = (q @ k.transpose(-2, -1)) * scale
         probs = (scores if bias is None else scores + bias).softmax(dim=-1)
-        _CAPTURED.append(AttentionMap(probs.detach(), tuple(map(int, query_grid or (0, 0))),
-                                      tuple(map(int, key_grid or (0, 0)))))
+        if _CAPTURED is not None:
+            _CAPTURED.append(AttentionMap(probs.detach(), tuple(map(int, query_grid or (0, 0))),
+                                          tuple(map(int, key_grid or (0, 0)))))
         return probs @ v
-    needs_bias_grad = bias is not None and torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
-    if _REFERENCE_ONLY or needs_bias_grad:
-        scores = (q @ k.transpose(-2, -1)) * scale
-        return (scores if bias is None else scores + bias).softmax(dim=-1) @ v
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if needs_grad or _prefers_fused_kernel(q, k, v):
         if q.shape[-1] < v.shape[-1]:

@@ -90,20 +90,23 @@ class _GridBias(nn.Module):
 
     def forward(self, key_grid: tuple[int, int] | None = None) -> torch.Tensor:
         if _IN_GRAPH:
-            return bias_for_grid(self.table, self.key_grid, key_grid or self.key_grid, self.stride, self.resampling)
+            return self._derived(key_grid or self.key_grid)
         if key_grid is None or tuple(key_grid) == self.key_grid:
             return self.native_bias()
         key_grid = (int(key_grid[0]), int(key_grid[1]))
         if torch.is_grad_enabled() and self.table.requires_grad:
-            return bias_for_grid(self.table, self.key_grid, key_grid, self.stride, self.resampling)
+            return self._derived(key_grid)
         # The table's version counter moves with every in-place update (optimizer step, load).
         key = (key_grid, self.table._version, self.table.data_ptr(), self.table.dtype, self.table.device)
         if key not in self._cache:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))
             with torch.no_grad():
-                self._cache[key] = bias_for_grid(self.table, self.key_grid, key_grid, self.stride, self.resampling)
+                self._cache[key] = self._derived(key_grid)
         return self._cache[key]
+
+    def _derived(self, key_grid: tuple[int, int]) -> torch.Tensor:
+        return bias_for_grid(self.table, self.key_grid, key_grid, self.stride, self.resampling)
 
 
 class AttentionBias(_GridBias):

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import create_model
-from ..checkpoints import CheckpointError, load_checkpoint
+from ..checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from ..data import DataError, Datasets, build_datasets, eval_transform, train_transform
 from ..data.datasets import is_digits
 from ..data.sampling import EpochSampler, SeededSamples, ShardSampler
@@ -113,10 +113,11 @@ def build_model(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) -> nn
         kwargs["drop_path_rate"] = cfg.drop_path
     model = create_model(cfg.model, **kwargs)
     if cfg.finetune:
+        weights = read_checkpoint(cfg.finetune)  # read once for both attempts
         try:  # the classifier too when it fits (the same classes at a new input size)
-            load_checkpoint(model, cfg.finetune)
+            load_checkpoint(model, weights)
         except CheckpointError:
-            load_checkpoint(model, cfg.finetune, exclude_head=True)
+            load_checkpoint(model, weights, exclude_head=True)
     return model
 
 
