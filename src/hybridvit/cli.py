@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import sys
 import time
 import typing
@@ -138,12 +139,28 @@ def forward_cmd(
                   f"max |fused - unfused| = {diff:.2e}")
 
 
+def _json_option(name: str, text: str | None) -> dict:
+    """A ``--name '{...}'`` option's JSON object (``{}`` when not given)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object such as '{{\"ablation\": \"A1\"}}': {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object; got {text!r}")
+    return value
+
+
 def _dataclass_command(config_class: type, skip: frozenset[str] = frozenset()):
     """Decorator: expose every field of ``config_class`` as a ``--option`` (one source of truth)."""
     hints = typing.get_type_hints(config_class)
 
     def option(f: dataclasses.Field) -> inspect.Parameter:
         flag = f"--{f.name.replace('_', '-')}"
+        if typing.get_origin(hints[f.name]) is dict:  # given as JSON on the command line
+            return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                     default=typer.Option(None, flag, help=f.metadata.get("help")))
         if hints[f.name] in (bool, Optional[bool]):  # on/off switches, e.g. --model-ema / --no-model-ema
             flag += f"/--no-{flag[2:]}"
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
@@ -154,6 +171,9 @@ def _dataclass_command(config_class: type, skip: frozenset[str] = frozenset()):
 
         @functools.wraps(fn)
         def command(**kwargs):
+            for name, hint in hints.items():
+                if typing.get_origin(hint) is dict and name in kwargs:
+                    kwargs[name] = _json_option(name, kwargs[name])
             return fn(config_class(**kwargs))
 
         command.__signature__ = inspect.Signature(params)

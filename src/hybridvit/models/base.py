@@ -21,6 +21,8 @@ class HybridClassifier(nn.Module):
     family: ClassVar[str]
     config_class: ClassVar[type]
     head_names: ClassVar[tuple[str, ...]] = ("head",)
+    # The paper recipe ``train`` uses for large datasets (see ``train.config.RECIPES``).
+    default_recipe: ClassVar[str]
     # Whether ``optimize`` should apply TorchScript's oneDNN rewrite on CPU (measured per family).
     cpu_graph_rewrite: ClassVar[bool] = False
     # Smallest input side: below it the image is smaller than one patch of the embedding.
@@ -69,9 +71,10 @@ class HybridClassifier(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Parameters trained without weight decay: attention biases, norm weights, all biases."""
+        """Parameters trained without weight decay: attention biases, position embeddings, tokens,
+        norm weights and all biases."""
         return {
             name
             for name, p in self.named_parameters()
-            if p.ndim <= 1 or "attention_bias" in name or name.endswith("cls_token")
+            if p.ndim <= 1 or "attention_bias" in name or name.endswith(("cls_token", "dist_token", "pos_embed"))
         }

@@ -167,6 +167,7 @@ class CvT(HybridClassifier):
     """CvT classifier: LayerNorm + Linear head on the last stage's class token."""
 
     family = "cvt"
+    default_recipe = "cvt"
     config_class = CvTConfig
 
     def __init__(self, config: CvTConfig) -> None:

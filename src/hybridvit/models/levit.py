@@ -191,6 +191,7 @@ class LeViT(HybridClassifier):
     """
 
     family = "levit"
+    default_recipe = "levit"
     config_class = LeViTConfig
     head_names = ("head", "head_dist")
     cpu_graph_rewrite = True  # fp32: +14% single-thread CPU throughput (docs/benchmarks.md)

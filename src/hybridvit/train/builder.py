@@ -81,7 +81,7 @@ def run_output(cfg: TrainConfig) -> Path:
 def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.device) -> tuple[TrainConfig, DataPipeline]:
     """Resolve the recipe from the dataset's size, then the transforms, samplers and loaders."""
     datasets = build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
-    cfg = cfg.resolved(len(datasets.train), info.family)
+    cfg = cfg.resolved(len(datasets.train), info.model_class.default_recipe)
     size = (cfg.input_size, cfg.input_width or cfg.input_size) if cfg.input_size else info.input_size[1:]
     crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
     datasets.prepare(
@@ -108,7 +108,7 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
 
 
 def build_model(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) -> nn.Module:
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "img_size": size}
+    kwargs: dict[str, Any] = {**cfg.model_args, "num_classes": num_classes, "img_size": size}
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
     model = create_model(cfg.model, **kwargs)

@@ -26,6 +26,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # CvT: 2.5e-4 per GPU at 256 images (CvT-13), 1.25e-4 at 128 (CvT-21, W24), times 8 GPUs: 5e-4 per 512.
     "cvt": dict(_DEIT, epochs=300, batch_size=256, lr=5e-4, weight_decay=0.05, repeated_aug=False,
                 clip_grad=None, clip_mode="norm", distillation="none", model_ema=False),
+    # DeiT (the grafting experiment, LeViT paper section 3): its main.py defaults, hard distillation with a teacher.
+    "deit": dict(_DEIT, epochs=300, batch_size=128, lr=5e-4, weight_decay=0.05, repeated_aug=True, clip_grad=None,
+                 clip_mode="norm", distillation="hard", model_ema=True),
     "tiny": dict(epochs=30, batch_size=64, lr=8e-3, weight_decay=0.025, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
                  cooldown_epochs=0, lr_step="update", auto_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0,
                  cutmix=0.0, smoothing=0.1, hflip=0.0, scale=(0.75, 1.0), repeated_aug=False, clip_grad=None,
@@ -53,9 +56,11 @@ class TrainConfig:
     """Everything ``hybridvit train`` accepts; ``None`` means "from the recipe"."""
 
     model: str = field(default="levit_128s", metadata={"help": "registered model name"})
+    model_args: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "model config options as JSON, e.g. '{\"ablation\": \"A3\"}' or '{\"resnet_stages\": 2}'"})
     data: str | None = field(default=None, metadata={"help": "ImageNet-layout folder (ROOT/train, ROOT/val); default: built-in digits"})
     output: str | None = field(default=None, metadata={"help": "run folder (default runs/<model>-<data>)"})
-    recipe: str = field(default="auto", metadata={"help": "auto, levit, cvt or tiny"})
+    recipe: str = field(default="auto", metadata={"help": "auto, levit, cvt, deit or tiny"})
     epochs: int | None = field(default=None, metadata={"help": "epochs of the cosine schedule"})
     cooldown_epochs: int | None = field(default=None, metadata={"help": "extra epochs at --min-lr after the cosine"})
     batch_size: int | None = field(default=None, metadata={"help": "images per process"})
@@ -104,11 +109,11 @@ class TrainConfig:
         if self.input_width is not None and self.input_size is None:
             raise ValueError("--input-width needs --input-size (the height)")
 
-    def resolved(self, num_train_images: int, family: str) -> "TrainConfig":
-        """A copy with every ``None`` recipe option filled in."""
+    def resolved(self, num_train_images: int, family_recipe: str) -> "TrainConfig":
+        """A copy with every ``None`` recipe option filled in (``family_recipe``: the model's paper recipe)."""
         name = self.recipe
         if name == "auto":
-            name = "tiny" if num_train_images < TINY_DATASET else family
+            name = "tiny" if num_train_images < TINY_DATASET else family_recipe
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose auto, {', '.join(RECIPES)}")
         recipe = dict(RECIPES[name])
