@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from fnmatch import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -35,6 +35,8 @@ class ModelInfo:
     paper_gpu_throughput: float | None = None  # images/s, V100, from the paper
     paper_cpu_throughput: float | None = None  # images/s, one Xeon 6138 thread, from the paper
     paper_arm_throughput: float | None = None  # images/s, one Graviton2 thread, from the paper
+    # The paper's named ablations of this variant: ``ablation="A3"`` applies those config changes.
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -45,7 +47,15 @@ class ModelInfo:
         return (self.config.in_chans, *to_hw(self.config.img_size))
 
     def build_config(self, **changes: Any) -> Any:
-        """This variant's config with ``changes`` applied; unknown names raise ``TypeError``."""
+        """This variant's config with ``changes`` applied; unknown names raise ``TypeError``.
+
+        ``ablation=NAME`` applies the named ablation's changes first, so explicit options still win.
+        """
+        name = changes.get("ablation")
+        if name is not None:
+            if name not in self.ablations:
+                raise ValueError(f"{self.name} has no ablation {name!r}; available: {', '.join(self.ablations) or 'none'}")
+            changes = {**self.ablations[name], **changes}
         valid = {f.name for f in dataclasses.fields(self.config)}
         unknown = sorted(set(changes) - valid)
         if unknown:
@@ -86,7 +96,7 @@ def find_variant(model_class: type[nn.Module], config: Any) -> str | None:
 # Config fields that change neither the variant's identity nor which weights fit it
 # (bias tables are resampled for another input size; CvT's activation has no weights).
 FREE_FIELDS = frozenset({"num_classes", "distillation", "drop_path_rate", "img_size", "mlp_act", "dynamic_size",
-                         "bias_resampling"})
+                         "bias_resampling", "ablation"})
 
 
 def architecture(config: Any) -> dict[str, Any]:

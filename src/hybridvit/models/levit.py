@@ -4,14 +4,19 @@ Layout of the paper's Table 2: a 4-convolution patch embedding (stride 16), then
 stages of attention + MLP residual pairs on a token grid, joined by shrinking attention
 (queries on the 2x subsampled grid, keys/values on the full grid, no residual). Tokens
 travel token-major ``(B, N, C)``; every linear map carries a BatchNorm that ``fuse`` folds.
+
+The paper's ablations (Table 5, appendix A.2) are config options, so they combine freely;
+``ablation="A1"``..``"A7"`` names the paper's settings (``ABLATIONS``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerNorm2d, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from ..layers import BIAS_RESAMPLING, AttentionBias, BNLinear, ConvBN, LinearBN, attention
@@ -24,14 +29,22 @@ from .features import feature_take_indices, stage_output
 class LeViTConfig:
     """Hyper-parameters of one LeViT variant (names follow the paper)."""
 
-    embed_dim: tuple[int, int, int]  # C per stage
-    num_heads: tuple[int, int, int]  # N per stage
-    depth: tuple[int, int, int]  # attention+MLP pairs per stage
+    embed_dim: tuple[int, ...]  # C per stage
+    num_heads: tuple[int, ...]  # N per stage
+    depth: tuple[int, ...]  # attention+MLP pairs per stage
     key_dim: int = 16  # D: per-head dimension of queries and keys
     attn_ratio: float = 2.0  # V has attn_ratio * D channels per head
     mlp_ratio: float = 2.0
     shrink_attn_ratio: float = 4.0  # V is 4D in shrinking attention
     shrink_mlp_ratio: float = 2.0
+    shrink_num_heads: tuple[int, ...] | None = None  # per shrink; None: C/D of the stage before (official)
+    # Ablation switches (paper Table 5); the defaults are LeViT.
+    stem: str = "patchconv"  # "patchconv": 4 stride-2 3x3 convs; "patchify": one 16x16 stride-16 conv (A2)
+    norm: str = "batch"  # "batch": BN after every linear map; "layer": pre-norm LayerNorm, as DeiT (A3)
+    attention_bias: bool = True  # False: no attention bias (A5 adds pos_embed instead)
+    pos_embed: bool = False  # a learnt position embedding added after the stem (A5)
+    attn_activation: bool = True  # Hardswish on A·V before the projection (False: A7)
+    ablation: str | None = None  # the paper's name of these settings ("A1".."A7"): a label, set by create_model
     drop_path_rate: float = 0.0  # same rate on every residual branch, as in the official code
     img_size: int | tuple[int, int] = 224  # the size the attention-bias tables are learnt for
     in_chans: int = 3
@@ -48,8 +61,38 @@ class LeViTConfig:
         )
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = tuple(self.img_size)
+        if self.shrink_num_heads is not None:
+            self.shrink_num_heads = tuple(self.shrink_num_heads)
         if self.bias_resampling not in BIAS_RESAMPLING:
             raise ValueError(f"bias_resampling must be one of {BIAS_RESAMPLING}, got {self.bias_resampling!r}")
+        stages = len(self.embed_dim)
+        if not stages or len(self.num_heads) != stages or len(self.depth) != stages:
+            raise ValueError(f"embed_dim, num_heads and depth need one value per stage; got {self.embed_dim}, "
+                             f"{self.num_heads}, {self.depth}")
+        if self.shrink_num_heads is not None and len(self.shrink_num_heads) != stages - 1:
+            raise ValueError(f"shrink_num_heads needs one value per shrink ({stages - 1}); got {self.shrink_num_heads}")
+        for option, value, valid in (("stem", self.stem, _STEMS), ("norm", self.norm, _NORMS)):
+            if value not in valid:
+                raise ValueError(f"{option} must be one of {valid}, got {value!r}")
+        if self.ablation is not None and self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {sorted(ABLATIONS)}, got {self.ablation!r}")
+
+
+_STEMS = ("patchconv", "patchify")
+_NORMS = ("batch", "layer")
+
+# The paper's ablations of LeViT-128S (Table 5; widths of A1 and A6 from appendix A.2).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "A1": dict(embed_dim=(114,), num_heads=(3,), depth=(11,), key_dim=19),  # no pyramid: C = 2ND
+    "A2": dict(stem="patchify"),
+    "A3": dict(norm="layer"),
+    "A4": dict(distillation=False),  # and trained without a teacher
+    "A5": dict(attention_bias=False, pos_embed=True),
+    "A6": dict(embed_dim=(120, 180, 240), key_dim=30, attn_ratio=1.0, mlp_ratio=4.0, shrink_attn_ratio=1.0,
+               shrink_mlp_ratio=4.0, shrink_num_heads=(16, 24)),  # no wider blocks: Q, K, V all D = 30
+    "A7": dict(attn_activation=False),
+}
+_WIDTH_ABLATIONS = ("A1", "A6")  # replace LeViT-128S's widths: defined for that variant only
 
 
 def _half(grid: tuple[int, int]) -> tuple[int, int]:
@@ -57,57 +100,97 @@ def _half(grid: tuple[int, int]) -> tuple[int, int]:
     return (grid[0] + 1) // 2, (grid[1] + 1) // 2
 
 
+def _conv(in_chs: int, out_chs: int, kernel: int, stride: int, padding: int, norm: str) -> nn.Module:
+    """Convolution + BatchNorm (foldable), or convolution with bias + channel LayerNorm (A3)."""
+    if norm == "batch":
+        return ConvBN(in_chs, out_chs, kernel, stride, padding)
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_chs, out_chs, kernel, stride, padding), norm=LayerNorm2d(out_chs)))
+
+
+def _linear(in_features: int, out_features: int, norm: str, zero_init: bool = False) -> nn.Module:
+    """Linear + BatchNorm (foldable), or, with pre-norm LayerNorm blocks (A3), a plain linear map with
+    bias. ``zero_init``: the residual branch starts at zero either way."""
+    if norm == "batch":
+        return LinearBN(in_features, out_features, bn_weight_init=0.0 if zero_init else 1.0)
+    linear = nn.Linear(in_features, out_features)
+    if zero_init:
+        nn.init.zeros_(linear.weight)
+    else:
+        trunc_normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _pre_norm(dim: int, norm: str) -> nn.Module:
+    """The LayerNorm in front of a residual branch (A3); nothing with BatchNorm."""
+    return nn.LayerNorm(dim) if norm == "layer" else nn.Identity()
+
+
 class PatchEmbed(nn.Sequential):
     """Four 3x3 stride-2 convolutions, C/8 -> C/4 -> C/2 -> C, Hardswish between them."""
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    def __init__(self, in_chans: int, dim: int, norm: str = "batch") -> None:
         super().__init__()
-        self.conv1 = ConvBN(in_chans, dim // 8, 3, 2, 1)
+        self.conv1 = _conv(in_chans, dim // 8, 3, 2, 1, norm)
         self.act1 = nn.Hardswish()
-        self.conv2 = ConvBN(dim // 8, dim // 4, 3, 2, 1)
+        self.conv2 = _conv(dim // 8, dim // 4, 3, 2, 1, norm)
         self.act2 = nn.Hardswish()
-        self.conv3 = ConvBN(dim // 4, dim // 2, 3, 2, 1)
+        self.conv3 = _conv(dim // 4, dim // 2, 3, 2, 1, norm)
         self.act3 = nn.Hardswish()
-        self.conv4 = ConvBN(dim // 2, dim, 3, 2, 1)
+        self.conv4 = _conv(dim // 2, dim, 3, 2, 1, norm)
+
+
+class Patchify(nn.Sequential):
+    """A2: ViT's patch projection, one 16x16 stride-16 convolution (padded to round odd sizes up)."""
+
+    def __init__(self, in_chans: int, dim: int, norm: str = "batch") -> None:
+        super().__init__()
+        self.conv = _conv(in_chans, dim, 16, 16, 0, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h, pad_w = -x.shape[-2] % 16, -x.shape[-1] % 16
+        if pad_h or pad_w:  # the same grid as the 4-conv stem gives: ceil(size / 16)
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        return super().forward(x)
 
 
 class Attention(nn.Module):
     """Multi-head attention with small keys, attention bias and Hardswish on A·V."""
 
-    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, grid: tuple[int, int],
-                 bias_resampling: str = "bilinear") -> None:
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], c: LeViTConfig) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.val_dim = int(attn_ratio * key_dim)
+        self.key_dim = c.key_dim
+        self.val_dim = int(c.attn_ratio * c.key_dim)
         # Output channels are grouped per head as [q | k | v], the official layout.
-        self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim))
-        self.attention_bias = AttentionBias(num_heads, grid, resampling=bias_resampling)
-        self.act = nn.Hardswish()
-        self.proj = LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0)
+        self.qkv = _linear(dim, num_heads * (2 * c.key_dim + self.val_dim), c.norm)
+        self.attention_bias = AttentionBias(num_heads, grid, resampling=c.bias_resampling) if c.attention_bias else None
+        self.act = nn.Hardswish() if c.attn_activation else nn.Identity()
+        self.proj = _linear(num_heads * self.val_dim, dim, c.norm, zero_init=True)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
-        x = attention(q, k, v, self.attention_bias(grid), query_grid=grid, key_grid=grid)
+        bias = self.attention_bias(grid) if self.attention_bias is not None else None
+        x = attention(q, k, v, bias, query_grid=grid, key_grid=grid)
         return self.proj(self.act(x.transpose(1, 2).reshape(B, N, -1)))
 
 
 class ShrinkAttention(nn.Module):
     """Attention between stages: queries on the subsampled grid, keys/values on the full one."""
 
-    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float,
-                 grid: tuple[int, int], bias_resampling: str = "bilinear") -> None:
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int, grid: tuple[int, int], c: LeViTConfig) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.val_dim = int(attn_ratio * key_dim)
-        self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim))  # per head [k | v]
-        self.q = LinearBN(in_dim, num_heads * key_dim)
-        self.attention_bias = AttentionBias(num_heads, grid, stride=2, resampling=bias_resampling)
-        self.act = nn.Hardswish()
-        self.proj = LinearBN(num_heads * self.val_dim, out_dim)  # no residual: BN starts at 1
+        self.key_dim = c.key_dim
+        self.val_dim = int(c.shrink_attn_ratio * c.key_dim)
+        self.kv = _linear(in_dim, num_heads * (c.key_dim + self.val_dim), c.norm)  # per head [k | v]
+        self.q = _linear(in_dim, num_heads * c.key_dim, c.norm)
+        self.attention_bias = (AttentionBias(num_heads, grid, stride=2, resampling=c.bias_resampling)
+                               if c.attention_bias else None)
+        self.act = nn.Hardswish() if c.attn_activation else nn.Identity()
+        self.proj = _linear(num_heads * self.val_dim, out_dim, c.norm)  # no residual: BN starts at 1
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Tokens on ``grid`` -> tokens on the subsampled grid (odd sizes round up, as the stem does)."""
@@ -118,19 +201,20 @@ class ShrinkAttention(nn.Module):
         x_sub = x_sub.reshape(B, -1, C)
         q = self.q(x_sub).view(B, x_sub.shape[1], self.num_heads, self.key_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        x = attention(q, k, v, self.attention_bias(grid), query_grid=sub_grid, key_grid=grid)
+        bias = self.attention_bias(grid) if self.attention_bias is not None else None
+        x = attention(q, k, v, bias, query_grid=sub_grid, key_grid=grid)
         return self.proj(self.act(x.transpose(1, 2).reshape(B, x_sub.shape[1], -1))), sub_grid
 
 
 class MLP(nn.Module):
     """Linear expansion + BN, Hardswish, linear reduction + BN (zero-initialised: residual)."""
 
-    def __init__(self, dim: int, ratio: float) -> None:
+    def __init__(self, dim: int, ratio: float, norm: str = "batch") -> None:
         super().__init__()
         hidden = int(dim * ratio)
-        self.up = LinearBN(dim, hidden)
+        self.up = _linear(dim, hidden, norm)
         self.act = nn.Hardswish()
-        self.down = LinearBN(hidden, dim, bn_weight_init=0.0)
+        self.down = _linear(hidden, dim, norm, zero_init=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
@@ -139,31 +223,33 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One attention + MLP pair, each a residual branch with drop path."""
 
-    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, mlp_ratio: float,
-                 grid: tuple[int, int], drop_path: float, bias_resampling: str = "bilinear") -> None:
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], c: LeViTConfig) -> None:
         super().__init__()
-        self.attn = Attention(dim, key_dim, num_heads, attn_ratio, grid, bias_resampling)
-        self.mlp = MLP(dim, mlp_ratio)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm1 = _pre_norm(dim, c.norm)
+        self.attn = Attention(dim, num_heads, grid, c)
+        self.norm2 = _pre_norm(dim, c.norm)
+        self.mlp = MLP(dim, c.mlp_ratio, c.norm)
+        self.drop_path = DropPath(c.drop_path_rate) if c.drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(x, grid))
-        return x + self.drop_path(self.mlp(x))
+        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Shrink(nn.Module):
     """Shrinking attention (C -> C', grid halved) followed by a residual MLP block."""
 
-    def __init__(self, in_dim: int, out_dim: int, key_dim: int, attn_ratio: float, mlp_ratio: float,
-                 grid: tuple[int, int], drop_path: float, bias_resampling: str = "bilinear") -> None:
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int, grid: tuple[int, int], c: LeViTConfig) -> None:
         super().__init__()
-        self.attn = ShrinkAttention(in_dim, out_dim, key_dim, in_dim // key_dim, attn_ratio, grid, bias_resampling)
-        self.mlp = MLP(out_dim, mlp_ratio)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm1 = _pre_norm(in_dim, c.norm)
+        self.attn = ShrinkAttention(in_dim, out_dim, num_heads, grid, c)
+        self.norm2 = _pre_norm(out_dim, c.norm)
+        self.mlp = MLP(out_dim, c.shrink_mlp_ratio, c.norm)
+        self.drop_path = DropPath(c.drop_path_rate) if c.drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-        x, grid = self.attn(x, grid)
-        return x + self.drop_path(self.mlp(x)), grid
+        x, grid = self.attn(self.norm1(x), grid)
+        return x + self.drop_path(self.mlp(self.norm2(x))), grid
 
 
 class Stage(nn.Module):
@@ -202,21 +288,23 @@ class LeViT(HybridClassifier):
         self.img_size = to_hw(c.img_size)
         self.distillation = c.distillation
         self.num_features = c.embed_dim[-1]
-        self.stem = PatchEmbed(c.in_chans, c.embed_dim[0])
+        self.stem = (PatchEmbed if c.stem == "patchconv" else Patchify)(c.in_chans, c.embed_dim[0], c.norm)
         grid = self.img_size
         for _ in range(4):
             grid = _half(grid)
+        self.pos_embed = None
+        if c.pos_embed:  # A5: DeiT's learnt position embedding, on the stem's grid
+            self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, grid[0] * grid[1], c.embed_dim[0]), std=0.02))
         self.grids: list[tuple[int, int]] = []
         stages = []
         for i, (dim, heads, depth) in enumerate(zip(c.embed_dim, c.num_heads, c.depth)):
             shrink = None
             if i > 0:
-                shrink = Shrink(c.embed_dim[i - 1], dim, c.key_dim, c.shrink_attn_ratio, c.shrink_mlp_ratio,
-                                grid, c.drop_path_rate, c.bias_resampling)
+                shrink_heads = (c.shrink_num_heads[i - 1] if c.shrink_num_heads is not None
+                                else c.embed_dim[i - 1] // c.key_dim)
+                shrink = Shrink(c.embed_dim[i - 1], dim, shrink_heads, grid, c)
                 grid = _half(grid)
-            blocks = [Block(dim, c.key_dim, heads, c.attn_ratio, c.mlp_ratio, grid, c.drop_path_rate, c.bias_resampling)
-                      for _ in range(depth)]
-            stages.append(Stage(shrink, blocks))
+            stages.append(Stage(shrink, [Block(dim, heads, grid, c) for _ in range(depth)]))
             self.grids.append(grid)
         self.stages = nn.ModuleList(stages)
         self.feature_info = [dict(num_chs=dim, reduction=16 * 2**i, module=f"stages.{i}")
@@ -228,7 +316,14 @@ class LeViT(HybridClassifier):
         self.num_classes = self.config.num_classes = num_classes
 
         def make_head() -> nn.Module:
-            return BNLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            if num_classes <= 0:
+                return nn.Identity()
+            if self.config.norm == "batch":
+                return BNLinear(self.num_features, num_classes)
+            linear = nn.Linear(self.num_features, num_classes)
+            trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+            return nn.Sequential(OrderedDict(norm=nn.LayerNorm(self.num_features), linear=linear))
 
         self.head = make_head()
         self.head_dist = make_head() if self.distillation else None
@@ -247,9 +342,16 @@ class LeViT(HybridClassifier):
     def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         self.check_input(x)
         x = self.stem(x)
+        grid = (x.shape[-2], x.shape[-1])
         # Contiguous tokens: a strided view would turn every linear map of stage 1 into a slower
         # batched product (the residual adds keep the input's layout).
-        return x.flatten(2).transpose(1, 2).contiguous(), (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2).contiguous()
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if grid != self.grids[0]:
+                pos = resample_abs_pos_embed(pos, list(grid), list(self.grids[0]), num_prefix_tokens=0)
+            x = x + pos
+        return x, grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> final tokens ``(B, N, C_last)``, N in row-major grid order."""
@@ -304,5 +406,7 @@ _VARIANTS = {
 }
 
 for _name, (_config, _meta) in _VARIANTS.items():
-    register_model(ModelInfo(name=_name, model_class=LeViT, config=_config, crop_pct=224 / 256, **_meta))
+    _ablations = {k: v for k, v in ABLATIONS.items() if _name == "levit_128s" or k not in _WIDTH_ABLATIONS}
+    register_model(ModelInfo(name=_name, model_class=LeViT, config=_config, crop_pct=224 / 256, ablations=_ablations,
+                             **_meta))
 
