@@ -130,7 +130,7 @@ def test_a3_layer_norms_are_kept_by_fuse():
     assert sum(isinstance(m, nn.LayerNorm) for m in fused.modules()) == norms
 
 
-@pytest.mark.parametrize("ablation", ["A1", "A3", "A5", "A6"])
+@pytest.mark.parametrize("ablation", ["A1", "A2", "A3", "A5", "A6"])
 def test_save_and_load_round_trip(tmp_path, ablation):
     model = randomize_(create_model("levit_128s", ablation=ablation, **SMALL)).eval()
     save_model(model, tmp_path / "m")

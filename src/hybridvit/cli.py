@@ -398,6 +398,40 @@ def benchmark_cmd(
         plot_speed_accuracy(rows, plot, f"{device}, {threads} thread(s)" if device == "cpu" else device)
 
 
+@app.command("experiment")
+def experiment_cmd(
+    name: str = typer.Argument(..., metavar="EXPERIMENT", help="grafting, levit-ablations or cvt-ablations"),
+    epochs: int = typer.Option(..., help="epochs per variant"),
+    output: Path = typer.Option(..., help="folder: one run per variant, results.md/.json/.png"),
+    data: Optional[str] = typer.Option(None, help="ImageNet-layout folder (ROOT/train, ROOT/val) or 'digits' (default)"),
+    input_size: Optional[int] = typer.Option(None, help="train and measure every variant at this size (default: "
+                                             "the recipe's; the digits: 64)"),
+    batch_size: Optional[int] = typer.Option(None, help="images per process (default: the recipe's)"),
+    recipe: str = typer.Option("auto", help="auto, levit, cvt, deit or tiny (one recipe for every variant)"),
+    seed: int = typer.Option(0),
+    teacher: Optional[str] = typer.Option(None, help="distil every variant that has a distillation head from this "
+                                          "teacher (model name or run folder); A4 never is"),
+    only: Optional[str] = typer.Option(None, help="comma-separated variants to run (default: all)"),
+    jobs: int = typer.Option(1, help="variants trained side by side, each in its own process"),
+    workers: int = typer.Option(2, help="data loading processes per training process"),
+    bench_seconds: float = typer.Option(3.0, help="timed seconds per variant for the throughput"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Rerun one of the papers' tables on your data: train, evaluate and time every variant (resumable)."""
+    from .experiments import ExperimentInterrupted, Settings, run_experiment
+
+    settings = Settings(name, None if data == "digits" else data, epochs, input_size, batch_size, recipe, seed, teacher)
+    try:
+        rows = run_experiment(settings, output, jobs=jobs, only=only.split(",") if only else None, workers=workers,
+                              bench_seconds=bench_seconds, progress=not quiet,
+                              log=lambda m: console.print(m, highlight=False))
+    except ExperimentInterrupted as e:
+        console.print(f"[yellow]stopped:[/yellow] {e}", highlight=False)
+        raise typer.Exit(130) from None
+    if rows is not None:
+        console.print((output / "results.md").read_text(), highlight=False)
+
+
 @app.command("plot")
 def plot_cmd(
     kind: str = typer.Argument(..., metavar="KIND",

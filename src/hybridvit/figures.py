@@ -37,7 +37,7 @@ __all__ = [
     "block_types", "capture_maps", "denormalise", "figure_attention", "figure_attention_bias", "figure_block_timings",
     "figure_curves", "figure_filters", "figure_speed_accuracy", "filter_images", "first_conv", "load_figure_model",
     "make_figure", "measure_block_timings", "model_input", "panel_grid", "panels", "plot_attention",
-    "plot_attention_bias", "plot_block_timings", "plot_curves", "plot_filters", "plot_resolution",
+    "plot_attention_bias", "plot_block_timings", "plot_curves", "plot_experiment", "plot_filters", "plot_resolution",
     "plot_speed_accuracy", "preprocessing", "read_benchmark", "read_metrics", "save_figure", "wrapped",
 ]
 
@@ -532,6 +532,24 @@ def plot_resolution(rows: list[dict[str, Any]], path: str | Path, title: str) ->
     ax.set_xticks(x, labels)
     ax.set(ylabel="top-1 (%)", title=title, ylim=(0, 100))
     ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, path)
+
+
+def plot_experiment(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """An experiment's variants: our top-1 against measured images/s, and against the paper's top-1."""
+    fig, (speed, paper) = _pyplot().subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    for r in rows:
+        top1 = math.nan if r["top1"] is None else r["top1"]
+        speed.scatter(r["images_per_second"], top1)
+        speed.annotate(r["variant"], (r["images_per_second"], top1), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        if r["paper_top1"] is not None:
+            paper.scatter(r["paper_top1"], top1)
+            paper.annotate(r["variant"], (r["paper_top1"], top1), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    speed.set(xlabel="images / second (1 CPU thread, measured)", ylabel="top-1 (%, ours)")
+    paper.set(xlabel="ImageNet top-1 (%, paper)", ylabel="top-1 (%, ours)")
+    for ax in (speed, paper):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
     return save_figure(fig, path)
 
 

@@ -37,6 +37,9 @@ class CheckpointFormat:
     config_from_folder: Callable[[Checkpoint], Any] | None = None
 
     def matches(self, ckpt: Checkpoint) -> bool:
+        folder = ckpt.folder_config or {}
+        if self.name == NATIVE and folder.get("format") == NATIVE:  # a hybridvit folder says its family
+            return folder.get("family") == self.family
         return self.marker_key in ckpt.state_dict
 
 

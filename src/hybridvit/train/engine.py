@@ -67,6 +67,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     ``OUTPUT/metrics.jsonl``, TensorBoard scalars and ``OUTPUT/training_curve.png``. Run under
     torchrun for DistributedDataParallel.
     """
+    owns_group = not torch.distributed.is_initialized()  # an experiment keeps its group across runs
     device, dist = setup_device(cfg.device)
     try:
         run = build_run(cfg, device, dist)
@@ -74,7 +75,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         with Reporter(run.output, dist.is_main, progress) as reporter, _StopFlag() as stop:
             return _fit(run, position, dist, reporter, stop)
     finally:
-        cleanup_distributed()
+        if owns_group:
+            cleanup_distributed()
 
 
 def _fit(run: TrainingRun, position: _Position, dist: DistInfo, reporter: Reporter, stop: _StopFlag) -> dict[str, Any]:
