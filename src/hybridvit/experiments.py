@@ -94,7 +94,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     ), count_args={"distillation": False}, notes=(
         "Paper: 100 epochs on ImageNet with distillation (A4 without); params counted without the "
         "distillation head, as the table's 7.4M for the base (7.8M with it).",
-        "Without --teacher no variant is distilled, so A4 trains exactly as the base does.",
+        "Without --teacher no variant is distilled: A4 then differs from the base only by its missing second head.",
     )),
     Experiment("cvt-ablations", "CvT paper Tables 5-8: ablations of CvT-13", (
         _cvt("base", "CvT-13: conv token embedding, conv projection, k/v stride 2, no position embedding",

@@ -5,6 +5,10 @@ LayerNorm). Inside a block, q, k and v come from a convolutional projection: a d
 3x3 convolution + BatchNorm on the token map (stride 1 for q, 2 for k and v), then a linear
 map. No positional embedding, so any input size works with the same weights. The class
 token exists only in the last stage; it skips the convolutional projection.
+
+The paper's ablations are config options: ``pos_embed`` per stage (Table 5), non-overlapping
+patch embedding through ``patch_size``/``patch_padding`` (Table 6), ``stride_kv`` (Table 7) and
+``conv_proj`` per stage (Table 8: False is ViT's position-wise linear projection).
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath, QuickGELU
+from timm.layers import DropPath, QuickGELU, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from ..layers import ConvBN, attention
-from ..registry import ModelInfo, register_model
+from ..registry import ModelInfo, register_model, to_hw
 from .base import HybridClassifier
 from .features import feature_take_indices, stage_output
 
@@ -45,10 +49,16 @@ class CvTConfig:
     img_size: int | tuple[int, int] = 224  # default input size (preprocessing, MACs); any size runs
     in_chans: int = 3
     num_classes: int = 1000
+    # Ablations (defaults: CvT). A learnt position embedding per stage, sized for img_size (Table 5).
+    pos_embed: tuple[bool, bool, bool] = (False, False, False)
+    conv_proj: tuple[bool, bool, bool] = (True, True, True)  # False: linear q/k/v projection (Table 8)
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "num_heads", "depth", "patch_size", "patch_stride", "patch_padding"):
+        for name in ("embed_dim", "num_heads", "depth", "patch_size", "patch_stride", "patch_padding", "pos_embed",
+                     "conv_proj"):
             setattr(self, name, tuple(getattr(self, name)))
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} needs one value per stage (3); got {getattr(self, name)}")
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = tuple(self.img_size)
         if self.mlp_act not in _ACTIVATIONS:
@@ -74,16 +84,18 @@ class ConvAttention(nn.Module):
     """Multi-head attention with convolutional projections of q, k, v."""
 
     def __init__(self, dim: int, num_heads: int, kernel: int, stride_q: int, stride_kv: int,
-                 qkv_bias: bool, with_cls_token: bool) -> None:
+                 qkv_bias: bool, with_cls_token: bool, conv_proj: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.with_cls_token = with_cls_token
+        self.conv_proj = conv_proj
         # As in the official code the logits are scaled by the full width, not the head width.
         self.scale = dim**-0.5
         pad = kernel // 2
-        self.conv_proj_q = ConvBN(dim, dim, kernel, stride_q, pad, groups=dim)
-        self.conv_proj_k = ConvBN(dim, dim, kernel, stride_kv, pad, groups=dim)
-        self.conv_proj_v = ConvBN(dim, dim, kernel, stride_kv, pad, groups=dim)
+        if conv_proj:
+            self.conv_proj_q = ConvBN(dim, dim, kernel, stride_q, pad, groups=dim)
+            self.conv_proj_k = ConvBN(dim, dim, kernel, stride_kv, pad, groups=dim)
+            self.conv_proj_v = ConvBN(dim, dim, kernel, stride_kv, pad, groups=dim)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -95,6 +107,10 @@ class ConvAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
+        if not self.conv_proj:  # ViT's projection: every token, class token included, at full resolution
+            q, k, v = self._heads(self.proj_q(x)), self._heads(self.proj_k(x)), self._heads(self.proj_v(x))
+            x = attention(q, k, v, scale=self.scale, query_grid=grid, key_grid=grid)
+            return self.proj(x.transpose(1, 2).reshape(B, N, C))
         cls = None
         if self.with_cls_token:
             cls, x = x[:, :1], x[:, 1:]
@@ -125,11 +141,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: LN -> conv attention -> residual, LN -> MLP -> residual."""
 
-    def __init__(self, dim: int, num_heads: int, config: CvTConfig, with_cls_token: bool, drop_path: float) -> None:
+    def __init__(self, dim: int, num_heads: int, config: CvTConfig, with_cls_token: bool, drop_path: float,
+                 conv_proj: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ConvAttention(dim, num_heads, config.kernel_qkv, config.stride_q, config.stride_kv,
-                                  config.qkv_bias, with_cls_token)
+                                  config.qkv_bias, with_cls_token, conv_proj)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, config.mlp_ratio, _ACTIVATIONS[config.mlp_act])
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -142,20 +159,30 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Convolutional token embedding, optional class token, then the blocks."""
 
-    def __init__(self, in_chans: int, index: int, config: CvTConfig, with_cls_token: bool, drop_path: float) -> None:
+    def __init__(self, in_chans: int, index: int, config: CvTConfig, with_cls_token: bool, drop_path: float,
+                 grid: tuple[int, int]) -> None:
         super().__init__()
         dim = config.embed_dim[index]
         self.embed = ConvEmbed(in_chans, dim, config.patch_size[index], config.patch_stride[index],
                                config.patch_padding[index])
+        self.grid = grid  # the embedding's grid at the configured img_size: pos_embed's
+        self.pos_embed = None
+        if config.pos_embed[index]:
+            self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, grid[0] * grid[1], dim), std=0.02))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls_token else None
         depth = config.depth[index]
         rates = [drop_path * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]  # linspace(0, rate)
         self.blocks = nn.ModuleList(
-            Block(dim, config.num_heads[index], config, with_cls_token, rate) for rate in rates)
+            Block(dim, config.num_heads[index], config, with_cls_token, rate, config.conv_proj[index]) for rate in rates)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(B, C, H, W)`` map -> ``(B, [1 +] H'*W', dim)`` tokens and the grid ``(H', W')``."""
         x, grid = self.embed(x)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if grid != self.grid:  # another input size: the embedding is resampled to this grid
+                pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
+            x = x + pos
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         for block in self.blocks:
@@ -174,10 +201,12 @@ class CvT(HybridClassifier):
         super().__init__(config)
         c = config
         self.num_features = c.embed_dim[-1]
-        stages, in_chans = [], c.in_chans
+        stages, in_chans, grid = [], c.in_chans, to_hw(c.img_size)
         for i in range(3):
             last = i == 2
-            stages.append(Stage(in_chans, i, c, with_cls_token=last, drop_path=c.drop_path_rate if last else 0.0))
+            grid = tuple((n + 2 * c.patch_padding[i] - c.patch_size[i]) // c.patch_stride[i] + 1 for n in grid)
+            stages.append(Stage(in_chans, i, c, with_cls_token=last, drop_path=c.drop_path_rate if last else 0.0,
+                                grid=grid))
             in_chans = c.embed_dim[i]
         self.stages = nn.ModuleList(stages)
         reductions = [math.prod(c.patch_stride[:i + 1]) for i in range(3)]
