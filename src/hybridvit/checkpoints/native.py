@@ -20,7 +20,7 @@ from torch import nn
 
 from ..registry import family_model_class, find_variant
 from .errors import CheckpointError
-from .formats import NATIVE, detect_format, load_checkpoint
+from .formats import NATIVE, detect_format, load_checkpoint, native_format, register_format
 from .io import read_checkpoint, read_tensor_file
 
 FORMAT_VERSION = 1
@@ -148,3 +148,8 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model.model_name = state["model_name"]
     model.load_state_dict(state["model"])
     return model.eval(), state.get("extra", {})
+
+
+# The grafted models exist only in hybridvit's format: folders say their family; bare weight
+# files are recognised by the ResNet trunk.
+register_format(native_format("graft", "trunk.conv1.weight"))

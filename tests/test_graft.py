@@ -1,0 +1,100 @@
+"""The LeViT paper's grafted models (Table 1): counts, shapes, training, fusion and round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import randomize_, rel_err
+from hybridvit import count_params, create_model, fuse
+from hybridvit.checkpoints import load_model, save_model
+from hybridvit.flops import macs_by_module
+
+NAME = "graft_resnet50_deit_s"
+# Table 1: ResNet-50 stages k, DeiT-S layers n -> params, conv MACs, transformer MACs.
+TABLE_1 = {(0, 12): (22.0e6, 57e6, 4519e6), (1, 9): (17.1e6, 820e6, 3389e6), (2, 6): (13.1e6, 1876e6, 2260e6),
+           (3, 3): (15.1e6, 3385e6, 1130e6), (4, 0): (25.5e6, 4119e6, 0)}
+
+
+def graft(k: int, n: int, **kw) -> nn.Module:
+    return create_model(NAME, resnet_stages=k, deit_layers=n, **kw)
+
+
+@pytest.mark.parametrize("pair", list(TABLE_1))
+def test_counts_match_table_1(pair):
+    with torch.device("meta"):
+        model = graft(*pair)
+    params, conv, transformer = TABLE_1[pair]
+    assert abs(count_params(model) / params - 1) < 0.02
+    macs = macs_by_module(model)
+    ours_conv = sum(macs.get(m, 0) for m in ("trunk", "patch_embed", "proj"))
+    assert abs(ours_conv / conv - 1) < 0.02  # ours: +1.4% to -1.8%
+    if transformer:
+        assert abs(macs["blocks"] / transformer - 1) < 0.015  # ours: +1.0% (the softmax scores)
+
+
+def test_four_stages_no_layers_is_resnet50():
+    ours, theirs = graft(4, 0), torchvision.models.resnet50()
+    assert count_params(ours) == count_params(theirs) == 25_557_032
+    expected = {f"trunk.{k}" for k in theirs.state_dict() if not k.startswith("fc.")} | {"head.weight", "head.bias"}
+    assert set(ours.state_dict()) == expected and ours.head_dist is None
+
+
+@pytest.mark.parametrize("pair", [(0, 2), (1, 1), (3, 1), (4, 0), (4, 1)])
+def test_trains_forward_and_backward(pair):
+    torch.manual_seed(0)
+    model = graft(*pair, num_classes=10, img_size=64)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, tuple) == (pair[1] > 0)
+    (out[0] + out[1] if isinstance(out, tuple) else out).sum().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model.eval()
+    assert model(torch.randn(2, 3, 48, 80)).shape == (2, 10)  # any size: pooled to ceil(size / 16)
+
+
+def test_interface_grid_is_14x14_at_224_and_proportional_elsewhere():
+    model = graft(1, 1, num_classes=10).eval()
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    model(torch.randn(1, 3, 224, 224))
+    model(torch.randn(1, 3, 64, 96))
+    assert seen == [2 + 14 * 14, 2 + 4 * 6]  # class and distillation tokens + the grid
+
+
+def test_pooling_and_position_embedding_are_used():
+    # Training mode: batch statistics keep the random ResNet's map at unit scale (its initial running
+    # statistics would not), so a change of the embedding shows in the logits.
+    model = graft(2, 1, num_classes=10, img_size=64, distillation=False, drop_path_rate=0.0).train()
+    assert model.pos_embed.shape == (1, 1 + 16, 384)
+    assert {"pos_embed", "cls_token"} <= model.no_weight_decay()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    with torch.no_grad():
+        model.pos_embed[:, 1:].add_(torch.randn(1, 16, 384))  # a constant per token would vanish in LayerNorm
+    assert rel_err(model(x), before) > 1e-3
+
+
+@pytest.mark.parametrize("pair", [(2, 1), (4, 0)])
+def test_fuse_folds_the_resnet_batchnorms(pair):
+    model = randomize_(graft(*pair, num_classes=10, img_size=64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fused = fuse(model)
+    assert rel_err(fused(x), model(x)) < 1e-4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = randomize_(graft(3, 1, num_classes=10, img_size=64)).eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 64, 64)
+    assert loaded.config == model.config and torch.equal(loaded(x), model(x))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="resnet_stages must be 0-4"):
+        graft(5, 1)
+    with pytest.raises(ValueError, match="deit_layers"):
+        graft(1, -1)
