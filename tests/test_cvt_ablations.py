@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from timm.layers import resample_abs_pos_embed
 
 from conftest import randomize_, rel_err
 from hybridvit import count_macs, count_params, create_model, fuse
 from hybridvit.checkpoints import load_model, save_model
-from hybridvit.models.cvt import ConvAttention
+from hybridvit.models.cvt import ConvAttention, CvT, CvTConfig
+from hybridvit.registry import find_variant
 
 BASE_PARAMS = 19_997_480
 POS = {(True, False, False): 56 * 56 * 64, (False, False, True): 14 * 14 * 384,
@@ -95,6 +100,34 @@ def test_fuse_and_round_trip_of_an_ablated_model(tmp_path):
     assert loaded.config == model.config and torch.equal(loaded(x), model(x))
 
 
-def test_bad_options():
-    with pytest.raises(ValueError, match="one value per stage"):
-        create_model("cvt_13", conv_proj=(True, False))
+@pytest.mark.parametrize("bad, message", [(dict(conv_proj=(True, False)), "one value per stage"),
+                                          (dict(pos_embed=True), "one value per stage"),
+                                          (dict(pos_embed="yes"), "one value per stage"),
+                                          (dict(conv_proj=("no", True, True)), "True/False per stage")])
+def test_bad_options(bad, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("cvt_13", **bad)
+
+
+def test_ablations_are_architecture_fields():
+    """An ablated CvT-13 is not the registered cvt_13 (its weights do not fit), even after JSON."""
+    assert find_variant(CvT, _meta().config) == "cvt_13"
+    for options in VARIANTS:
+        config = _meta(**options).config
+        assert find_variant(CvT, config) is None
+        assert CvTConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    assert find_variant(CvT, _meta(conv_proj=[True] * 3, pos_embed=[False] * 3).config) == "cvt_13"
+
+
+def test_position_embedding_is_resampled_only_at_another_size(monkeypatch):
+    import hybridvit.models.cvt as cvt
+
+    calls = []
+    monkeypatch.setattr(cvt, "resample_abs_pos_embed",
+                        lambda *a, **k: calls.append(a[1]) or resample_abs_pos_embed(*a, **k))
+    model = create_model("cvt_13", num_classes=10, img_size=(64, 48), pos_embed=(False, False, True)).eval()
+    assert model.stages[2].pos_embed.shape == (1, 4 * 3, 384)
+    model(torch.randn(1, 3, 64, 48))
+    assert calls == []
+    model(torch.randn(1, 3, 96, 80))
+    assert calls == [[6, 5]]

@@ -56,9 +56,15 @@ class CvTConfig:
     def __post_init__(self) -> None:
         for name in ("embed_dim", "num_heads", "depth", "patch_size", "patch_stride", "patch_padding", "pos_embed",
                      "conv_proj"):
-            setattr(self, name, tuple(getattr(self, name)))
-            if len(getattr(self, name)) != 3:
-                raise ValueError(f"{name} needs one value per stage (3); got {getattr(self, name)}")
+            value = getattr(self, name)  # JSON gives lists; a scalar or a string is not one value per stage
+            if not isinstance(value, (list, tuple)) or len(value) != 3:
+                raise ValueError(f"{name} needs one value per stage (3); got {value!r}")
+            setattr(self, name, tuple(value))
+        for name in ("pos_embed", "conv_proj"):
+            flags = getattr(self, name)
+            if not all(isinstance(f, bool) or f in (0, 1) for f in flags):
+                raise ValueError(f"{name} needs one True/False per stage; got {flags!r}")
+            setattr(self, name, tuple(bool(f) for f in flags))
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = tuple(self.img_size)
         if self.mlp_act not in _ACTIVATIONS:
