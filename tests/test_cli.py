@@ -20,7 +20,8 @@ def test_models_table():
     assert list(rows)[:5] == ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
     assert "7.78M" in rows["levit_128s"] and "305M" in rows["levit_128s"] and "76.6" in rows["levit_128s"]
     assert "12,880" in rows["levit_128s"] and "131.1" in rows["levit_128s"] and "224x224" in rows["levit_128s"]
-    assert list(rows)[5:] == ["cvt_13", "cvt_21", "cvt_w24"]
+    assert list(rows)[5:] == ["cvt_13", "cvt_21", "cvt_w24", "graft_resnet50_deit_s"]
+    assert "13.14M" in rows["graft_resnet50_deit_s"] and "80.9" in rows["graft_resnet50_deit_s"]
     assert "20.00M" in rows["cvt_13"] and "4,570M" in rows["cvt_13"] and "81.6" in rows["cvt_13"]
     assert "277.20M" in rows["cvt_w24"] and "384x384" in rows["cvt_w24"]
 
