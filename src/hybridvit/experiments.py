@@ -251,13 +251,14 @@ def _measure(experiment: Experiment, variants: list[Variant], settings: Settings
     """Counts, top-1 and single-thread throughput of every trained variant (throughput kept in
     ``throughput.json``; variants not measured yet are measured together, interleaved)."""
     models = {v.name: load_trained(output / v.name)[0].eval() for v in variants}
+    macs_at_input = {name: count_macs(model) for name, model in models.items()}
     store = output / "throughput.json"
     measured = json.loads(store.read_text()) if store.exists() else {"rows": {}}
     missing = [v for v in variants if v.name not in measured["rows"]]
     if missing:
         log(f"measuring {len(missing)} variant(s), 1 thread, batch 16")
         candidates = [Candidate(v.name, eager(lambda m=models[v.name]: fuse(m), "cpu"), models[v.name].input_hw,
-                                "hybridvit", v.model, macs=count_macs(models[v.name])) for v in missing]
+                                "hybridvit", v.model, macs=macs_at_input[v.name]) for v in missing]
         plan = Plan(batch=16, warmup_s=bench_seconds / 3, time_s=bench_seconds, rounds=3, latency_runs=1)
         rows, machine = benchmark(candidates, "cpu", threads=1, plan=plan, tuned_allocator=True)
         measured["machine"] = machine
@@ -271,7 +272,7 @@ def _measure(experiment: Experiment, variants: list[Variant], settings: Settings
         results.append(dict(
             variant=v.name, change=v.change, model=v.model, model_args=v.model_args, params=params, macs=macs,
             paper_params=v.paper_params, paper_macs=v.paper_macs, paper_top1=v.paper_top1,
-            input_size=list(model.input_hw), macs_at_input=count_macs(model),
+            input_size=list(model.input_hw), macs_at_input=macs_at_input[v.name],
             images_per_second=measured["rows"][v.name], top1=trained.get("top1"), best_top1=trained.get("best_top1"),
             recipe=recipe, distilled=bool(settings.teacher and v.teacher)))
     return results
