@@ -18,7 +18,8 @@ from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
 from hybridvit.data import build_datasets, eval_transform, example_image, load_image
 from hybridvit.export import check_onnx, export
-from hybridvit.predict import Predictor, imagenet_class_names
+from hybridvit.data import imagenet_labels
+from hybridvit.predict import Predictor
 from hybridvit.registry import get_model_info
 
 runner = CliRunner()
@@ -124,7 +125,7 @@ def test_predict_uses_imagenet_names_for_1000_classes(tmp_path):
     hybridvit.save_model(model, tmp_path / "m")
     example_image(256).save(tmp_path / "x.png")
     (result,) = Predictor(tmp_path / "m").predict([tmp_path / "x.png"])
-    names = imagenet_class_names()
+    names = imagenet_labels(1000)[1]
     assert len(names) == 1000 and names[0].startswith("tench") and names[999].startswith("toilet tissue")
     with torch.no_grad():  # the same image through the eager model, preprocessed by hand
         x = eval_transform(get_model_info("levit_128s"))(load_image(tmp_path / "x.png"))[None]

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import create_model, fuse, list_models
+from .api import load_source
 from .flops import count_params, macs_by_module
 from .registry import get_model_info
 from .train.config import TrainConfig
@@ -106,20 +107,29 @@ def info_cmd(name: str, height: Optional[int] = typer.Option(None, help="input h
     console.print(table)
 
 
+_SOURCE_HELP = "model folder, training run folder, checkpoint.pt, hf-hub:ORG/NAME[@REVISION], or a model name with --pretrained"
+_PRETRAINED = typer.Option(False, "--pretrained", help="a model name: use its published weights")
+_PRETRAINED_TAG = typer.Option(None, "--pretrained-tag", help="which published weights (see `hybridvit models`; "
+                               "default: the first)")
+
+
 @app.command("forward")
 def forward_cmd(
     name: str = typer.Argument("levit_128s"),
     image: Optional[Path] = typer.Argument(None, help="image file (default: a built-in synthetic picture)"),
     checkpoint: Optional[Path] = typer.Option(None, help="weights in any supported format"),
     pretrained: bool = typer.Option(False, help="download the published weights"),
+    pretrained_tag: Optional[str] = _PRETRAINED_TAG,
 ) -> None:
     """Run one image through a model, unfused and fused, and print the top-5 and timings."""
+    from .api import pretrained_extra
     from .data import eval_transform, example_image, load_image
 
     info = get_model_info(name)
-    model = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint).eval()
+    model = create_model(name, pretrained=pretrained, pretrained_tag=pretrained_tag, checkpoint_path=checkpoint).eval()
     img = load_image(image) if image else example_image()
-    x = eval_transform(info)(img).unsqueeze(0)
+    extra = pretrained_extra(name, pretrained_tag) if pretrained else {}
+    x = eval_transform(info, model.input_hw, crop_pct=extra.get("crop_pct"))(img).unsqueeze(0)
     fused = fuse(model)
     with torch.inference_mode():
         results = {}
@@ -132,8 +142,9 @@ def forward_cmd(
     top = probs.topk(5)
     weights = "published" if pretrained else (str(checkpoint) if checkpoint else "random (untrained)")
     console.print(f"{name}: weights {weights}, input {tuple(x.shape)}")
+    names = extra.get("class_names")
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
-        console.print(f"  class {i:5d}  p={p:.4f}")
+        console.print(f"  class {i:5d}  p={p:.4f}" + (f"  {names[i]}" if names else ""), highlight=False)
     diff = (results["fused"][0] - results["unfused"][0]).abs().max().item()
     console.print(f"latency: unfused {results['unfused'][1]:.1f} ms, fused {results['fused'][1]:.1f} ms; "
                   f"max |fused - unfused| = {diff:.2e}")
@@ -199,8 +210,10 @@ def train_cmd(cfg: TrainConfig) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Path = typer.Option(..., help="model folder, training run folder or checkpoint.pt"),
+    checkpoint: str = typer.Option(..., help=_SOURCE_HELP),
     data: Optional[str] = typer.Option(None, help="ImageNet-layout folder (its val split); default: digits"),
+    pretrained: bool = _PRETRAINED,
+    pretrained_tag: Optional[str] = _PRETRAINED_TAG,
     batch_size: int = typer.Option(64),
     workers: int = typer.Option(2),
     device: str = typer.Option("auto"),
@@ -220,7 +233,7 @@ def eval_cmd(
 
     size = (input_size, input_width or input_size) if input_size else None
     metrics = evaluate(checkpoint, data, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused,
-                       input_size=size, bias_resampling=bias_resampling)
+                       input_size=size, bias_resampling=bias_resampling, pretrained=pretrained, pretrained_tag=pretrained_tag)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if json_output:
@@ -232,9 +245,11 @@ def eval_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
+    checkpoint: str = typer.Argument(..., help=_SOURCE_HELP),
     images: list[Path] = typer.Argument(..., help="image files (any size and mode Pillow reads)"),
     top: int = typer.Option(5, help="how many classes to show"),
+    pretrained: bool = _PRETRAINED,
+    pretrained_tag: Optional[str] = _PRETRAINED_TAG,
     json_output: bool = typer.Option(False, "--json", help="print JSON lines"),
 ) -> None:
     """Top-5 classes with probabilities for each image (the model's own preprocessing)."""
@@ -242,7 +257,7 @@ def predict_cmd(
 
     from .predict import Predictor
 
-    predictor = Predictor(checkpoint)
+    predictor = Predictor(checkpoint, pretrained=pretrained, pretrained_tag=pretrained_tag)
     failed = 0
     for path in images:
         try:
@@ -263,26 +278,27 @@ def predict_cmd(
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
+    checkpoint: str = typer.Argument(..., help=_SOURCE_HELP),
     format: str = typer.Option("onnx", help="onnx, torchscript or exported-program"),
-    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder)"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder, "
+                                          "else the current one)"),
     opset: int = typer.Option(17, help="ONNX opset"),
     dynamic_size: bool = typer.Option(False, "--dynamic-size", help="ONNX: leave height and width free too "
                                       "(LeViT: attention biases computed in the graph)"),
+    pretrained: bool = _PRETRAINED,
+    pretrained_tag: Optional[str] = _PRETRAINED_TAG,
 ) -> None:
     """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
     import importlib.util
 
-    from .checkpoints import load_trained
     from .export import FORMATS, check_onnx, export
 
-    model, _ = load_trained(checkpoint)
+    model, _ = load_source(checkpoint, pretrained, pretrained_tag)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dynamic_size and hasattr(model.config, "dynamic_size"):
         model = model.reconfigured(dynamic_size=True)  # the same weights serve any size
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    target = output or folder / f"{model.model_name or 'model'}{FORMATS[format]}"
+    target = output or _output_folder(checkpoint) / f"{model.model_name or 'model'}{FORMATS[format]}"
     export(model, target, format, opset=opset, dynamic_size=dynamic_size)
     h, w = model.input_hw
     console.print(f"wrote {target} ({format}, fused, dynamic batch{', height and width' if dynamic_size else ''})")
@@ -299,19 +315,20 @@ def export_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    checkpoint: Path = typer.Argument(..., help="model folder, training run folder or checkpoint.pt"),
+    checkpoint: str = typer.Argument(..., help=_SOURCE_HELP),
     calibration: Path = typer.Option(..., help="image folder: ImageNet layout (its train split) or any images"),
     images: int = typer.Option(256, min=1, help="calibration images (a seeded random subset)"),
-    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME_int8.onnx next to the model)"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME_int8.onnx next to the model, "
+                                          "else in the current folder)"),
     batch_size: int = typer.Option(32, min=1, help="calibration batch size"),
+    pretrained: bool = _PRETRAINED,
+    pretrained_tag: Optional[str] = _PRETRAINED_TAG,
 ) -> None:
     """Write a static int8 ONNX model (QDQ) calibrated on your images, checked against fp32."""
-    from .checkpoints import load_trained
     from .quantize import calibration_set, quantize_static
 
-    model, extra = load_trained(checkpoint)
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    target = output or folder / f"{model.model_name or 'model'}_int8.onnx"
+    model, extra = load_source(checkpoint, pretrained, pretrained_tag)
+    target = output or _output_folder(checkpoint) / f"{model.model_name or 'model'}_int8.onnx"
     # two more batches, held out from calibration, to compare the int8 model with fp32
     data = calibration_set(calibration, model, images + 2 * batch_size, batch_size, crop_pct=extra.get("crop_pct"))
     held_out = 2 if len(data.batches) > 2 else 0
@@ -350,6 +367,7 @@ def benchmark_cmd(
     tuned_allocator: bool = typer.Option(False, help="keep freed memory in glibc's heap for every model (no page faults)"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, help="write the speed-accuracy figure (PNG)"),
+    pretrained: bool = typer.Option(False, "--pretrained", help="measure the models with their published weights"),
 ) -> None:
     """Throughput (images/s), batch-1 latency and share of the machine's matrix-multiply bound, side by side."""
     import json
@@ -379,7 +397,7 @@ def benchmark_cmd(
             warnings.simplefilter("ignore", category)
         candidates = []
         for name in names:
-            candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device)]
+            candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device, pretrained)]
             if compare:
                 candidates += [c for p in reference_precisions for c in reference_candidates(name, device, official, p)]
         if paper_rows:
@@ -461,6 +479,14 @@ def plot_cmd(
         console.print(f"wrote {result.path} and {result.path.with_suffix('.md')}", highlight=False)
     else:
         console.print(f"wrote {result}", highlight=False)
+
+
+def _output_folder(source: str) -> Path:
+    """Where a command writes next to a local model; the current folder for Hub and published weights."""
+    path = Path(source)
+    if not path.exists():
+        return Path.cwd()
+    return path if path.is_dir() else path.parent
 
 
 def _drop_slow_bf16(precisions: list[str], threads: int, quiet: bool) -> list[str]:

@@ -7,18 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_trained
-from .data import eval_transform, load_image
+from .api import load_source
+from .data import eval_transform, imagenet_labels, load_image
 from .optimize import optimize
 from .registry import get_model_info
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class descriptions (shipped with timm)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
 
 
 @dataclass
@@ -28,19 +20,19 @@ class Prediction:
 
 
 class Predictor:
-    """Loads a model folder, run folder or checkpoint.pt once; ``predict`` accepts any image files."""
+    """Loads a model once (anything ``load_source`` accepts); ``predict`` accepts any image files."""
 
-    def __init__(self, checkpoint: str | Path, precision: str = "fp32") -> None:
-        model, extra = load_trained(checkpoint)
+    def __init__(self, checkpoint: str | Path, precision: str = "fp32", pretrained: bool = False,
+                 pretrained_tag: str | None = None) -> None:
+        model, extra = load_source(checkpoint, pretrained, pretrained_tag)
         if model.model_name is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
         info = get_model_info(model.model_name)
         size = model.input_hw  # training builds the model at its training size
         self.transform = eval_transform(info, size, crop_pct=extra.get("crop_pct"))
-        classes = extra.get("classes")
-        if not classes:
-            classes = imagenet_class_names() if model.num_classes == 1000 else [str(i) for i in range(model.num_classes)]
-        self.classes = classes
+        imagenet = imagenet_labels(model.num_classes)
+        self.classes = (extra.get("class_names") or extra.get("classes") or (imagenet[1] if imagenet else None)
+                        or [str(i) for i in range(model.num_classes)])
         self.model = optimize(model, precision, torch.zeros(1, model.in_chans, *size))
 
     def predict(self, paths: list[str | Path], k: int = 5) -> list[Prediction]:

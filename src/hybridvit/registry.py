@@ -19,13 +19,33 @@ def to_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class PretrainedWeights:
+    """One published set of weights of a variant, where to get it and the input it expects."""
+
+    tag: str  # e.g. "in1k", "in1k-384", "in22k-384"
+    # Tried in order: https URLs (the official release, hash-checked by torch.hub) and
+    # "hf-hub:ORG/NAME[@REVISION]" repositories (a transformers or timm model folder).
+    sources: tuple[str, ...]
+    img_size: int | None = None  # None: the variant's default
+    crop_pct: float | None = None  # None: the variant's default
+    num_classes: int = 1000
+    pretrain: str = "ImageNet-1k"  # the data before the ImageNet-1k fine-tuning, when there was one
+    top1: float | None = None  # ImageNet-1k val top-1 the authors report for these weights
+    download_mb: float | None = None  # size of the file a first use downloads
+
+    @property
+    def hub_ids(self) -> tuple[str, ...]:
+        return tuple(s.removeprefix("hf-hub:") for s in self.sources if s.startswith("hf-hub:"))
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """Everything hybridvit knows about a registered variant."""
 
     name: str
     model_class: type[nn.Module]
     config: Any  # the family's config dataclass with this variant's values
-    weights_url: str | None = None
+    pretrained: tuple[PretrainedWeights, ...] = ()  # the first is the default
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
@@ -41,6 +61,17 @@ class ModelInfo:
     @property
     def family(self) -> str:
         return self.model_class.family  # type: ignore[attr-defined]
+
+    def pretrained_weights(self, tag: str | None = None) -> PretrainedWeights:
+        """The published weights named ``tag`` (default: the first); ``ValueError`` if there are none."""
+        if not self.pretrained:
+            raise ValueError(f"{self.name} has no published weights")
+        if tag is None:
+            return self.pretrained[0]
+        for weights in self.pretrained:
+            if weights.tag == tag:
+                return weights
+        raise ValueError(f"{self.name} has no pretrained tag {tag!r}; available: {', '.join(w.tag for w in self.pretrained)}")
 
     @property
     def input_size(self) -> tuple[int, int, int]:

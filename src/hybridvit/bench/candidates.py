@@ -107,10 +107,15 @@ def in_onnxruntime(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Bu
     return build
 
 
-def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candidate]:
+def hybridvit_candidates(name: str, precision: str, device: str, pretrained: bool = False) -> list[Candidate]:
     """Our model through ``optimize``: on CPU in fp32 one row per installed backend, in
-    ``auto`` the path it measured fastest; on GPU the fused model under the precision's autocast."""
+    ``auto`` the path it measured fastest; on GPU the fused model under the precision's autocast.
+    ``pretrained``: with the published weights (speed does not depend on them; int8 accuracy does)."""
     info = get_model_info(name)
+
+    def build() -> torch.nn.Module:
+        return create_model(name, pretrained=pretrained).eval()
+
     hw = info.input_size[1:]
     count = macs(name)
 
@@ -121,15 +126,15 @@ def hybridvit_candidates(name: str, precision: str, device: str) -> list[Candida
         from ..fusion import fuse
 
         return [row(name if precision == "fp16" else f"{name} ({precision})",
-                    eager(lambda: fuse(create_model(name)), device, precision))]
+                    eager(lambda: fuse(build()), device, precision))]
 
     def ours(p: str, backend: str = "auto"):
         example = torch.zeros(16 if p == "auto" else 1, 3, *hw)
         if p == "int8-static":
             from ..quantize import quantize_static
 
-            return lambda: quantize_static(create_model(name).eval(), [torch.randn(8, 3, *hw) for _ in range(4)])
-        return lambda: optimize(create_model(name).eval(), p, example, backend=backend)
+            return lambda: quantize_static(build(), [torch.randn(8, 3, *hw) for _ in range(4)])
+        return lambda: optimize(build(), p, example, backend=backend)
 
     if precision == "fp32":
         available = {"onnxruntime": onnxruntime_available(), "openvino": openvino_available(), "torchscript": True}

@@ -38,7 +38,8 @@ for _x in "qkv":
                   (f"attention.attention.projection_{_name}.", f"attn.proj_{_x}.")]
 
 
-def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
+def _hf_prefixes(model: nn.Module) -> list[tuple[str, str]]:
+    """(Hugging Face prefix, hybridvit prefix) for every layer of ``model``."""
     prefixes = [("layernorm.", "norm."), ("classifier.", "head.")]
     depth = model.config.depth  # type: ignore[attr-defined]
     for i in range(_NUM_STAGES):
@@ -48,7 +49,29 @@ def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
                      (stage + "cls_token", f"stages.{i}.cls_token")]
         for j in range(depth[i]):
             prefixes += [(f"{stage}layers.{j}.{old}", f"stages.{i}.blocks.{j}.{new}") for old, new in _HF_LAYER]
-    return rename_keys(state, prefixes)
+    return prefixes
+
+
+def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
+    return rename_keys(state, _hf_prefixes(model))
+
+
+def to_hf(model: nn.Module) -> tuple[dict[str, Any], StateDict]:
+    """``model`` as a transformers ``CvtConfig`` dict and state dict (its input size goes in the image processor)."""
+    c = model.config  # type: ignore[attr-defined]
+    stages = len(c.depth)
+    config = {
+        "model_type": "cvt", "architectures": ["CvtForImageClassification"], "num_channels": c.in_chans,
+        "patch_sizes": list(c.patch_size), "patch_stride": list(c.patch_stride), "patch_padding": list(c.patch_padding),
+        "embed_dim": list(c.embed_dim), "num_heads": list(c.num_heads), "depth": list(c.depth),
+        "mlp_ratio": [c.mlp_ratio] * stages, "attention_drop_rate": [0.0] * stages, "drop_rate": [0.0] * stages,
+        "drop_path_rate": [0.0] * (stages - 1) + [c.drop_path_rate], "qkv_bias": [c.qkv_bias] * stages,
+        "cls_token": [False] * (stages - 1) + [True], "qkv_projection_method": ["dw_bn"] * stages,
+        "kernel_qkv": [c.kernel_qkv] * stages, "padding_kv": [c.kernel_qkv // 2] * stages, "stride_kv": [c.stride_kv] * stages,
+        "padding_q": [c.kernel_qkv // 2] * stages, "stride_q": [c.stride_q] * stages,
+    }
+    state = rename_keys(model.state_dict(), [(ours, theirs) for theirs, ours in _hf_prefixes(model)])
+    return config, state
 
 
 def _single(cfg: dict[str, Any], key: str) -> Any:
@@ -91,4 +114,4 @@ def config_from_hf(ckpt: Checkpoint) -> CvTConfig:
 register_format(native_format("cvt", "stages.0.embed.proj.weight"))
 register_format(CheckpointFormat("cvt-official", "cvt", "stage0.patch_embed.proj.weight", convert_official))
 register_format(CheckpointFormat("cvt-huggingface", "cvt", "cvt.encoder.stages.0.embedding.convolution_embeddings.projection.weight",
-                                 convert_hf, config_from_hf))
+                                 convert_hf, config_from_hf, to_hf))

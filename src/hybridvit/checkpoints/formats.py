@@ -35,6 +35,8 @@ class CheckpointFormat:
     convert: Callable[[StateDict, nn.Module], StateDict]
     # For model folders: the folder's config.json (and weights) -> the family's config dataclass.
     config_from_folder: Callable[[Checkpoint], Any] | None = None
+    # The other way (formats other libraries load): a model -> (the folder's config.json, state dict).
+    to_folder: Callable[[nn.Module], tuple[dict[str, Any], StateDict]] | None = None
 
     def matches(self, ckpt: Checkpoint) -> bool:
         folder = ckpt.folder_config or {}
@@ -49,6 +51,10 @@ _FORMATS: list[CheckpointFormat] = []
 def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
     _FORMATS.append(fmt)
     return fmt
+
+
+def registered_formats() -> list[CheckpointFormat]:
+    return list(_FORMATS)
 
 
 def detect_format(ckpt: Checkpoint) -> CheckpointFormat:

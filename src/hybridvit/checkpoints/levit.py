@@ -9,10 +9,12 @@ stage before (``encoder.stages.{s}.layers.{j}``). hybridvit groups them as
 
 from __future__ import annotations
 
+from typing import Any
 
 from torch import nn
 
 from ..models.levit import LeViTConfig
+from ..registry import get_model_info, to_hw
 from .errors import CheckpointError
 from .io import Checkpoint
 from .formats import CheckpointFormat, StateDict, native_format, register_format, remap_bias_tables, rename_keys
@@ -65,18 +67,46 @@ def convert_official(state: StateDict, model: nn.Module) -> StateDict:
     return remap_bias_tables(rename_keys(state, prefixes), model)
 
 
-def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
+def _hf_prefixes(model: nn.Module) -> list[tuple[str, str]]:
+    """(Hugging Face prefix, hybridvit prefix) for every layer of ``model``."""
     prefixes = []
     for i in range(4):
         old = f"levit.patch_embeddings.embedding_layer_{i + 1}."
         prefixes += [(old + "convolution.", f"stem.conv{i + 1}.conv."), (old + "batch_norm.", f"stem.conv{i + 1}.bn.")]
     for old, new in (("classifier.", "head."), ("classifier_distill.", "head_dist.")):
         prefixes += [(old + "batch_norm.", new + "bn."), (old + "linear.", new + "linear.")]
-    position = {}
+    position: dict[int, int] = {}
     for stage, ours, kind in layer_sequence(_depth(model)):
         j = position[stage] = position.get(stage, -1) + 1
         prefixes += [(f"levit.encoder.stages.{stage}.layers.{j}.{old}", f"{ours}.{new}") for old, new in _HF_LEAVES[kind]]
-    return remap_bias_tables(rename_keys(state, prefixes), model)  # older exports saved the index buffers
+    return prefixes
+
+
+def convert_hf(state: StateDict, model: nn.Module) -> StateDict:
+    return remap_bias_tables(rename_keys(state, _hf_prefixes(model)), model)  # older exports saved the index buffers
+
+
+def to_hf(model: nn.Module) -> tuple[dict[str, Any], StateDict]:
+    """``model`` as a transformers ``LevitConfig`` dict and state dict (the bias tables share the official order)."""
+    c = model.config  # type: ignore[attr-defined]
+    h, w = to_hw(c.img_size)
+
+    def whole(x: float) -> float | int:  # transformers' LevitConfig types the ratios as ints
+        return int(x) if float(x).is_integer() else x
+
+    config = {
+        "model_type": "levit",
+        "architectures": ["LevitForImageClassificationWithTeacher" if c.distillation else "LevitForImageClassification"],
+        "image_size": h if h == w else [h, w], "num_channels": c.in_chans, "kernel_size": 3, "stride": 2, "padding": 1,
+        "patch_size": 16, "hidden_sizes": list(c.embed_dim), "num_attention_heads": list(c.num_heads),
+        "depths": list(c.depth), "key_dim": [c.key_dim] * len(c.depth),
+        "drop_path_rate": 0,  # typed int by transformers; LeViT-384's 0.1 only matters for training
+        "mlp_ratio": [whole(c.mlp_ratio)] * len(c.depth), "attention_ratio": [whole(c.attn_ratio)] * len(c.depth),
+        "down_ops": [["Subsample", c.key_dim, dim // c.key_dim, whole(c.shrink_attn_ratio), whole(c.shrink_mlp_ratio), 2]
+                     for dim in c.embed_dim[:-1]],
+    }
+    state = rename_keys(model.state_dict(), [(ours, theirs) for theirs, ours in _hf_prefixes(model)])
+    return config, state
 
 
 # timm calls every conv/linear of a ConvNorm/LinearNorm "linear"; the stem's are convolutions here.
@@ -120,8 +150,23 @@ def config_from_hf(ckpt: Checkpoint) -> LeViTConfig:
         raise CheckpointError(f"LeViT config.json lacks {e}") from e
 
 
+def config_from_timm(ckpt: Checkpoint) -> LeViTConfig:
+    """The variant a timm ``config.json`` names (``architecture``), with the weights' head and input size."""
+    cfg, state = ckpt.folder_config or {}, ckpt.state_dict
+    name = cfg.get("architecture")
+    try:
+        info = get_model_info(str(name))
+    except ValueError:
+        raise CheckpointError(f"timm architecture {name!r} is not a hybridvit LeViT variant "
+                              f"(the levit_conv_* models keep 1x1 convolutions and do not load here)") from None
+    input_size = (cfg.get("pretrained_cfg") or {}).get("input_size") or [3, *info.input_size[1:]]
+    head = state.get("head.linear.weight")
+    return info.build_config(num_classes=head.shape[0] if head is not None else 0, img_size=tuple(input_size[1:]),
+                             distillation="head_dist.linear.weight" in state)
+
+
 register_format(native_format("levit", "stem.conv1.conv.weight"))
 register_format(CheckpointFormat("levit-official", "levit", "patch_embed.0.c.weight", convert_official))
-register_format(CheckpointFormat("levit-timm", "levit", "stem.conv1.linear.weight", convert_timm))
+register_format(CheckpointFormat("levit-timm", "levit", "stem.conv1.linear.weight", convert_timm, config_from_timm))
 register_format(CheckpointFormat("levit-huggingface", "levit", "levit.patch_embeddings.embedding_layer_1.convolution.weight",
-                                 convert_hf, config_from_hf))
+                                 convert_hf, config_from_hf, to_hf))

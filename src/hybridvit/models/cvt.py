@@ -21,7 +21,7 @@ from timm.layers import DropPath, QuickGELU, resample_abs_pos_embed, trunc_norma
 from torch import nn
 
 from ..layers import ConvBN, attention
-from ..registry import ModelInfo, register_model, to_hw
+from ..registry import ModelInfo, PretrainedWeights, register_model, to_hw
 from .base import HybridClassifier
 from .features import feature_take_indices, stage_output
 
@@ -271,11 +271,22 @@ class CvT(HybridClassifier):
         return x if pre_logits else self.head(x)
 
 
+def _hub(tag: str, repo: str, top1: float, mb: float) -> PretrainedWeights:
+    """Weights on the Hugging Face Hub (the official release sits behind a file-sharing link)."""
+    big = tag.endswith("384")
+    return PretrainedWeights(tag, (f"hf-hub:microsoft/{repo}",), img_size=384 if big else 224, crop_pct=1.0 if big else 0.875,
+                             pretrain="ImageNet-22k" if tag.startswith("in22k") else "ImageNet-1k", top1=top1, download_mb=mb)
+
+
 _VARIANTS = {
-    "cvt_13": (CvTConfig((64, 192, 384), (1, 3, 6), (1, 2, 10)), dict(paper_top1=81.6)),
-    "cvt_21": (CvTConfig((64, 192, 384), (1, 3, 6), (1, 4, 16)), dict(paper_top1=82.5)),
+    "cvt_13": (CvTConfig((64, 192, 384), (1, 3, 6), (1, 2, 10)),
+               dict(paper_top1=81.6, pretrained=(_hub("in1k", "cvt-13", 81.6, 80), _hub("in1k-384", "cvt-13-384", 83.0, 80),
+                                                 _hub("in22k-384", "cvt-13-384-22k", 83.3, 80)))),
+    "cvt_21": (CvTConfig((64, 192, 384), (1, 3, 6), (1, 4, 16)),
+               dict(paper_top1=82.5, pretrained=(_hub("in1k", "cvt-21", 82.5, 127), _hub("in1k-384", "cvt-21-384", 83.3, 127),
+                                                 _hub("in22k-384", "cvt-21-384-22k", 84.9, 127)))),
     "cvt_w24": (CvTConfig((192, 768, 1024), (3, 12, 16), (2, 2, 20), drop_path_rate=0.3, img_size=384),
-                dict(paper_top1=87.7, crop_pct=1.0)),
+                dict(paper_top1=87.7, crop_pct=1.0, pretrained=(_hub("in22k-384", "cvt-w24-384-22k", 87.7, 1109),))),
 }
 
 for _name, (_config, _meta) in _VARIANTS.items():

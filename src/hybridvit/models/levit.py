@@ -20,7 +20,7 @@ from timm.layers import DropPath, LayerNorm2d, resample_abs_pos_embed, trunc_nor
 from torch import nn
 
 from ..layers import BIAS_RESAMPLING, AttentionBias, BNLinear, ConvBN, LinearBN, attention
-from ..registry import ModelInfo, register_model, to_hw
+from ..registry import ModelInfo, PretrainedWeights, register_model, to_hw
 from .base import HybridClassifier
 from .features import feature_take_indices, stage_output
 
@@ -386,23 +386,27 @@ class LeViT(HybridClassifier):
         return (logits + logits_dist) / 2
 
 
-def _paper(gpu: float, cpu: float, arm: float, top1: float, top5: float, url: str) -> dict:
+def _paper(gpu: float, cpu: float, arm: float, top1: float, top5: float, release: str, hf_name: str, mb: float) -> dict:
+    """The paper's figures and the published weights: the official file first, then its Hub copies."""
+    timm_name = hf_name.lower().replace("-", "_")
+    weights = PretrainedWeights("in1k", (_URL + release, f"hf-hub:facebook/{hf_name}", f"hf-hub:timm/{timm_name}.fb_dist_in1k"),
+                                top1=top1, download_mb=mb)
     return dict(paper_top1=top1, paper_top5=top5, paper_gpu_throughput=gpu, paper_cpu_throughput=cpu,
-                paper_arm_throughput=arm, weights_url=url)
+                paper_arm_throughput=arm, pretrained=(weights,))
 
 
 _URL = "https://dl.fbaipublicfiles.com/LeViT/"
 _VARIANTS = {
     "levit_128s": (LeViTConfig((128, 256, 384), (4, 6, 8), (2, 3, 4), key_dim=16),
-                   _paper(12880, 131.1, 39.1, 76.6, 92.9, _URL + "LeViT-128S-96703c44.pth")),
+                   _paper(12880, 131.1, 39.1, 76.6, 92.9, "LeViT-128S-96703c44.pth", "levit-128S", 31)),
     "levit_128": (LeViTConfig((128, 256, 384), (4, 8, 12), (4, 4, 4), key_dim=16),
-                  _paper(9266, 94.0, 30.8, 78.6, 94.0, _URL + "LeViT-128-b88c2750.pth")),
+                  _paper(9266, 94.0, 30.8, 78.6, 94.0, "LeViT-128-b88c2750.pth", "levit-128", 37)),
     "levit_192": (LeViTConfig((192, 288, 384), (3, 5, 6), (4, 4, 4), key_dim=32),
-                  _paper(8601, 65.0, 24.2, 80.0, 94.7, _URL + "LeViT-192-92712e41.pth")),
+                  _paper(8601, 65.0, 24.2, 80.0, 94.7, "LeViT-192-92712e41.pth", "levit-192", 44)),
     "levit_256": (LeViTConfig((256, 384, 512), (4, 6, 8), (4, 4, 4), key_dim=32),
-                  _paper(6582, 42.5, 16.4, 81.6, 95.4, _URL + "LeViT-256-13b5763e.pth")),
+                  _paper(6582, 42.5, 16.4, 81.6, 95.4, "LeViT-256-13b5763e.pth", "levit-256", 76)),
     "levit_384": (LeViTConfig((384, 512, 768), (6, 9, 12), (4, 4, 4), key_dim=32, drop_path_rate=0.1),
-                  _paper(4165, 23.1, 9.4, 82.6, 96.0, _URL + "LeViT-384-9bdaf2e2.pth")),
+                  _paper(4165, 23.1, 9.4, 82.6, 96.0, "LeViT-384-9bdaf2e2.pth", "levit-384", 157)),
 }
 
 for _name, (_config, _meta) in _VARIANTS.items():

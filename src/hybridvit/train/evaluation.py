@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import load_trained
+from ..api import load_source
 from ..data import DataError, build_datasets, eval_transform
 from ..data.datasets import is_digits
 from ..data.sampling import ShardSampler
@@ -49,8 +49,10 @@ def run_evaluation(model: nn.Module, loader: DataLoader, device: torch.device, d
 
 def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size: int = 64, workers: int = 2,
              device: str = "auto", amp: str = "auto", fused: bool = True, input_size: tuple[int, int] | None = None,
-             bias_resampling: str | None = None) -> dict[str, Any]:
-    """Top-1/top-5/loss of a saved model (folder, training run or ``checkpoint.pt``), fused, on a val split.
+             bias_resampling: str | None = None, pretrained: bool = False, pretrained_tag: str | None = None
+             ) -> dict[str, Any]:
+    """Top-1/top-5/loss of a saved model (anything ``load_source`` accepts: a folder, training run,
+    ``checkpoint.pt``, Hub repository or published weights), fused, on a val split.
 
     ``input_size``: evaluate at another size than the training one (LeViT then serves it with
     biases derived from its tables, by ``bias_resampling``).
@@ -59,7 +61,7 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
     check_choice("device", device)
     dev, dist = setup_device(device)
     try:
-        model, extra = load_trained(checkpoint)
+        model, extra = load_source(checkpoint, pretrained, pretrained_tag)
         info = get_model_info(model.model_name) if model.model_name else None
         size = tuple(input_size) if input_size else model.input_hw  # the model's: its training size
         if hasattr(model.config, "dynamic_size") and (size != model.input_hw or bias_resampling):
@@ -67,7 +69,7 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
         if info is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
         datasets = build_datasets(data, with_train=False)
-        datasets.prepare(size, None, eval_transform(info, size, crop_pct=1.0 if is_digits(data) else None))
+        datasets.prepare(size, None, eval_transform(info, size, crop_pct=1.0 if is_digits(data) else extra.get("crop_pct")))
         if extra.get("classes") and extra["classes"] != datasets.classes:
             raise DataError(f"the model was trained on classes {extra['classes'][:10]}... but {data or 'digits'} "
                             f"has {datasets.classes[:10]}...")

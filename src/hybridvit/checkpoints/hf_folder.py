@@ -1,0 +1,90 @@
+"""Writing a model as a Hugging Face transformers folder, where its architecture maps.
+
+transformers' ``from_pretrained`` then reads the folder as it is, and hybridvit reads it back
+through the same converters it uses for any Hugging Face folder. hybridvit's own details
+(variant name, class names, preprocessing, training extras) ride along in ``config.json``
+under ``"hybridvit"``, which transformers keeps as an attribute and otherwise ignores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from ..registry import architecture, to_hw
+from .formats import CheckpointFormat, registered_formats
+from .io import Checkpoint
+
+BICUBIC = 3  # PIL's code, as transformers' image processors store it
+
+
+def _hf_format(model: nn.Module) -> CheckpointFormat | None:
+    family = getattr(model, "family", None)
+    return next((f for f in registered_formats() if f.family == family and f.to_folder is not None), None)
+
+
+def preprocessor_config(model: nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
+    """The image processor config transformers uses for this family, with the model's preprocessing."""
+    h, w = to_hw(extra.get("input_size") or model.input_hw)  # type: ignore[attr-defined]
+    crop_pct = float(extra.get("crop_pct") or 224 / 256)
+    common = {"do_resize": True, "resample": BICUBIC, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(extra.get("mean") or (0.485, 0.456, 0.406)),
+              "image_std": list(extra.get("std") or (0.229, 0.224, 0.225))}
+    if model.family == "levit":  # type: ignore[attr-defined]
+        # LevitImageProcessor resizes the short side to shortest_edge * 256/224, then crops.
+        return {"image_processor_type": "LevitImageProcessor", **common,
+                "size": {"shortest_edge": round(h / crop_pct * 224 / 256)}, "do_center_crop": True,
+                "crop_size": {"height": h, "width": w}}
+    # CvT uses ConvNext's processor: below 384 it resizes to h / crop_pct and crops, from 384 up it resizes only.
+    return {"image_processor_type": "ConvNextImageProcessor", **common, "size": {"shortest_edge": h}, "crop_pct": crop_pct}
+
+
+def transformers_layout(model: nn.Module, extra: dict[str, Any]) -> tuple[dict[str, Any], dict, dict[str, Any]] | None:
+    """``(config.json, state dict, preprocessor_config.json)`` for transformers, or None when the
+    architecture does not map (an ablation, a non-square input, a family transformers lacks).
+
+    The mapping is checked by reading it back: the config hybridvit derives from the written
+    folder must be the model's own.
+    """
+    fmt = _hf_format(model)
+    if fmt is None or fmt.config_from_folder is None or fmt.to_folder is None:
+        return None
+    config, state = fmt.to_folder(model)
+    preprocessor = preprocessor_config(model, extra)
+    try:
+        back = fmt.config_from_folder(Checkpoint(state, Path("."), config, preprocessor))
+    except Exception:
+        return None
+    ours = model.config  # type: ignore[attr-defined]
+    same = (architecture(back) == architecture(ours) and to_hw(back.img_size) == to_hw(ours.img_size)
+            and getattr(back, "mlp_act", None) == getattr(ours, "mlp_act", None))
+    if not same:
+        return None
+    names = extra.get("class_names") or extra.get("classes")
+    if names and len(names) == model.num_classes:  # type: ignore[attr-defined]
+        config["id2label"] = {str(i): n for i, n in enumerate(names)}
+        config["label2id"] = {n: i for i, n in enumerate(names)}
+    else:
+        config["num_labels"] = model.num_classes  # type: ignore[attr-defined]
+    return config, state, preprocessor
+
+
+def save_transformers_folder(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> bool:
+    """Write ``model`` to folder ``path`` in transformers' layout; False (nothing written) if it does not map."""
+    extra = dict(extra or {})
+    layout = transformers_layout(model, extra)
+    if layout is None:
+        return False
+    config, state, preprocessor = layout
+    config["hybridvit"] = {"model_name": getattr(model, "model_name", None), "extra": extra}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return True
