@@ -37,6 +37,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.fixture(autouse=True)
+def no_hub_network(tmp_path, monkeypatch):
+    """No test reaches the real Hugging Face Hub: a dead endpoint and an empty, private cache
+    (the environment reaches subprocesses, the constant this process's huggingface_hub)."""
+    from huggingface_hub import constants
+
+    cache = str(tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))

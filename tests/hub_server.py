@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import yaml
+
 
 @dataclass
 class Repo:
@@ -123,6 +125,13 @@ class FakeHub:
                 return self._json(handler, {"error": "already exists", "url": f"{self.url}/{repo_id}"}, 409)
             self.repos[repo_id] = Repo(private=bool(spec.get("private")))
             return self._json(handler, {"url": f"{self.url}/{repo_id}"})
+        if path == "/api/validate-yaml":  # the model card's metadata block must be valid YAML
+            content = json.loads(body)["content"]
+            try:
+                yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
+            except yaml.YAMLError as e:
+                return self._json(handler, {"errors": [{"message": str(e)}]}, 400)
+            return self._json(handler, {"errors": [], "warnings": []})
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
         if not match or match.group(1) not in self.repos:
             return self._error(handler, "RepoNotFound")

@@ -41,8 +41,12 @@ def _meta_model(name: str, **overrides) -> torch.nn.Module:
 
 
 @app.command("models")
-def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g. 'levit_*'")) -> None:
-    """List the models with their size, cost and the paper's figures."""
+def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g. 'levit_*'"),
+               weights: bool = typer.Option(False, "--weights", help="list the published weights instead")) -> None:
+    """List the models with their size, cost and the paper's figures (or their published weights)."""
+    if weights:
+        _weights_table(pattern)
+        return
     table = Table(caption="MACs at the input size. Paper figures: ImageNet top-1 and images/s on a V100 GPU, "
                           "one Xeon 6138 thread and one Graviton2 thread.")
     for col in ("model", "params", "MACs", "input", "top-1", "GPU im/s", "CPU im/s", "ARM im/s"):
@@ -55,6 +59,20 @@ def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g.
         table.add_row(name, f"{count_params(model) / 1e6:.2f}M", f"{macs / 1e6:,.0f}M", f"{h}x{w}",
                       _fmt(info.paper_top1, ".1f"), _fmt(info.paper_gpu_throughput),
                       _fmt(info.paper_cpu_throughput, ".1f"), _fmt(info.paper_arm_throughput, ".1f"))
+    console.print(table)
+
+
+def _weights_table(pattern: str) -> None:
+    table = Table(caption="--pretrained-tag picks the weights (default: the first of a model). Sources are tried in "
+                          "order; top-1 is ImageNet-1k val as the authors report it.")
+    for col in ("model", "tag", "input", "pretrained on", "download", "top-1", "sources"):
+        table.add_column(col, justify="right" if col in ("download", "top-1") else "left")
+    for name in list_models(pattern):
+        info = get_model_info(name)
+        for w in info.pretrained:
+            size = w.img_size or info.input_size[1]
+            table.add_row(name, w.tag, f"{size}x{size}", w.pretrain, f"{w.download_mb:,.0f} MB" if w.download_mb else "-",
+                          _fmt(w.top1, ".1f"), "\n".join(w.sources))
     console.print(table)
 
 
@@ -414,6 +432,32 @@ def benchmark_cmd(
         _print_benchmark(rows, machine, ratios)
     if plot:
         plot_speed_accuracy(rows, plot, f"{device}, {threads} thread(s)" if device == "cpu" else device)
+
+
+@app.command("push")
+def push_cmd(
+    source: str = typer.Argument(..., help="training run folder, model folder, checkpoint.pt, or a model name with --pretrained"),
+    repo: str = typer.Option(..., help="Hub repository ORG/NAME (created if needed)"),
+    private: bool = typer.Option(False, help="create the repository private"),
+    message: Optional[str] = typer.Option(None, help="commit message"),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="only write the folder that would be uploaded here"),
+    pretrained: bool = _PRETRAINED,
+    pretrained_tag: Optional[str] = _PRETRAINED_TAG,
+) -> None:
+    """Upload a model to the Hugging Face Hub with a model card (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a mirror)."""
+    from .publish import push_to_hub, save_for_hub
+
+    if pretrained:  # republishing published weights (e.g. to a mirror): they carry their preprocessing
+        model, extra = load_source(source, pretrained, pretrained_tag)
+        target: object = model
+    else:
+        target, extra = source, {}
+    if dry_run:
+        folder = save_for_hub(target, dry_run, repo, extra)
+        console.print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}", highlight=False)
+        return
+    url = push_to_hub(target, repo, private=private, commit_message=message, extra=extra)
+    console.print(f"pushed to {repo}: {url}\nload it with hybridvit.load_model(\"hf-hub:{repo}\")", highlight=False)
 
 
 @app.command("experiment")

@@ -73,8 +73,12 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
 
 def download_hub_folder(repo_id: str, revision: str | None = None) -> Path:
     """The cached snapshot folder of a Hub model repository: ``config.json``, its weights
-    (safetensors if published, else ``pytorch_model.bin``) and ``preprocessor_config.json`` if any."""
-    from huggingface_hub.errors import EntryNotFoundError
+    (safetensors if published, else ``pytorch_model.bin``) and ``preprocessor_config.json`` if any.
+
+    Offline, a file missing from the cache counts as absent, so a cached ``pytorch_model.bin``
+    still serves; with no weights cached at all the error says the cache lacks them.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     where = repo_id + (f"@{revision}" if revision else "")
     try:
@@ -95,6 +99,8 @@ def download_hub_folder(repo_id: str, revision: str | None = None) -> Path:
         if message is None:
             raise
         raise CheckpointError(message) from e
+    if _offline():
+        raise CheckpointError(_explain(LocalEntryNotFoundError(where), where))
     raise CheckpointError(f"Hub repository {where} holds none of {', '.join(_WEIGHT_FILES)}")
 
 
@@ -108,12 +114,12 @@ def _explain(error: Exception, where: str) -> str | None:
         return f"Hub repository {where}: that revision (branch, tag or commit) does not exist"
     if isinstance(error, hub.RepositoryNotFoundError):
         return f"no Hub repository {where} at {endpoint} (or it is private or gated: log in with `hf auth login` or set HF_TOKEN)"
-    if isinstance(error, hub.EntryNotFoundError):
-        return f"Hub repository {where} is not a model folder: it has no config.json"
-    if isinstance(error, hub.LocalEntryNotFoundError) or _offline():
+    if isinstance(error, hub.LocalEntryNotFoundError) or _offline():  # (a kind of EntryNotFoundError)
         state = "offline (HF_HUB_OFFLINE=1)" if _offline() else f"the Hub ({endpoint}) is unreachable"
         return (f"{state} and {where} is not in the Hub cache ({constants.HF_HUB_CACHE}): download it once with "
                 f"network access, point HF_ENDPOINT at a mirror, or pass a local folder")
+    if isinstance(error, hub.EntryNotFoundError):
+        return f"Hub repository {where} is not a model folder: it has no config.json"
     if isinstance(error, (OSError, hub.HfHubHTTPError)):
         return f"downloading {where} from {endpoint} failed: {error}"
     return None

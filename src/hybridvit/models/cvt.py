@@ -275,7 +275,7 @@ def _hub(tag: str, repo: str, top1: float, mb: float) -> PretrainedWeights:
     """Weights on the Hugging Face Hub (the official release sits behind a file-sharing link)."""
     big = tag.endswith("384")
     return PretrainedWeights(tag, (f"hf-hub:microsoft/{repo}",), img_size=384 if big else 224, crop_pct=1.0 if big else 0.875,
-                             pretrain="ImageNet-22k" if tag.startswith("in22k") else "ImageNet-1k", top1=top1, download_mb=mb)
+                             pretrain="ImageNet-22k, then 1k" if tag.startswith("in22k") else "ImageNet-1k", top1=top1, download_mb=mb)
 
 
 _VARIANTS = {

@@ -1,0 +1,147 @@
+"""Publishing a model on the Hugging Face Hub: the folder, its model card, the upload.
+
+``save_for_hub`` writes what ``push_to_hub`` uploads, so the folder can be inspected (or
+uploaded by other means) first. Where the architecture maps, the folder is a transformers
+folder (``from_pretrained`` reads it); otherwise it is hybridvit's own. Both load with
+``hybridvit.load_model("hf-hub:ORG/NAME")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoints import load_trained, save_model
+from .checkpoints.hf_folder import save_transformers_folder
+from .flops import count_macs, count_params
+from .registry import get_model_info, list_models
+
+_FIGURES = ("training_curve.png", "benchmark.png", "speed_accuracy.png")  # copied from a run folder when present
+
+
+def _run_folder(source: Path) -> Path | None:
+    """The training run a model folder belongs to (it holds ``train_config.json``), if any."""
+    for folder in (source, source.parent):
+        if (folder / "train_config.json").exists():
+            return folder
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _last_metrics(run: Path) -> dict[str, Any] | None:
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def model_card(model: nn.Module, repo_id: str, extra: dict[str, Any], transformers_layout: bool,
+               run: Path | None = None, figures: list[str] = ()) -> str:
+    """A README.md for the Hub: what the model is, how to load it, how it was trained and how it scored."""
+    name = getattr(model, "model_name", None)
+    info = get_model_info(name) if name in list_models() else None
+    h, w = model.input_hw  # type: ignore[attr-defined]
+    macs = count_macs(model)
+    classes = extra.get("class_names") or extra.get("classes") or []
+    train = _read_json(run / "train_config.json") if run else None
+    metrics = _last_metrics(run) if run else None
+    tags = ["image-classification", "hybridvit", model.family]  # type: ignore[attr-defined]
+    front = ["---", "library_name: hybridvit", "pipeline_tag: image-classification", "tags:"]
+    front += [f"- {t}" for t in tags] + ["---", ""]
+    lines = front + [f"# {repo_id.split('/')[-1]}", ""]
+    paper = {"levit": "LeViT (Graham et al., ICCV 2021)", "cvt": "CvT (Wu et al., ICCV 2021)",
+             "graft": "the LeViT paper's grafted ResNet-50/DeiT-S (Graham et al., ICCV 2021)"}.get(model.family, model.family)
+    variant = name or f"{model.family} (unregistered configuration)"  # type: ignore[attr-defined]
+    ablation = getattr(model.config, "ablation", None)  # type: ignore[attr-defined]
+    lines += [f"A {variant} image classifier from {paper}, published with hybridvit.", "", "## Model", "",
+              "| | |", "|---|---|",
+              f"| architecture | {variant}{f', ablation {ablation}' if ablation else ''} |",
+              f"| parameters | {count_params(model) / 1e6:.2f}M |",
+              f"| multiply-adds | {macs / 1e6:,.0f}M at {h}x{w} |",
+              f"| input | {h}x{w}, crop {extra.get('crop_pct', info.crop_pct if info else 'n/a')}, "
+              f"mean {extra.get('mean', list(info.mean) if info else 'n/a')}, std {extra.get('std', list(info.std) if info else 'n/a')} |",
+              f"| classes | {len(classes) or model.num_classes}"  # type: ignore[attr-defined]
+              + (f" ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})" if classes else "") + " |",
+              ""]
+    if info is not None and info.paper_top1 is not None:
+        lines += [f"The paper reports {info.paper_top1}% ImageNet-1k top-1 for {name} (with its own recipe and data).", ""]
+    lines += ["## Use", "", "```python", "import hybridvit", "",
+              f'model = hybridvit.load_model("hf-hub:{repo_id}")', "```", ""]
+    if transformers_layout:
+        cls = "AutoModelForImageClassification"
+        lines += ["The folder is also a transformers folder:", "", "```python",
+                  f"from transformers import {cls}, AutoImageProcessor", "",
+                  f'model = {cls}.from_pretrained("{repo_id}")',
+                  f'processor = AutoImageProcessor.from_pretrained("{repo_id}")', "```", ""]
+    if train:
+        keys = ("model", "model_args", "data", "recipe", "epochs", "batch_size", "lr", "weight_decay", "input_size",
+                "teacher", "seed")
+        train = {**train, "data": train.get("data") or "the built-in digits (scikit-learn)"}
+        lines += ["## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {json.dumps(train[k]) if isinstance(train[k], (dict, list)) else train[k]} |"
+                  for k in keys if k in train and train[k] not in (None, {}, "")]
+        lines += ["", "The full settings are in `train_config.json`.", ""]
+    if metrics:
+        lines += ["## Results", "", f"After epoch {metrics.get('epoch', 0) + 1} on the run's validation split:", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {label} | {metrics[key]:.2f} |" for key, label in
+                  (("val_top1", "top-1 (%)"), ("val_top5", "top-5 (%)"), ("best_top1", "best top-1 (%)"),
+                   ("val_loss", "loss")) if isinstance(metrics.get(key), (int, float))]
+        lines.append("")
+    for figure in figures:
+        lines += [f"![{figure.removesuffix('.png').replace('_', ' ')}]({figure})", ""]
+    return "\n".join(lines)
+
+
+def save_for_hub(source: nn.Module | str | Path, folder: str | Path, repo_id: str = "ORG/NAME",
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write the folder ``push_to_hub`` uploads: weights, config, class names, preprocessing and a model card.
+
+    ``source``: a model, or a model folder, training run folder or ``checkpoint.pt`` (then the
+    run's ``train_config.json``, last metrics and figures go into the card and the folder).
+    """
+    if isinstance(source, nn.Module):
+        model, stored, run = source, {}, None
+    else:
+        path = Path(source)
+        model, stored = load_trained(path)
+        run = _run_folder(path if path.is_dir() else path.parent)
+    extra = {**stored, **(extra or {})}
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty; save_for_hub writes a new folder")
+    model = model.eval()
+    is_transformers = save_transformers_folder(model, folder, extra)
+    if not is_transformers:
+        save_model(model, folder, extra=extra)
+    figures = []
+    if run is not None:
+        shutil.copy(run / "train_config.json", folder / "train_config.json")
+        for name in _FIGURES:
+            if (run / name).exists():
+                shutil.copy(run / name, folder / name)
+                figures.append(name)
+    (folder / "README.md").write_text(model_card(model, repo_id, extra, is_transformers, run, figures))
+    return folder
+
+
+def push_to_hub(source: nn.Module | str | Path, repo_id: str, private: bool = False, commit_message: str | None = None,
+                token: str | None = None, extra: dict[str, Any] | None = None) -> str:
+    """Upload a model (or a model folder, training run or ``checkpoint.pt``) to the Hub repository
+    ``repo_id``, creating it if needed; returns the commit's URL. ``HF_ENDPOINT`` picks the Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, library_name="hybridvit")
+    with tempfile.TemporaryDirectory(prefix="hybridvit-push-") as tmp:
+        folder = save_for_hub(source, Path(tmp) / "folder", repo_id, extra)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload with hybridvit")
+    return str(info.commit_url)
