@@ -51,6 +51,22 @@ def no_hub_network(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def torch_hub_dir(tmp_path):
+    """A private torch.hub cache (where official releases are downloaded to)."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch-hub"))
+    yield tmp_path / "torch-hub"
+    torch.hub.set_dir(old)
+
+
+def with_sources(info, *sources):
+    """A registry entry whose default published weights come from ``sources`` instead."""
+    import dataclasses
+
+    return dataclasses.replace(info, pretrained=(dataclasses.replace(info.pretrained[0], sources=sources),))
+
+
+@pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import timm
 import torch
-from conftest import randomize_, rel_err
+from conftest import randomize_, rel_err, with_sources
 from safetensors.torch import load_file, save_file
 
 import hybridvit
@@ -265,22 +265,14 @@ def _serve(tmp_path, name: str, payload_path):
     return served.as_uri()
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(old)
-
-
-def test_pretrained_download_with_hash_check(tmp_path, hub_dir, monkeypatch, images):
+def test_pretrained_download_with_hash_check(tmp_path, torch_hub_dir, monkeypatch, images):
     ref = timm_levit("levit_128s", seed=7)
     torch.save({"model": timm_to_official(ref.state_dict(), (2, 3, 4))}, tmp_path / "weights.pth")
     url = _serve(tmp_path, "LeViT-128S-{}.pth", tmp_path / "weights.pth")
     info = _REGISTRY["levit_128s"]
-    monkeypatch.setitem(_REGISTRY, "levit_128s", type(info)(**{**info.__dict__, "weights_url": url}))
+    monkeypatch.setitem(_REGISTRY, "levit_128s", with_sources(info, url))
     model = hybridvit.create_model("levit_128s", pretrained=True).eval()
-    assert (hub_dir / "checkpoints" / url.rsplit("/", 1)[1]).exists()
+    assert (torch_hub_dir / "checkpoints" / url.rsplit("/", 1)[1]).exists()
     with torch.no_grad():
         assert rel_err(model(images), ref(images)) < 1e-4
     # new classes: everything but the classifier comes from the weights
@@ -289,15 +281,15 @@ def test_pretrained_download_with_hash_check(tmp_path, hub_dir, monkeypatch, ima
     torch.testing.assert_close(ft.stem.conv1.conv.weight, model.stem.conv1.conv.weight)
 
 
-def test_pretrained_download_rejects_wrong_hash(tmp_path, hub_dir, monkeypatch):
+def test_pretrained_download_rejects_wrong_hash(tmp_path, torch_hub_dir, monkeypatch):
     torch.save({"model": {}}, tmp_path / "weights.pth")
     url = _serve(tmp_path, "LeViT-128S-{}.pth", tmp_path / "weights.pth").rsplit("-", 1)[0] + "-00000000.pth"
     (tmp_path / "server" / url.rsplit("/", 1)[1]).write_bytes((tmp_path / "weights.pth").read_bytes())
     info = _REGISTRY["levit_128s"]
-    monkeypatch.setitem(_REGISTRY, "levit_128s", type(info)(**{**info.__dict__, "weights_url": url}))
+    monkeypatch.setitem(_REGISTRY, "levit_128s", with_sources(info, url))
     with pytest.raises(CheckpointError, match="failed verification"):
         hybridvit.create_model("levit_128s", pretrained=True)
-    assert not (hub_dir / "checkpoints" / "LeViT-128S-00000000.pth").exists()
+    assert not (torch_hub_dir / "checkpoints" / "LeViT-128S-00000000.pth").exists()
 
 
 def test_layer_sequence_order():

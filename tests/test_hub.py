@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import transformers
-from conftest import randomize_, rel_err
+from conftest import randomize_, rel_err, with_sources
 from huggingface_hub import constants
 from hub_server import FakeHub
 from safetensors.torch import save_file
@@ -51,14 +51,6 @@ def hub(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.close()
-
-
-@pytest.fixture
-def torch_hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "torch-hub"))
-    yield tmp_path / "torch-hub"
-    torch.hub.set_dir(old)
 
 
 def _cvt_folder(path, size: int):
@@ -122,8 +114,7 @@ def test_pretrained_cvt_from_the_hub_cache_reuse_and_offline(hub, tmp_path, monk
 def test_levit_falls_back_from_the_official_url_to_the_hub(hub, tmp_path, monkeypatch, torch_hub_dir, images):
     info = _REGISTRY["levit_128s"]
     dead = (tmp_path / "nowhere" / "LeViT-128S-96703c44.pth").as_uri()
-    weights = info.pretrained[0].__class__(**{**info.pretrained[0].__dict__, "sources": (dead, *info.pretrained[0].sources[1:])})
-    monkeypatch.setitem(_REGISTRY, "levit_128s", type(info)(**{**info.__dict__, "pretrained": (weights,)}))
+    monkeypatch.setitem(_REGISTRY, "levit_128s", with_sources(info, dead, *info.pretrained[0].sources[1:]))
     ref = _timm_folder(tmp_path / "timm")
     hub.add_folder("timm/levit_128s.fb_dist_in1k", tmp_path / "timm")  # facebook/levit-128S is missing: skipped too
     model = hybridvit.create_model("levit_128s", pretrained=True).eval()
@@ -177,7 +168,10 @@ def _torch_bytes(tmp_path, model) -> bytes:
     return (tmp_path / "pytorch_model.bin").read_bytes()
 
 
-def test_unreachable_hub_says_so():
+def test_unreachable_hub_says_so(monkeypatch):
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)  # huggingface_hub retries 5 times with backoff
     with pytest.raises(CheckpointError, match=r"the Hub \(http://127.0.0.1:9\) is unreachable and me/x is not in the Hub cache"):
         hybridvit.load_model("hf-hub:me/x")
 
@@ -233,3 +227,10 @@ def test_unmappable_model_is_pushed_in_hybridvit_layout(hub, tmp_path):
 def test_cli_names_need_pretrained():
     result = CliRunner().invoke(app, ["predict", "levit_128s", "x.png"])
     assert result.exit_code != 0 and "add --pretrained" in str(result.exception)
+
+
+def test_models_weights_table_lists_every_source():
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["models", "cvt_13", "--weights"])
+    assert result.exit_code == 0, result.output
+    for text in ("in1k-384", "in22k-384", "hf-hub:microsoft/cvt-13-384-22k", "83.3", "80 MB", "ImageNet-22k, then 1k"):
+        assert text in result.output, text

@@ -5,6 +5,7 @@ from .checkpoints import load_checkpoint, load_model, save_model
 from .flops import count_macs, count_params
 from .fusion import fuse
 from .optimize import optimize, tune_cpu_allocator
+from .publish import push_to_hub, save_for_hub
 from .models import HybridClassifier
 from .quantize import quantize_static
 from .registry import get_model_info, list_models
@@ -22,7 +23,9 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "optimize",
+    "push_to_hub",
     "quantize_static",
     "tune_cpu_allocator",
+    "save_for_hub",
     "save_model",
 ]
