@@ -8,6 +8,9 @@ huggingface_hub into a private cache.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -201,12 +204,16 @@ def test_push_then_load_round_trip_and_model_card(hub, digits_run, tmp_path):
                  "AutoModelForImageClassification", "| epochs | 3 |", f"| top-1 (%) | {metrics['val_top1']:.2f} |",
                  "![training curve](training_curve.png)", "76.6%"):
         assert text in card, text
-    # the CLI reads the same repository
+    # another process, with HF_HUB_OFFLINE=1 and no Hub: the CLI reads the same repository from the cache
     example_image(40).save(tmp_path / "x.png")
-    result = CliRunner().invoke(app, ["predict", "hf-hub:me/levit-digits", str(tmp_path / "x.png"), "--json"])
-    assert result.exit_code == 0, result.output
-    top = json.loads(result.output.splitlines()[-1])["top"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "COLUMNS": "400"}
+    command = [sys.executable, "-m", "hybridvit", "predict", "hf-hub:me/levit-digits", str(tmp_path / "x.png"), "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    top = json.loads(done.stdout.splitlines()[-1])["top"]
     assert top[0]["class"] == Predictor(digits_run / "model").predict([tmp_path / "x.png"])[0].top[0][0]
+    done = subprocess.run(command[:4] + ["hf-hub:me/elsewhere"] + command[5:], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "offline (HF_HUB_OFFLINE=1) and me/elsewhere is not in the Hub cache" in done.stdout
 
 
 def test_unmappable_model_is_pushed_in_hybridvit_layout(hub, tmp_path):
