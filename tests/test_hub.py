@@ -221,7 +221,8 @@ def test_unmappable_model_is_pushed_in_hybridvit_layout(hub, tmp_path):
     folder = save_for_hub(model, tmp_path / "folder", "me/a3", extra={"classes": ["a", "b", "c", "d"]})
     assert json.loads((folder / "config.json").read_text())["format"] == "hybridvit"
     card = (folder / "README.md").read_text()
-    assert "ablation A3" in card and "AutoModelForImageClassification" not in card
+    assert "ablation A3" in card and "| differs from levit_128s in | norm=layer |" in card
+    assert "AutoModelForImageClassification" not in card
     result = CliRunner().invoke(app, ["push", str(folder), "--repo", "me/a3"])  # a model folder
     assert result.exit_code == 0, result.output
     pulled, extra = load_trained("hf-hub:me/a3")

@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoints import load_trained, save_model
 from .checkpoints.hf_folder import save_transformers_folder
 from .flops import count_macs, count_params
-from .registry import get_model_info, list_models
+from .registry import architecture, get_model_info, list_models
 
 _FIGURES = ("training_curve.png", "benchmark.png", "speed_accuracy.png")  # copied from a run folder when present
 
@@ -60,9 +60,12 @@ def model_card(model: nn.Module, repo_id: str, extra: dict[str, Any], transforme
              "graft": "the LeViT paper's grafted ResNet-50/DeiT-S (Graham et al., ICCV 2021)"}.get(model.family, model.family)
     variant = name or f"{model.family} (unregistered configuration)"  # type: ignore[attr-defined]
     ablation = getattr(model.config, "ablation", None)  # type: ignore[attr-defined]
+    ours = architecture(model.config)  # type: ignore[attr-defined]
+    changes = {k: v for k, v in ours.items() if info is not None and architecture(info.config).get(k) != v}
     lines += [f"A {variant} image classifier from {paper}, published with hybridvit.", "", "## Model", "",
               "| | |", "|---|---|",
               f"| architecture | {variant}{f', ablation {ablation}' if ablation else ''} |",
+              *([f"| differs from {name} in | {', '.join(f'{k}={v}' for k, v in changes.items())} |"] if changes else []),
               f"| parameters | {count_params(model) / 1e6:.2f}M |",
               f"| multiply-adds | {macs / 1e6:,.0f}M at {h}x{w} |",
               f"| input | {h}x{w}, crop {extra.get('crop_pct', info.crop_pct if info else 'n/a')}, "
