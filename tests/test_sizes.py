@@ -272,3 +272,24 @@ def test_eval_at_other_sizes(digits_run):
     assert kept["top1"] == native["top1"]  # the trained grid: the learnt offsets are the table itself
     with pytest.raises(ValueError, match="up to the trained"):
         evaluate(digits_run, workers=0, input_size=(48, 40), bias_resampling="keep")
+
+
+@pytest.mark.parametrize("name, options", [
+    ("graft_resnet50_deit_s", {}),
+    ("cvt_13", {"pos_embed": (True, True, True)}),
+    ("levit_128s", {"ablation": "A5", "dynamic_size": True}),
+])
+def test_position_embeddings_are_resampled_when_loaded_at_another_size(name, options, tmp_path):
+    """A checkpoint trained at 224 loads into a model built for 96 (its position embeddings, class
+    and distillation tokens kept, resampled as the 224 model does at run time): the same outputs."""
+    reference = randomize_(hybridvit.create_model(name, num_classes=7, **options)).eval()
+    with torch.no_grad():
+        for p in (p for n, p in reference.named_parameters() if n.endswith("pos_embed")):
+            p.normal_(std=0.5)  # visible in the outputs
+    hybridvit.save_model(reference, tmp_path / "folder")
+    torch.save(reference.state_dict(), tmp_path / "bare.pth")
+    x = torch.randn(2, 3, 96, 96)
+    for source in ("folder", "bare.pth"):
+        small = hybridvit.create_model(name, num_classes=7, img_size=96, checkpoint_path=tmp_path / source, **options).eval()
+        with torch.no_grad():
+            assert rel_err(small(x), reference(x)) < 1e-5, source

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ..layers import AttentionBias, resize_bias_table
@@ -110,11 +111,35 @@ def remap_bias_tables(state: StateDict, model: nn.Module, index_suffix: str = ".
     return out
 
 
-def bias_grids(family: str, config: Any) -> dict[str, tuple[int, int]]:
-    """The key grid of every attention-bias table of the model ``config`` describes (built on meta)."""
+def learnt_grids(family: str, config: Any) -> dict[str, tuple[int, int]]:
+    """The grids the model ``config`` describes learns its tables on (built on meta): every
+    attention-bias table's key grid and every position embedding's grid, by module name."""
     with torch.device("meta"):
         model = family_model_class(family)(config)
-    return {name: m.key_grid for name, m in model.named_modules() if isinstance(m, AttentionBias)}
+    grids = {name: m.key_grid for name, m in model.named_modules() if isinstance(m, AttentionBias)}
+    grids.update({name: tuple(m.pos_grid) for name, m in model.named_modules() if isinstance(getattr(m, "pos_embed", None), nn.Parameter)})
+    return grids
+
+
+def _resize_pos_embeds(model: nn.Module, state: StateDict, source_grids: dict[str, tuple[int, int]] | None) -> None:
+    """Resample position embeddings trained at another input size, in place (bicubic, as the
+    models do at run time); the prefix tokens (class, distillation) are kept as they are."""
+    for name, module in model.named_modules():
+        ours = getattr(module, "pos_embed", None)
+        key = f"{name}.pos_embed" if name else "pos_embed"
+        if not isinstance(ours, nn.Parameter) or key not in state or state[key].shape == ours.shape:
+            continue
+        theirs, prefix = state[key], getattr(module, "num_prefix_tokens", 0)
+        if theirs.ndim != 3 or theirs.shape[-1] != ours.shape[-1]:
+            continue  # reported by the strict load
+        grid = (source_grids or {}).get(name)
+        if grid is None:
+            side = math.isqrt(theirs.shape[1] - prefix)
+            if side * side != theirs.shape[1] - prefix:
+                raise CheckpointError(f"{key}: the checkpoint's position embedding comes from a non-square grid that a bare "
+                                      f"state dict does not name; load its model folder (it stores img_size)")
+            grid = (side, side)
+        state[key] = resample_abs_pos_embed(theirs, list(module.pos_grid), list(grid), num_prefix_tokens=prefix)
 
 
 def _resize_bias_tables(model: nn.Module, state: StateDict, source_grids: dict[str, tuple[int, int]] | None) -> None:
@@ -146,10 +171,12 @@ def load_state_dict(model: nn.Module, state: StateDict, exclude_head: bool = Fal
                     source_grids: dict[str, tuple[int, int]] | None = None) -> None:
     """Load hybridvit-keyed ``state`` strictly; one ``CheckpointError`` lists every problem.
 
-    ``source_grids`` (from ``bias_grids``) names the attention-bias grids ``state`` was trained on.
+    ``source_grids`` (from ``learnt_grids``) names the grids ``state``'s attention biases and position
+    embeddings were trained on; without it a table must come from a square grid.
     """
     state = dict(state)
     _resize_bias_tables(model, state, source_grids)
+    _resize_pos_embeds(model, state, source_grids)
     expected = model.state_dict()
     head_names: tuple[str, ...] = getattr(model, "head_names", ())
 
@@ -225,7 +252,7 @@ def load_checkpoint(model: nn.Module, source: str | Path | Checkpoint, exclude_h
     if ckpt.folder_config is not None and fmt.config_from_folder is not None:
         source_config = fmt.config_from_folder(ckpt)
         _check_same_architecture(model, source_config, path)
-        source_grids = bias_grids(fmt.family, source_config)
+        source_grids = learnt_grids(fmt.family, source_config)
     state = fmt.convert(ckpt.state_dict, model)
     load_state_dict(model, state, exclude_head=exclude_head, source_grids=source_grids)
     return fmt.name

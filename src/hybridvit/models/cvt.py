@@ -171,7 +171,7 @@ class Stage(nn.Module):
         dim = config.embed_dim[index]
         self.embed = ConvEmbed(in_chans, dim, config.patch_size[index], config.patch_stride[index],
                                config.patch_padding[index])
-        self.grid = grid  # the embedding's grid at the configured img_size: pos_embed's
+        self.pos_grid = grid  # the embedding's grid at the configured img_size: pos_embed's
         self.pos_embed = None
         if config.pos_embed[index]:
             self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, grid[0] * grid[1], dim), std=0.02))
@@ -186,8 +186,8 @@ class Stage(nn.Module):
         x, grid = self.embed(x)
         if self.pos_embed is not None:
             pos = self.pos_embed
-            if grid != self.grid:  # another input size: the embedding is resampled to this grid
-                pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
+            if grid != self.pos_grid:  # another input size: the embedding is resampled to this grid
+                pos = resample_abs_pos_embed(pos, list(grid), list(self.pos_grid), num_prefix_tokens=0)
             x = x + pos
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)

@@ -115,11 +115,11 @@ class GraftedResNetDeiT(HybridClassifier):
         self.num_prefix_tokens = 0
         if c.deit_layers > 0:
             self.proj = nn.Conv2d(channels, c.embed_dim, 1) if channels != c.embed_dim else None
-            self.grid = tuple(math.ceil(n / 16) for n in to_hw(c.img_size))  # 14x14 at 224
+            self.pos_grid = tuple(math.ceil(n / 16) for n in to_hw(c.img_size))  # 14x14 at 224
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
             self.dist_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if self.distillation else None
             self.num_prefix_tokens = 2 if self.distillation else 1
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.grid[0] * self.grid[1],
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.pos_grid[0] * self.pos_grid[1],
                                                       c.embed_dim))
             rates = [c.drop_path_rate * i / max(c.deit_layers - 1, 1) for i in range(c.deit_layers)]
             self.blocks = nn.Sequential(*(Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True, drop_path=r)
@@ -177,8 +177,8 @@ class GraftedResNetDeiT(HybridClassifier):
         prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
         x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         pos = self.pos_embed
-        if map_grid != self.grid:
-            pos = resample_abs_pos_embed(pos, list(map_grid), list(self.grid), num_prefix_tokens=self.num_prefix_tokens)
+        if map_grid != self.pos_grid:
+            pos = resample_abs_pos_embed(pos, list(map_grid), list(self.pos_grid), num_prefix_tokens=self.num_prefix_tokens)
         return self.norm(self.blocks(x + pos))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

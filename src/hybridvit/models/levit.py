@@ -339,6 +339,11 @@ class LeViT(HybridClassifier):
                 f"to serve any size."
             )
 
+    @property
+    def pos_grid(self) -> tuple[int, int]:
+        """The grid ``pos_embed`` (A5) is learnt on: the stem's at the configured img_size."""
+        return self.grids[0]
+
     def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         self.check_input(x)
         x = self.stem(x)
@@ -348,8 +353,8 @@ class LeViT(HybridClassifier):
         x = x.flatten(2).transpose(1, 2).contiguous()
         if self.pos_embed is not None:
             pos = self.pos_embed
-            if grid != self.grids[0]:
-                pos = resample_abs_pos_embed(pos, list(grid), list(self.grids[0]), num_prefix_tokens=0)
+            if grid != self.pos_grid:
+                pos = resample_abs_pos_embed(pos, list(grid), list(self.pos_grid), num_prefix_tokens=0)
             x = x + pos
         return x, grid
 
