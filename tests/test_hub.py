@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 import hybridvit
 from hybridvit.api import load_source
 from hybridvit.checkpoints import CheckpointError, load_trained
+from hybridvit.checkpoints.hf_folder import foreign_extra
 from hybridvit.cli import app
 from hybridvit.data import example_image
 from hybridvit.predict import Predictor
@@ -109,6 +110,9 @@ def test_pretrained_cvt_from_the_hub_cache_reuse_and_offline(hub, tmp_path, monk
     assert predictor.classes[0] == "tench, Tinca tinca" and len(predictor.classes) == 1000
     _, extra = load_source("cvt_13", pretrained=True, pretrained_tag="in1k-384")
     assert extra["crop_pct"] == 1.0 and extra["input_size"] == [384, 384] and extra["classes"][0] == "n01440764"
+    _, folder_extra = load_trained("hf-hub:microsoft/cvt-13-384")  # what the folder itself says
+    assert folder_extra["crop_pct"] == 1.0 and folder_extra["input_size"] == [384, 384]
+    assert folder_extra["class_names"][0] == "tench, Tinca tinca" and folder_extra["classes"][0] == "n01440764"
     # the default tag is another repository, not in the cache
     with pytest.raises(CheckpointError, match=r"offline \(HF_HUB_OFFLINE=1\) and microsoft/cvt-13 is not in the Hub cache"):
         hybridvit.create_model("cvt_13", pretrained=True)
@@ -194,6 +198,11 @@ def test_push_then_load_round_trip_and_model_card(hub, digits_run, tmp_path):
         assert rel_err(hf.eval()(pixel_values=x).logits, ours(x)) < 1e-5
     assert pulled_extra["classes"] == extra["classes"] and pulled.model_name == "levit_128s"
     assert hf.config.id2label[3] == extra["classes"][3]
+    # the image processor written for transformers says the run's own preprocessing
+    read_back = foreign_extra(json.loads((folder / "config.json").read_text()),
+                              json.loads((folder / "preprocessor_config.json").read_text()))
+    assert read_back["crop_pct"] == pytest.approx(extra["crop_pct"]) and read_back["input_size"] == extra["input_size"]
+    assert read_back["mean"] == pytest.approx(extra["mean"]) and read_back["classes"] == extra["classes"]
     files = hub.repos["me/levit-digits"].commits[-1][1]
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "train_config.json",
             "training_curve.png"} <= set(files)

@@ -44,9 +44,9 @@ def create_model(
     backbones serve any input size (``dynamic_size=True``) unless told otherwise.
     """
     info = get_model_info(name)
-    weights = info.pretrained_weights(pretrained_tag) if pretrained else None
     if pretrained_tag is not None and not pretrained:
         raise ValueError("pretrained_tag needs pretrained=True")
+    weights = info.pretrained_weights(pretrained_tag) if pretrained else None
     if weights is not None and weights.img_size is not None:
         overrides.setdefault("img_size", weights.img_size)
     if features_only and hasattr(info.config, "dynamic_size"):

@@ -13,12 +13,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from .checkpoints import load_trained, save_model
 from .checkpoints.hf_folder import save_transformers_folder
+from .figures import read_metrics
 from .flops import count_macs, count_params
 from .registry import architecture, get_model_info, list_models
 
@@ -33,71 +34,76 @@ def _run_folder(source: Path) -> Path | None:
     return None
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+_PAPERS = {"levit": "LeViT (Graham et al., ICCV 2021)", "cvt": "CvT (Wu et al., ICCV 2021)",
+           "graft": "the LeViT paper's grafted ResNet-50/DeiT-S (Graham et al., ICCV 2021)"}
+_TRAIN_KEYS = ("model", "model_args", "data", "recipe", "epochs", "batch_size", "lr", "weight_decay", "input_size",
+               "teacher", "seed")
+_METRICS = (("val_top1", "top-1 (%)"), ("val_top5", "top-5 (%)"), ("best_top1", "best top-1 (%)"), ("val_loss", "loss"))
 
 
-def _last_metrics(run: Path) -> dict[str, Any] | None:
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    return json.loads(lines[-1]) if lines else None
-
-
-def model_card(model: nn.Module, repo_id: str, extra: dict[str, Any], transformers_layout: bool,
-               run: Path | None = None, figures: list[str] = ()) -> str:
-    """A README.md for the Hub: what the model is, how to load it, how it was trained and how it scored."""
+def _model_section(model: nn.Module, extra: dict[str, Any]) -> list[str]:
     name = getattr(model, "model_name", None)
     info = get_model_info(name) if name in list_models() else None
-    h, w = model.input_hw  # type: ignore[attr-defined]
-    macs = count_macs(model)
-    classes = extra.get("class_names") or extra.get("classes") or []
-    train = _read_json(run / "train_config.json") if run else None
-    metrics = _last_metrics(run) if run else None
-    tags = ["image-classification", "hybridvit", model.family]  # type: ignore[attr-defined]
-    front = ["---", "library_name: hybridvit", "pipeline_tag: image-classification", "tags:"]
-    front += [f"- {t}" for t in tags] + ["---", ""]
-    lines = front + [f"# {repo_id.split('/')[-1]}", ""]
-    paper = {"levit": "LeViT (Graham et al., ICCV 2021)", "cvt": "CvT (Wu et al., ICCV 2021)",
-             "graft": "the LeViT paper's grafted ResNet-50/DeiT-S (Graham et al., ICCV 2021)"}.get(model.family, model.family)
-    variant = name or f"{model.family} (unregistered configuration)"  # type: ignore[attr-defined]
+    family = model.family  # type: ignore[attr-defined]
+    variant = name or f"{family} (unregistered configuration)"
     ablation = getattr(model.config, "ablation", None)  # type: ignore[attr-defined]
     ours = architecture(model.config)  # type: ignore[attr-defined]
     changes = {k: v for k, v in ours.items() if info is not None and architecture(info.config).get(k) != v}
-    lines += [f"A {variant} image classifier from {paper}, published with hybridvit.", "", "## Model", "",
-              "| | |", "|---|---|",
-              f"| architecture | {variant}{f', ablation {ablation}' if ablation else ''} |",
-              *([f"| differs from {name} in | {', '.join(f'{k}={v}' for k, v in changes.items())} |"] if changes else []),
-              f"| parameters | {count_params(model) / 1e6:.2f}M |",
-              f"| multiply-adds | {macs / 1e6:,.0f}M at {h}x{w} |",
-              f"| input | {h}x{w}, crop {extra.get('crop_pct', info.crop_pct if info else 'n/a')}, "
-              f"mean {extra.get('mean', list(info.mean) if info else 'n/a')}, std {extra.get('std', list(info.std) if info else 'n/a')} |",
-              f"| classes | {len(classes) or model.num_classes}"  # type: ignore[attr-defined]
-              + (f" ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})" if classes else "") + " |",
-              ""]
+    h, w = model.input_hw  # type: ignore[attr-defined]
+    classes = extra.get("class_names") or extra.get("classes") or []
+    shown = f" ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})" if classes else ""
+    lines = [f"A {variant} image classifier from {_PAPERS.get(family, family)}, published with hybridvit.", "",
+             "## Model", "", "| | |", "|---|---|",
+             f"| architecture | {variant}{f', ablation {ablation}' if ablation else ''} |",
+             *([f"| differs from {name} in | {', '.join(f'{k}={v}' for k, v in changes.items())} |"] if changes else []),
+             f"| parameters | {count_params(model) / 1e6:.2f}M |",
+             f"| multiply-adds | {count_macs(model) / 1e6:,.0f}M at {h}x{w} |",
+             f"| input | {h}x{w}, crop {extra.get('crop_pct', info.crop_pct if info else 'n/a')}, "
+             f"mean {extra.get('mean', list(info.mean) if info else 'n/a')}, std {extra.get('std', list(info.std) if info else 'n/a')} |",
+             f"| classes | {len(classes) or model.num_classes}{shown} |", ""]  # type: ignore[attr-defined]
     if info is not None and info.paper_top1 is not None:
         lines += [f"The paper reports {info.paper_top1}% ImageNet-1k top-1 for {name} (with its own recipe and data).", ""]
-    lines += ["## Use", "", "```python", "import hybridvit", "",
-              f'model = hybridvit.load_model("hf-hub:{repo_id}")', "```", ""]
+    return lines
+
+
+def _use_section(repo_id: str, transformers_layout: bool) -> list[str]:
+    lines = ["## Use", "", "```python", "import hybridvit", "", f'model = hybridvit.load_model("hf-hub:{repo_id}")', "```", ""]
     if transformers_layout:
-        cls = "AutoModelForImageClassification"
         lines += ["The folder is also a transformers folder:", "", "```python",
-                  f"from transformers import {cls}, AutoImageProcessor", "",
-                  f'model = {cls}.from_pretrained("{repo_id}")',
+                  "from transformers import AutoModelForImageClassification, AutoImageProcessor", "",
+                  f'model = AutoModelForImageClassification.from_pretrained("{repo_id}")',
                   f'processor = AutoImageProcessor.from_pretrained("{repo_id}")', "```", ""]
-    if train:
-        keys = ("model", "model_args", "data", "recipe", "epochs", "batch_size", "lr", "weight_decay", "input_size",
-                "teacher", "seed")
-        train = {**train, "data": train.get("data") or "the built-in digits (scikit-learn)"}
-        lines += ["## Training", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {json.dumps(train[k]) if isinstance(train[k], (dict, list)) else train[k]} |"
-                  for k in keys if k in train and train[k] not in (None, {}, "")]
-        lines += ["", "The full settings are in `train_config.json`.", ""]
-    if metrics:
-        lines += ["## Results", "", f"After epoch {metrics.get('epoch', 0) + 1} on the run's validation split:", "",
+    return lines
+
+
+def _run_sections(run: Path) -> list[str]:
+    """The run's settings (``train_config.json``) and its last epoch's metrics."""
+    lines = []
+    train = json.loads((run / "train_config.json").read_text())
+    train["data"] = train.get("data") or "the built-in digits (scikit-learn)"
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {json.dumps(train[k]) if isinstance(train[k], (dict, list)) else train[k]} |"
+              for k in _TRAIN_KEYS if train.get(k) not in (None, {}, "")]
+    lines += ["", "The full settings are in `train_config.json`.", ""]
+    epochs = read_metrics(run) if (run / "metrics.jsonl").exists() else []
+    if epochs:
+        last = epochs[-1]
+        lines += ["## Results", "", f"After epoch {last.get('epoch', 0) + 1} on the run's validation split:", "",
                   "| metric | value |", "|---|---|"]
-        lines += [f"| {label} | {metrics[key]:.2f} |" for key, label in
-                  (("val_top1", "top-1 (%)"), ("val_top5", "top-5 (%)"), ("best_top1", "best top-1 (%)"),
-                   ("val_loss", "loss")) if isinstance(metrics.get(key), (int, float))]
+        lines += [f"| {label} | {last[key]:.2f} |" for key, label in _METRICS if isinstance(last.get(key), (int, float))]
         lines.append("")
+    return lines
+
+
+def model_card(model: nn.Module, repo_id: str, extra: dict[str, Any], transformers_layout: bool,
+               run: Path | None = None, figures: Sequence[str] = ()) -> str:
+    """A README.md for the Hub: what the model is, how to load it, how it was trained and how it scored."""
+    tags = ["image-classification", "hybridvit", model.family]  # type: ignore[attr-defined]
+    lines = ["---", "library_name: hybridvit", "pipeline_tag: image-classification", "tags:", *(f"- {t}" for t in tags),
+             "---", "", f"# {repo_id.split('/')[-1]}", ""]
+    lines += _model_section(model, extra) + _use_section(repo_id, transformers_layout)
+    if run is not None:
+        lines += _run_sections(run)
     for figure in figures:
         lines += [f"![{figure.removesuffix('.png').replace('_', ' ')}]({figure})", ""]
     return "\n".join(lines)

@@ -33,10 +33,6 @@ class PretrainedWeights:
     top1: float | None = None  # ImageNet-1k val top-1 the authors report for these weights
     download_mb: float | None = None  # size of the file a first use downloads
 
-    @property
-    def hub_ids(self) -> tuple[str, ...]:
-        return tuple(s.removeprefix("hf-hub:") for s in self.sources if s.startswith("hf-hub:"))
-
 
 @dataclass(frozen=True)
 class ModelInfo:

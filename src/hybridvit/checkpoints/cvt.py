@@ -107,7 +107,7 @@ def config_from_hf(ckpt: Checkpoint) -> CvTConfig:
     except KeyError as e:
         raise CheckpointError(f"CvT config.json lacks {e}") from e
     variant = find_variant(CvT, config)
-    img_size = hf_image_size(ckpt) or (get_model_info(variant).config.img_size if variant else None)
+    img_size = hf_image_size(ckpt.preprocessor_config) or (get_model_info(variant).config.img_size if variant else None)
     return dataclasses.replace(config, img_size=img_size) if img_size else config
 
 

@@ -132,14 +132,17 @@ def _resize_pos_embeds(model: nn.Module, state: StateDict, source_grids: dict[st
         theirs, prefix = state[key], getattr(module, "num_prefix_tokens", 0)
         if theirs.ndim != 3 or theirs.shape[-1] != ours.shape[-1]:
             continue  # reported by the strict load
-        grid = (source_grids or {}).get(name)
-        if grid is None:
-            side = math.isqrt(theirs.shape[1] - prefix)
-            if side * side != theirs.shape[1] - prefix:
-                raise CheckpointError(f"{key}: the checkpoint's position embedding comes from a non-square grid that a bare "
-                                      f"state dict does not name; load its model folder (it stores img_size)")
-            grid = (side, side)
+        grid = (source_grids or {}).get(name) or _square_grid(theirs.shape[1] - prefix, key)
         state[key] = resample_abs_pos_embed(theirs, list(module.pos_grid), list(grid), num_prefix_tokens=prefix)
+
+
+def _square_grid(cells: int, key: str) -> tuple[int, int]:
+    """The grid of a table from a bare state dict, which only tells its size: square, or an error."""
+    side = math.isqrt(cells)
+    if side * side != cells:
+        raise CheckpointError(f"{key}: the checkpoint's {cells}-cell table comes from a non-square grid that a bare "
+                              f"state dict does not name; load its model folder or training checkpoint (they store img_size)")
+    return side, side
 
 
 def _resize_bias_tables(model: nn.Module, state: StateDict, source_grids: dict[str, tuple[int, int]] | None) -> None:
@@ -157,12 +160,7 @@ def _resize_bias_tables(model: nn.Module, state: StateDict, source_grids: dict[s
         if grid is None:
             if table.shape == module.table.shape:
                 continue
-            side = math.isqrt(table.shape[1])
-            if side * side != table.shape[1]:
-                raise CheckpointError(
-                    f"{key}: the checkpoint's {table.shape[1]}-entry bias table comes from a non-square grid that a "
-                    f"bare state dict does not name; load its model folder or training checkpoint (they store img_size)")
-            grid = (side, side)
+            grid = _square_grid(table.shape[1], key)
         if grid != module.key_grid:
             state[key] = resize_bias_table(table, grid, module.key_grid)
 
@@ -218,9 +216,9 @@ def native_folder_config(ckpt: Checkpoint) -> Any:
         raise CheckpointError(f"invalid hybridvit config.json ({type(e).__name__}: {e})") from e
 
 
-def hf_image_size(ckpt: Checkpoint) -> int | tuple[int, int] | None:
+def hf_image_size(preprocessor: dict[str, Any] | None) -> int | tuple[int, int] | None:
     """The input size a Hugging Face image processor config names (crop, else resize target), if any."""
-    pre = ckpt.preprocessor_config or {}
+    pre = preprocessor or {}
     for key in ("crop_size", "size"):
         value = pre.get(key)
         if isinstance(value, int):

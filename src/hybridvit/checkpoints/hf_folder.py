@@ -1,4 +1,5 @@
-"""Writing a model as a Hugging Face transformers folder, where its architecture maps.
+"""Hugging Face transformers folders: writing a model as one where its architecture maps, and
+reading the class names and preprocessing of any (transformers' or timm's ``config.json``).
 
 transformers' ``from_pretrained`` then reads the folder as it is, and hybridvit reads it back
 through the same converters it uses for any Hugging Face folder. hybridvit's own details
@@ -15,11 +16,53 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from ..data import imagenet_labels
 from ..registry import architecture, to_hw
-from .formats import CheckpointFormat, registered_formats
+from .errors import CheckpointError
+from .formats import CheckpointFormat, hf_image_size, registered_formats
 from .io import Checkpoint
 
 BICUBIC = 3  # PIL's code, as transformers' image processors store it
+
+
+def foreign_extra(config: dict[str, Any], preprocessor: dict[str, Any]) -> dict[str, Any]:
+    """Class names and preprocessing from a transformers ``config.json`` + image processor config,
+    or a timm ``config.json`` (its ``pretrained_cfg``)."""
+    extra: dict[str, Any] = {}
+    labels = config.get("id2label") or {}
+    names = [labels[k] for k in sorted(labels, key=int)] if labels else config.get("label_names")
+    if names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        imagenet = imagenet_labels(len(names))
+        extra["classes"] = imagenet[0] if imagenet else list(names)  # ImageNet: the synsets, as a val folder names them
+        extra["class_names"] = list(names)
+    timm_cfg = config.get("pretrained_cfg") or {}
+    mean, std = preprocessor.get("image_mean") or timm_cfg.get("mean"), preprocessor.get("image_std") or timm_cfg.get("std")
+    if mean and std:
+        extra.update(mean=list(mean), std=list(std))
+    size = hf_image_size(preprocessor)
+    if isinstance(size, int):
+        size = (size, size)
+    if size is None and timm_cfg.get("input_size"):
+        size = tuple(timm_cfg["input_size"][1:])
+    if size:
+        extra["input_size"] = list(size)
+    crop_pct = _hf_crop_pct(preprocessor) if preprocessor else timm_cfg.get("crop_pct")
+    if crop_pct:
+        extra["crop_pct"] = float(crop_pct)
+    return extra
+
+
+def _hf_crop_pct(preprocessor: dict[str, Any]) -> float | None:
+    """The centre-crop fraction of a transformers image processor (each family resizes its own way)."""
+    kind = str(preprocessor.get("image_processor_type") or preprocessor.get("feature_extractor_type") or "")
+    size, crop = preprocessor.get("size"), preprocessor.get("crop_size")
+    short = size.get("shortest_edge") if isinstance(size, dict) else size
+    if kind.startswith("Levit") and short and crop:  # resizes the short side to short * 256/224, then crops
+        crop_h = crop.get("height") if isinstance(crop, dict) else crop
+        return crop_h / int(short * 256 / 224)
+    if kind.startswith("ConvNext") and short:  # CvT's processor: from 384 up it resizes without cropping
+        return 1.0 if short >= 384 else preprocessor.get("crop_pct", 224 / 256)
+    return preprocessor.get("crop_pct")
 
 
 def _hf_format(model: nn.Module) -> CheckpointFormat | None:
@@ -57,7 +100,7 @@ def transformers_layout(model: nn.Module, extra: dict[str, Any]) -> tuple[dict[s
     preprocessor = preprocessor_config(model, extra)
     try:
         back = fmt.config_from_folder(Checkpoint(state, Path("."), config, preprocessor))
-    except Exception:
+    except CheckpointError:  # a layout transformers' config cannot express
         return None
     ours = model.config  # type: ignore[attr-defined]
     same = (architecture(back) == architecture(ours) and to_hw(back.img_size) == to_hw(ours.img_size)

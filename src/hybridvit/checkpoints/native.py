@@ -18,12 +18,12 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from ..data import imagenet_labels
 from ..registry import family_model_class, find_variant
 from .errors import CheckpointError
-from .formats import NATIVE, detect_format, hf_image_size, load_checkpoint, native_format, register_format
+from .formats import NATIVE, detect_format, load_checkpoint, native_format, register_format
+from .hf_folder import foreign_extra
 from .hub import HUB_PREFIX, download_hub_folder, parse_hub_name
-from .io import Checkpoint, read_checkpoint, read_tensor_file
+from .io import read_checkpoint, read_tensor_file
 
 FORMAT_VERSION = 1
 _FILES = ("model.safetensors", "config.json")
@@ -144,46 +144,6 @@ def read_extra(path: str | Path) -> dict[str, Any]:
         return config["hybridvit"].get("extra", {})
     pre_file = path / "preprocessor_config.json"
     return foreign_extra(config, json.loads(pre_file.read_text()) if pre_file.exists() else {})
-
-
-def foreign_extra(config: dict[str, Any], preprocessor: dict[str, Any]) -> dict[str, Any]:
-    """Class names and preprocessing from a transformers ``config.json`` + image processor config,
-    or a timm ``config.json`` (its ``pretrained_cfg``)."""
-    extra: dict[str, Any] = {}
-    labels = config.get("id2label") or {}
-    names = [labels[k] for k in sorted(labels, key=int)] if labels else config.get("label_names")
-    if names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
-        imagenet = imagenet_labels(len(names))
-        extra["classes"] = imagenet[0] if imagenet else list(names)  # ImageNet: the synsets, as a val folder names them
-        extra["class_names"] = list(names)
-    timm_cfg = config.get("pretrained_cfg") or {}
-    mean, std = preprocessor.get("image_mean") or timm_cfg.get("mean"), preprocessor.get("image_std") or timm_cfg.get("std")
-    if mean and std:
-        extra.update(mean=list(mean), std=list(std))
-    size = hf_image_size(Checkpoint({}, Path(), config, preprocessor)) if preprocessor else None
-    if isinstance(size, int):
-        size = (size, size)
-    if size is None and timm_cfg.get("input_size"):
-        size = tuple(timm_cfg["input_size"][1:])
-    if size:
-        extra["input_size"] = list(size)
-    crop_pct = _hf_crop_pct(preprocessor) if preprocessor else timm_cfg.get("crop_pct")
-    if crop_pct:
-        extra["crop_pct"] = float(crop_pct)
-    return extra
-
-
-def _hf_crop_pct(preprocessor: dict[str, Any]) -> float | None:
-    """The centre-crop fraction of a transformers image processor (each family resizes its own way)."""
-    kind = str(preprocessor.get("image_processor_type") or preprocessor.get("feature_extractor_type") or "")
-    size, crop = preprocessor.get("size"), preprocessor.get("crop_size")
-    short = size.get("shortest_edge") if isinstance(size, dict) else size
-    if kind.startswith("Levit") and short and crop:  # resizes the short side to short * 256/224, then crops
-        crop_h = crop.get("height") if isinstance(crop, dict) else crop
-        return crop_h / int(short * 256 / 224)
-    if kind.startswith("ConvNext") and short:  # CvT's processor: from 384 up it resizes without cropping
-        return 1.0 if short >= 384 else preprocessor.get("crop_pct", 224 / 256)
-    return preprocessor.get("crop_pct")
 
 
 def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
