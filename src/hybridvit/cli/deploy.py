@@ -1,0 +1,144 @@
+"""``predict``, ``export``, ``quantize`` and ``push``: using and shipping a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, output_folder
+
+
+def predict_cmd(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    images: list[Path] = typer.Argument(..., help="image files (any size and mode Pillow reads)"),
+    top: int = typer.Option(5, help="how many classes to show"),
+    pretrained: bool = PRETRAINED,
+    pretrained_tag: Optional[str] = PRETRAINED_TAG,
+    json_output: bool = typer.Option(False, "--json", help="print JSON lines"),
+) -> None:
+    """Top-5 classes with probabilities for each image (the model's own preprocessing)."""
+    import json
+
+    from ..predict import Predictor
+
+    predictor = Predictor(checkpoint, pretrained=pretrained, pretrained_tag=pretrained_tag)
+    failed = 0
+    for path in images:
+        try:
+            (result,) = predictor.predict([path], k=top)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            failed += 1
+            continue
+        if json_output:
+            print(json.dumps({"image": result.path, "top": [{"class": c, "probability": p} for c, p in result.top]}))
+        else:
+            console.print(f"[bold]{result.path}[/bold]", highlight=False)
+            for name, p in result.top:
+                console.print(f"  {p:7.2%}  {name}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+def export_cmd(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    format: str = typer.Option("onnx", help="onnx, torchscript or exported-program"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder, "
+                                          "else the current one)"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+    dynamic_size: bool = typer.Option(False, "--dynamic-size", help="ONNX: leave height and width free too "
+                                      "(LeViT: attention biases computed in the graph)"),
+    pretrained: bool = PRETRAINED,
+    pretrained_tag: Optional[str] = PRETRAINED_TAG,
+) -> None:
+    """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
+    import importlib.util
+
+    from ..api import load_source
+    from ..export import FORMATS, check_onnx, export
+
+    model, _ = load_source(checkpoint, pretrained, pretrained_tag)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dynamic_size and hasattr(model.config, "dynamic_size"):
+        model = model.reconfigured(dynamic_size=True)  # the same weights serve any size
+    target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}{FORMATS[format]}"
+    export(model, target, format, opset=opset, dynamic_size=dynamic_size)
+    h, w = model.input_hw
+    console.print(f"wrote {target} ({format}, fused, dynamic batch{', height and width' if dynamic_size else ''})")
+    if format == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            console.print("onnxruntime is not installed: the file was not checked")
+            return
+        # other sizes: larger, non-square and odd
+        sizes = [(h, w)] + ([(h + h // 2, w), (h - h // 4 + 1, w + w // 4 + 3)] if dynamic_size else [])
+        for size in sizes:
+            difference = check_onnx(target, model, size=size)
+            console.print(f"ONNX Runtime vs PyTorch at {size[0]}x{size[1]}: max relative difference {difference:.2e}")
+
+
+def quantize_cmd(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    calibration: Path = typer.Option(..., help="image folder: ImageNet layout (its train split) or any images"),
+    images: int = typer.Option(256, min=1, help="calibration images (a seeded random subset)"),
+    output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME_int8.onnx next to the model, "
+                                          "else in the current folder)"),
+    batch_size: int = typer.Option(32, min=1, help="calibration batch size"),
+    pretrained: bool = PRETRAINED,
+    pretrained_tag: Optional[str] = PRETRAINED_TAG,
+) -> None:
+    """Write a static int8 ONNX model (QDQ) calibrated on your images, checked against fp32."""
+    import torch
+
+    from ..api import load_source
+    from ..fusion import fuse
+    from ..quantize import calibration_set, quantize_static
+
+    model, extra = load_source(checkpoint, pretrained, pretrained_tag)
+    target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}_int8.onnx"
+    # two more batches, held out from calibration, to compare the int8 model with fp32
+    data = calibration_set(calibration, model, images + 2 * batch_size, batch_size, crop_pct=extra.get("crop_pct"))
+    held_out = 2 if len(data.batches) > 2 else 0
+    calibrate = data.batches[:len(data.batches) - held_out]
+    try:
+        int8 = quantize_static(model, calibrate, target)
+    except ImportError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    skipped = f", {len(data.skipped)} unreadable skipped" if data.skipped else ""
+    console.print(f"wrote {target} (static int8, QDQ; calibrated on {sum(len(b) for b in calibrate)} images{skipped})")
+    x = torch.cat(data.batches[-held_out:] if held_out else calibrate)
+    with torch.inference_mode():
+        reference, got = fuse(model)(x), int8(x)
+    difference = ((got - reference).abs().max() / reference.abs().max()).item()
+    agreement = (got.argmax(1) == reference.argmax(1)).float().mean().item()
+    console.print(f"int8 vs fp32 on {len(x)} {'held-out' if held_out else 'calibration'} images: top-1 agreement "
+                  f"{agreement:.1%}, max relative difference {difference:.2e}")
+
+
+def push_cmd(
+    source: str = typer.Argument(..., help="training run folder, model folder, checkpoint.pt, or a model name with --pretrained"),
+    repo: str = typer.Option(..., help="Hub repository ORG/NAME (created if needed)"),
+    private: bool = typer.Option(False, help="create the repository private"),
+    message: Optional[str] = typer.Option(None, help="commit message"),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="only write the folder that would be uploaded here"),
+    pretrained: bool = PRETRAINED,
+    pretrained_tag: Optional[str] = PRETRAINED_TAG,
+) -> None:
+    """Upload a model to the Hugging Face Hub with a model card (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a mirror)."""
+    from ..api import load_source
+    from ..publish import push_to_hub, save_for_hub
+
+    if pretrained:  # republishing published weights (e.g. to a mirror): they carry their preprocessing
+        model, extra = load_source(source, pretrained, pretrained_tag)
+        target: object = model
+    else:
+        target, extra = source, {}
+    if dry_run:
+        folder = save_for_hub(target, dry_run, repo, extra)
+        console.print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}", highlight=False)
+        return
+    url = push_to_hub(target, repo, private=private, commit_message=message, extra=extra)
+    console.print(f"pushed to {repo}: {url}\nload it with hybridvit.load_model(\"hf-hub:{repo}\")", highlight=False)
