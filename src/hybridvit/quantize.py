@@ -13,10 +13,13 @@ batch 16, 224x224, against the fp32 ONNX Runtime model (``optimize(model, "fp32"
   adds pairs of products in saturating 16-bit lanes, which full-range per-channel weights
   overflow (LeViT-128S: 3x the output error of the u8 x u8 kernel, which cannot saturate;
   with 7 bits, the same error). Per-tensor weights and asymmetric weights were no faster.
-- Each Softmax, the arithmetic between it and the MatMul of its scores, and that MatMul stay
-  float: with attention scores in int8 the digits-trained LeViT fell from 96% top-1 to 10%,
-  and they were slower too (a K=16 product; ONNX Runtime's int8 Softmax). Convolutions of
-  the input images stay float as well: LeViT's 3-channel stem convolution was slower in int8.
+- The attention scores stay float: each Softmax, the arithmetic between it and the MatMul of
+  its scores, and that MatMul are left out, so no score is rounded to int8. With the scores in
+  int8 the digits-trained LeViT fell from 96% top-1 to 10%, and they were slower too (a K=16
+  product; ONNX Runtime's int8 Softmax). The MatMul's inputs, q and k, are the int8 outputs of
+  their quantized projections: ONNX Runtime multiplies them in integers with a float result
+  (MatMulIntegerToFloat), the exact product of their dequantized values. Convolutions of the
+  input images stay float as well: LeViT's 3-channel stem convolution was slower in int8.
 - No ``quant_pre_process``: it changed neither speed nor accuracy here.
 
 Result: LeViT-128S at 1.40x and CvT-13 at 1.48x fp32's images/s, top-1 unchanged on the
