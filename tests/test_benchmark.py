@@ -4,10 +4,13 @@ stood in for), which rows run, and what the command prints."""
 from __future__ import annotations
 
 import gc
+import json
+import sys
 import weakref
 
 import pytest
 import torch
+from conftest import randomize_, with_sources
 from typer.testing import CliRunner
 
 from hybridvit.bench import Candidate, DeviceOps, Plan, benchmark
@@ -114,3 +117,152 @@ def test_benchmark_leaves_out_bf16_where_this_cpu_runs_it_on_a_fallback(monkeypa
     assert result.exit_code == 0, result.output
     assert "bf16 left out" in result.output and "levit_128s (int8)" in result.output
     assert "levit_128s (bf16)" not in result.output
+
+
+QUICK = ["--warmup", "0", "--time", "0.05", "--rounds", "1", "--batch", "2", "--json"]
+
+_OFFICIAL_LEVIT = '''"""Stand-in for facebookresearch/LeViT's levit.py: a model constructor per variant name."""
+import torch
+import utils  # as the official file does
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 16, stride=16)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def LeViT_128S(num_classes=1000, **kwargs):
+    utils.built.append(num_classes)
+    return Tiny(num_classes)
+'''
+
+_OFFICIAL_UTILS = '''"""Stand-in for the official utils.py: its BatchNorm fusion, counted."""
+import torch
+
+built, fused = [], []
+
+
+def replace_batchnorm(net):
+    for name, child in net.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(net, name, torch.nn.Identity())
+            fused.append(name)
+        else:
+            replace_batchnorm(child)
+'''
+
+
+@pytest.fixture
+def official_clone(tmp_path):
+    """A folder laid out as a clone of facebookresearch/LeViT (levit.py, utils.py at its root);
+    the modules it imports under those top-level names are dropped afterwards."""
+    clone = tmp_path / "LeViT"
+    clone.mkdir()
+    (clone / "levit.py").write_text(_OFFICIAL_LEVIT)
+    (clone / "utils.py").write_text(_OFFICIAL_UTILS)
+    assert "levit" not in sys.modules and "utils" not in sys.modules  # else the clone's would not be imported
+    yield clone
+    for name in ("levit", "utils"):
+        sys.modules.pop(name, None)
+
+
+def _report(args: list[str]) -> dict:
+    result = runner.invoke(app, ["benchmark", *args, *QUICK])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # stdout holds the JSON alone (a download's progress bar goes to stderr)
+
+
+@pytest.mark.slow
+def test_benchmark_official_rows_run_the_clones_fused_models(official_clone, monkeypatch):
+    from hybridvit.bench import candidates
+
+    monkeypatch.setattr(candidates, "installed", lambda *modules: "transformers" not in modules)  # timm and the clone
+    report = _report(["levit_128s", "--precision", "int8", "--compare", "--official", str(official_clone)])
+    rows = {r["name"]: r for r in report["results"]}
+    official = {name for name, r in rows.items() if r["source"] == "official"}
+    assert official == {f"official levit_128s (fused, {way})" for way in ("traced", "OpenVINO", "ONNX Runtime")}
+    assert all((rows[n]["model"], rows[n]["precision"], rows[n]["paper_top1"]) == ("levit_128s", "fp32", 76.6)
+               for n in official)
+    utils = sys.modules["utils"]
+    assert utils.__file__ == str(official_clone / "utils.py")
+    assert utils.built == [1000] * 3 and utils.fused == ["bn"] * 3  # each row built and fused the clone's model
+    assert {(q["ours"], q["reference"]) for q in report["ratios"]} == {
+        ("levit_128s (int8)", name) for name in official | {"timm levit_128s"}}
+
+
+@pytest.mark.slow
+def test_benchmark_paper_rows_are_timm_models_at_their_resolution(monkeypatch):
+    from hybridvit.bench import candidates
+
+    name = "deit_tiny_distilled_patch16_224"
+    assert candidates.PAPER_ROWS[name] == (224, 76.6)  # LeViT paper, Table 3 (DeiT-Tiny, distilled, 1000 epochs)
+    monkeypatch.setattr(candidates, "PAPER_ROWS", {name: candidates.PAPER_ROWS[name]})  # one row of the table
+    report = _report(["levit_128s", "--precision", "int8", "--paper-rows"])
+    rows = {r["name"]: r for r in report["results"]}
+    assert set(rows) == {"levit_128s (int8)", name}
+    assert (rows[name]["source"], rows[name]["model"], rows[name]["precision"]) == ("timm", name, "fp32")
+    assert rows[name]["paper_top1"] == 76.6 and rows[name]["images_per_second"] > 0
+    assert report["ratios"] == []  # another architecture: nothing to pair it with
+
+
+@pytest.mark.slow
+def test_benchmark_int8_static_rows_run_the_int8_model_of_the_published_weights(monkeypatch, tmp_path,
+                                                                                 torch_hub_dir):
+    """``--precision int8-static --pretrained``: the row times the static int8 model calibrated from
+    the published weights (here a local file standing in for the official URL)."""
+    import hybridvit
+    import hybridvit.quantize
+    from hybridvit.registry import _REGISTRY, get_model_info
+
+    weights = randomize_(hybridvit.create_model("levit_128s"), seed=2).state_dict()
+    torch.save(weights, tmp_path / "weights.pth")
+    monkeypatch.setitem(_REGISTRY, "levit_128s",
+                        with_sources(get_model_info("levit_128s"), (tmp_path / "weights.pth").as_uri()))
+    quantized, calls = [], []
+    real = hybridvit.quantize.quantize_static
+
+    def quantize_static(model, calibration, *args, **kwargs):
+        quantized.append((model.state_dict(), list(calibration)))
+        int8 = real(model, calibration, *args, **kwargs)
+        assert (int8.precision, int8.backend) == ("int8-static", "onnxruntime")
+        return lambda x: calls.append(len(x)) or int8(x)
+
+    monkeypatch.setattr(hybridvit.quantize, "quantize_static", quantize_static)
+    report = _report(["levit_128s", "--precision", "int8-static", "--pretrained"])
+    (row,) = report["results"]
+    assert (row["name"], row["source"], row["precision"]) == ("levit_128s (int8-static)", "hybridvit", "int8-static")
+    rate = report["machine"]["matmul_gflops"]["int8"] * 1e9  # the bound of an int8 row is the int8 rate
+    assert row["bound_share"] == pytest.approx(row["images_per_second"] * 2 * row["macs"] / rate)
+    assert len(quantized) == 1, "the int8-static row is not quantize_static's model"
+    ((state, calibration),) = quantized
+    assert all(torch.equal(state[k], v) for k, v in weights.items())  # the published weights, not a fresh init
+    assert [tuple(b.shape) for b in calibration] == [(8, 3, 224, 224)] * 4
+    assert (torch_hub_dir / "checkpoints" / "weights.pth").is_file()  # fetched into torch.hub's cache
+    # warm-up, one timed round and 30 batch-1 latency runs, all on the int8 model
+    assert calls.count(2) >= 2 and calls.count(1) == 30
+
+
+def test_tuned_allocator_is_applied_before_any_row_is_built(monkeypatch):
+    from hybridvit.bench import throughput
+
+    events = []
+    row = Candidate("noop", lambda: events.append("build") or (lambda x: x), (1, 1), "hybridvit", "noop")
+    plan = Plan(warmup_s=0.0, time_s=0.01, rounds=1, latency_runs=1)
+    for tuned, works, allocator in ((True, True, "glibc tuned (no mmap, no trim)"),
+                                    (True, False, "tuning unsupported: defaults"), (False, True, "C library defaults")):
+        events.clear()
+        monkeypatch.setattr(throughput, "tune_cpu_allocator", lambda works=works: events.append("tune") or works)
+        _, machine = benchmark([row], plan=plan, tuned_allocator=tuned)  # process-wide for real: stood in for
+        assert machine["allocator"] == allocator and events == ["tune", "build"][not tuned:]
+    seen = {}
+    monkeypatch.setattr("hybridvit.bench.benchmark", lambda *args: seen.update(args=args) or ([], {}))
+    _report(["levit_128s", "--precision", "int8", "--tuned-allocator"])
+    candidates, device, threads, plan, _, tuned = seen["args"]
+    assert [c.name for c in candidates] == ["levit_128s (int8)"] and tuned is True
+    assert (device, threads, plan.batch, plan.rounds) == ("cpu", 1, 2, 1)

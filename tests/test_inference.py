@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import subprocess
 import sys
 
@@ -150,7 +151,16 @@ def test_benchmark_json_compare_and_plot(tmp_path):
     sources = {r["source"] for r in report["results"]}
     assert {"hybridvit", "timm", "transformers"} <= sources
     assert all(r["images_per_second"] > 0 and len(r["round_images_per_second"]) == 2 for r in report["results"])
-    assert {"ours", "reference", "ratio"} == set(report["ratios"][0]) and report["machine"]["threads"] == 1
+    assert report["machine"]["threads"] == 1
+    # one ratio per (our row, reference row of the same architecture): the median over rounds of
+    # the paired throughputs, ours over theirs
+    rows = {r["name"]: r for r in report["results"]}
+    pairs = {(a, b) for a, r in rows.items() if r["source"] == "hybridvit"
+             for b, ref in rows.items() if ref["source"] != "hybridvit" and ref["model"] == r["model"]}
+    assert {(q["ours"], q["reference"]) for q in report["ratios"]} == pairs and len(pairs) == len(report["ratios"])
+    for q in report["ratios"]:
+        ours, ref = rows[q["ours"]]["round_images_per_second"], rows[q["reference"]]["round_images_per_second"]
+        assert q["ratio"] == pytest.approx(statistics.median(a / b for a, b in zip(ours, ref, strict=True)))
     assert report["machine"]["allocator"] == "C library defaults"
     assert set(report["machine"]["matmul_gflops"]) == {"fp32", "bf16", "int8"}
     ours = [r for r in report["results"] if r["source"] == "hybridvit"]
