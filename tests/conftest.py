@@ -1,14 +1,25 @@
-"""Shared test helpers: randomised weights and statistics, relative error, image folders."""
+"""Shared test helpers: randomised weights and statistics, relative error, image folders, waiting
+on a running process, and a check that no test leaves process-wide state changed."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+
+# Imported before the first test because importing them writes os.environ once, which is no
+# test's leak: scikit-learn (KMP_*), torch._dynamo (TORCHINDUCTOR_CACHE_DIR; timm and export import it).
+import sklearn  # noqa: E402,F401  isort: skip
+import torch._dynamo  # noqa: E402,F401  isort: skip
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -37,8 +48,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _global_state() -> dict[str, object]:
+    return {"torch.get_num_threads()": torch.get_num_threads(),
+            "torch.get_num_interop_threads()": torch.get_num_interop_threads(),
+            "torch.get_default_dtype()": torch.get_default_dtype(),
+            "torch.is_grad_enabled()": torch.is_grad_enabled(),
+            "torch.is_inference_mode_enabled()": torch.is_inference_mode_enabled()}
+
+
 @pytest.fixture(autouse=True)
-def no_hub_network(tmp_path, monkeypatch):
+def global_state_is_restored():
+    """Fail a test that leaves torch's thread counts, default dtype, grad mode or the environment
+    changed (every later in-process test would run under them), after putting them back.
+
+    ``no_hub_network`` requests this fixture, so it is set up before any ``monkeypatch`` and checks
+    after monkeypatch has undone its own changes."""
+    before, environ = _global_state(), dict(os.environ)
+    yield
+    after = _global_state()
+    leaked = [f"{name}: {before[name]} -> {after[name]}" for name in before if after[name] != before[name]]
+    leaked += [f"os.environ[{key!r}]: {environ.get(key)!r} -> {os.environ.get(key)!r}"
+               for key in sorted(set(environ) | set(os.environ))
+               if environ.get(key) != os.environ.get(key) and key != "PYTEST_CURRENT_TEST"]  # pytest's own
+    if leaked:
+        torch.set_num_threads(before["torch.get_num_threads()"])  # interop threads cannot be set twice
+        torch.set_default_dtype(before["torch.get_default_dtype()"])
+        torch.set_grad_enabled(before["torch.is_grad_enabled()"])
+        os.environ.clear()
+        os.environ.update(environ)
+        pytest.fail("the test left process-wide state changed (restored now): " + "; ".join(leaked), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_hub_network(global_state_is_restored, tmp_path, monkeypatch):
     """No test reaches the real Hugging Face Hub: a dead endpoint and an empty, private cache
     (the environment reaches subprocesses, the constant this process's huggingface_hub)."""
     from huggingface_hub import constants
@@ -48,6 +90,10 @@ def no_hub_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", cache)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # without it huggingface_hub fetches a registry for its user agent once a process, from the endpoint it
+    # read at import (the real Hub), whatever HF_ENDPOINT says later
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
 
 
 @pytest.fixture
@@ -81,6 +127,41 @@ def digits_run(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--input-size", "32",
                     "--batch-size", "32", "--output", str(out)], check=True, capture_output=True)
     return out
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 1200.0) -> None:
+    """Poll until ``predicate()`` holds (a condition the process makes observable, never a delay).
+    Fails if the process ends first or after ``timeout`` seconds, a guard against a hang long
+    enough for a machine whose every core is busy (the process is then stopped)."""
+    start = time.monotonic()
+    while not predicate():
+        ended = proc.poll() is not None
+        if ended or time.monotonic() - start > timeout:
+            if not ended:
+                proc.terminate()
+            try:
+                parts = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                parts = proc.communicate()
+            output = "".join(part or "" for part in parts)[-3000:]
+            pytest.fail(f"process ended (exit {proc.returncode}) first: {output}" if ended else
+                        f"timed out after {timeout:.0f} s waiting for the process: {output}")
+        time.sleep(0.05)
+
+
+def read_progress(run: Path) -> dict:
+    """A run's ``progress.json`` (an empty dict before its first write)."""
+    path = run / "progress.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def reached(run: Path, epoch: int, step: int) -> Callable[[], bool]:
+    """A ``wait_for`` condition: the run has done ``step`` steps of epoch ``epoch`` (or more)."""
+    def check() -> bool:
+        progress = read_progress(run)
+        return (progress.get("epoch", -1), progress.get("step", -1)) >= (epoch, step)
+    return check
 
 
 def make_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40, val_per_class: int | None = None,

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from hybridvit.bench import Candidate, DeviceOps, Plan, benchmark
 from hybridvit.bench.candidates import _amp, hybridvit_candidates, macs, reference_candidates
 from hybridvit.cli import app
-from hybridvit.machine import bound_share, matmul_rates
+from hybridvit.machine import bound_share, matmul_rates, torch_threads
 
 runner = CliRunner()
 
@@ -28,10 +28,10 @@ def test_bound_share_is_images_per_second_over_what_the_rate_allows():
 
 
 def test_matmul_rates_are_measured_per_precision_and_thread_count():
-    torch.set_num_threads(1)
-    one = matmul_rates(seconds=0.1)
-    assert one["fp32"] > 1 and one["bf16"] > 0 and (one["int8"] or 0) > 1  # onnxruntime comes with the tests
-    assert matmul_rates(seconds=0.1) == one  # cached for this thread count
+    with torch_threads(1):
+        one = matmul_rates(seconds=0.1)
+        assert one["fp32"] > 1 and one["bf16"] > 0 and (one["int8"] or 0) > 1  # onnxruntime comes with the tests
+        assert matmul_rates(seconds=0.1) == one  # cached for this thread count
 
 
 class FakeGPU(DeviceOps):

@@ -13,11 +13,13 @@ import timm
 import torch
 from conftest import randomize_, rel_err, with_sources
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 import hybridvit
 from hybridvit.checkpoints import CheckpointError, detect_format, read_checkpoint
 from hybridvit.checkpoints.levit import layer_sequence
-from hybridvit.registry import _REGISTRY
+from hybridvit.cli import app
+from hybridvit.registry import _REGISTRY, get_model_info, list_models
 
 import transformers  # noqa: E402  (test-only reference implementation)
 
@@ -269,7 +271,7 @@ def test_pretrained_download_with_hash_check(tmp_path, torch_hub_dir, monkeypatc
     ref = timm_levit("levit_128s", seed=7)
     torch.save({"model": timm_to_official(ref.state_dict(), (2, 3, 4))}, tmp_path / "weights.pth")
     url = _serve(tmp_path, "LeViT-128S-{}.pth", tmp_path / "weights.pth")
-    info = _REGISTRY["levit_128s"]
+    info = get_model_info("levit_128s")
     monkeypatch.setitem(_REGISTRY, "levit_128s", with_sources(info, url))
     model = hybridvit.create_model("levit_128s", pretrained=True).eval()
     assert (torch_hub_dir / "checkpoints" / url.rsplit("/", 1)[1]).exists()
@@ -285,7 +287,7 @@ def test_pretrained_download_rejects_wrong_hash(tmp_path, torch_hub_dir, monkeyp
     torch.save({"model": {}}, tmp_path / "weights.pth")
     url = _serve(tmp_path, "LeViT-128S-{}.pth", tmp_path / "weights.pth").rsplit("-", 1)[0] + "-00000000.pth"
     (tmp_path / "server" / url.rsplit("/", 1)[1]).write_bytes((tmp_path / "weights.pth").read_bytes())
-    info = _REGISTRY["levit_128s"]
+    info = get_model_info("levit_128s")
     monkeypatch.setitem(_REGISTRY, "levit_128s", with_sources(info, url))
     with pytest.raises(CheckpointError, match="failed verification"):
         hybridvit.create_model("levit_128s", pretrained=True)
@@ -391,3 +393,59 @@ def test_cvt_backbone_from_hugging_face_matches_its_stage_outputs(tmp_path):
     assert [tuple(g.shape) for g in got] == [tuple(h.shape) for h in hidden]
     for g, h in zip(got, hidden):
         assert rel_err(g, h) < 1e-4
+
+
+def test_a_registered_model_is_listed_created_saved_and_reloaded_by_name(tmp_path):
+    from hybridvit import registry
+    from hybridvit.models.levit import LeViT, LeViTConfig
+
+    list_models()  # the built-in families register on first use
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registry is process-wide: a copy
+        config = LeViTConfig((32, 48, 64), (2, 3, 4), (1, 1, 1), key_dim=8, img_size=32, num_classes=4)
+        info = registry.register_model(registry.ModelInfo("levit_tiny_test", LeViT, config))
+        assert list_models("levit_tiny*") == ["levit_tiny_test"]
+        model = randomize_(hybridvit.create_model("levit_tiny_test", num_classes=4)).eval()
+        assert model.model_name == "levit_tiny_test" and model.input_hw == (32, 32)
+        assert [s.blocks[0].attn.num_heads for s in model.stages] == [2, 3, 4]
+        hybridvit.save_model(model, tmp_path / "tiny")
+        loaded = hybridvit.load_model(tmp_path / "tiny")
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert loaded.model_name == "levit_tiny_test" and torch.equal(loaded(x), model(x))
+        result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["models", "levit_tiny*"])
+        assert result.exit_code == 0 and "levit_tiny_test" in result.output and "32x32" in result.output, result.output
+        with pytest.raises(ValueError, match="'levit_tiny_test' is already registered"):
+            registry.register_model(info)
+        with pytest.raises(ValueError, match="no published weights"):
+            hybridvit.create_model("levit_tiny_test", pretrained=True)
+    assert "levit_tiny_test" not in list_models()  # gone again for the other tests
+    with pytest.raises(ValueError, match="unknown model 'levit_tiny_test'"):
+        hybridvit.create_model("levit_tiny_test")
+
+
+def test_a_registered_format_is_detected_and_its_converter_used(tmp_path):
+    from hybridvit.checkpoints import formats
+
+    ref = randomize_(hybridvit.create_model("levit_128s", num_classes=3, img_size=32), seed=2).eval()
+    state = {"mylib/" + k.replace(".", "/"): v for k, v in ref.state_dict().items()}  # another library's keys
+    torch.save({"state_dict": state}, tmp_path / "mylib.pth")
+    calls = []
+
+    def convert(theirs, model):
+        calls.append(len(theirs))
+        return {k.removeprefix("mylib/").replace("/", "."): v for k, v in theirs.items()}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(formats, "_FORMATS", list(formats._FORMATS))  # the formats are process-wide: a copy
+        fmt = formats.register_format(formats.CheckpointFormat("mylib", "levit", "mylib/stem/conv1/conv/weight", convert))
+        assert detect_format(read_checkpoint(tmp_path / "mylib.pth")) is fmt
+        model = hybridvit.create_model("levit_128s", num_classes=3, img_size=32).eval()
+        assert hybridvit.load_checkpoint(model, tmp_path / "mylib.pth") == "mylib"
+        again = hybridvit.create_model("levit_128s", num_classes=3, img_size=32, checkpoint_path=tmp_path / "mylib.pth")
+        assert calls == [len(state)] * 2  # the format's own converter did the loading
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model(x), ref(x)) and torch.equal(again.eval()(x), ref(x))
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):  # gone again for the other tests
+        hybridvit.create_model("levit_128s", num_classes=3, img_size=32, checkpoint_path=tmp_path / "mylib.pth")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from hybridvit import list_models
 from hybridvit.cli import app
+from hybridvit.cli.models import FIGURES_FILE, count_figures, figures_key, model_figures
 
 runner = CliRunner()
 
@@ -24,6 +28,26 @@ def test_models_table():
     assert "13.14M" in rows["graft_resnet50_deit_s"] and "80.9" in rows["graft_resnet50_deit_s"]
     assert "20.00M" in rows["cvt_13"] and "4,570M" in rows["cvt_13"] and "81.6" in rows["cvt_13"]
     assert "277.20M" in rows["cvt_w24"] and "384x384" in rows["cvt_w24"]
+
+
+@pytest.mark.slow
+def test_model_figures_file_matches_a_fresh_count():
+    """The parameters and MACs ``models`` reads from model_figures.json (it lists without counting)
+    are what counting on the meta device gives now; if not: python scripts/update_model_figures.py."""
+    stored = json.loads(FIGURES_FILE.read_text())
+    assert sorted(stored) == sorted(list_models())
+    for name in list_models():
+        assert stored[name]["key"] == figures_key(name), name
+        assert {k: stored[name][k] for k in ("params", "macs")} == count_figures(name), name
+
+
+def test_stored_figures_are_used_only_for_the_config_they_were_counted_for(monkeypatch):
+    key = figures_key("levit_128s")
+    monkeypatch.setattr("hybridvit.cli.models._stored_figures", lambda: {"levit_128s": {"key": key, "params": 1, "macs": 2}})
+    assert model_figures("levit_128s") == {"params": 1, "macs": 2}
+    other = {**key, "config": {**key["config"], "depth": [2, 3, 5]}}
+    monkeypatch.setattr("hybridvit.cli.models._stored_figures", lambda: {"levit_128s": {"key": other, "params": 1, "macs": 2}})
+    assert model_figures("levit_128s") == {"params": 7_777_058, "macs": 305_108_946}  # counted afresh (README: 305.1M)
 
 
 def test_info_stages():

@@ -1,14 +1,20 @@
-"""CvT: exact sizes, any input size, parity with Hugging Face, checkpoint formats, fusion, errors."""
+"""CvT: exact sizes, any input size, parity with Hugging Face, checkpoint formats, fusion, errors,
+and the transformers folder it is published as."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from conftest import randomize_, rel_err
+from hub_server import hub  # noqa: F401  (the local Hub fixture)
+from PIL import Image
 from torch import nn
 
 import hybridvit
-from hybridvit.checkpoints import CheckpointError
+from hybridvit.checkpoints import CheckpointError, load_trained
+from hybridvit.publish import push_to_hub
 
 import transformers  # noqa: E402  (test-only reference implementation)
 
@@ -147,3 +153,59 @@ def test_bad_input_and_wrong_family(tmp_path):
     hybridvit.save_model(hybridvit.create_model("levit_128s"), tmp_path / "levit")
     with pytest.raises(CheckpointError, match="levit checkpoint"):
         hybridvit.load_checkpoint(model, tmp_path / "levit")
+
+
+_EXTRA = {"classes": ["cat", "dog", "owl"], "crop_pct": 0.95, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
+
+
+def _tiny_input_cvt(seed: int, **overrides) -> nn.Module:
+    """A shallower CvT-13 (cheap, and still more than one layer a stage to map; transformers builds
+    stage i only with more than i layers) for 32x32 inputs, 3 classes, random BatchNorm statistics,
+    biases and LayerNorm scales (so that swapped norms show)."""
+    model = randomize_(hybridvit.create_model("cvt_13", num_classes=3, img_size=32, depth=(1, 2, 3), **overrides), seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.LayerNorm)):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+            norm.bias.copy_(torch.rand(norm.bias.shape, generator=g) * 0.6 - 0.3)
+    return model.eval()
+
+
+def test_saved_for_hub_is_a_transformers_folder(tmp_path):
+    """``to_hf``'s layout, read by transformers itself: every key used, the same logits, the
+    class names, and an image processor with the model's preprocessing and input size."""
+    model = _tiny_input_cvt(seed=3)
+    folder = hybridvit.save_for_hub(model, tmp_path / "hub", "me/cvt", extra=_EXTRA)
+    ref, info = transformers.CvtForImageClassification.from_pretrained(folder, local_files_only=True,
+                                                                       output_loading_info=True)
+    assert not any(info.values())  # no missing, unexpected or mismatched keys
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(ref.eval()(pixel_values=x).logits, model(x)) < 1e-5
+    assert [ref.config.id2label[i] for i in range(3)] == _EXTRA["classes"]
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    assert (processor.crop_pct, list(processor.image_mean), list(processor.image_std)) == (0.95, _EXTRA["mean"], _EXTRA["std"])
+    assert processor(images=Image.new("RGB", (80, 60)), return_tensors="pt").pixel_values.shape == (1, 3, 32, 32)
+
+
+def test_quick_gelu_cvt_is_saved_in_hybridvit_layout(tmp_path):
+    """transformers' CvT has GELU only: a QuickGELU model written in its layout would load there and
+    compute something else, so it keeps hybridvit's own layout (and loads back exactly)."""
+    model = _tiny_input_cvt(seed=4, mlp_act="quick_gelu")
+    folder = hybridvit.save_for_hub(model, tmp_path / "hub", "me/cvt-quick")
+    assert json.loads((folder / "config.json").read_text())["format"] == "hybridvit"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(hybridvit.load_model(folder)(x), model(x))
+
+
+def test_cvt_pushed_to_the_hub_loads_back_the_same(hub, tmp_path):
+    model = _tiny_input_cvt(seed=5)
+    push_to_hub(model, "me/cvt-tiny", extra=_EXTRA)
+    files = hub.repos["me/cvt-tiny"].commits[-1][1]
+    assert json.loads(files["config.json"])["architectures"] == ["CvtForImageClassification"]  # transformers' layout
+    pulled, pulled_extra = load_trained("hf-hub:me/cvt-tiny")
+    assert pulled.config == model.config and {k: pulled_extra[k] for k in _EXTRA} == _EXTRA
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(x), model(x))

@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import reached, wait_for
 from hybridvit import count_macs, count_params, create_model
 from hybridvit.experiments import EXPERIMENTS, Settings, markdown_table, run_experiment, train_config
 
@@ -79,23 +79,14 @@ def test_markdown_table_puts_the_paper_beside_ours():
     assert "4 epochs at 32x32, recipe tiny" in table
 
 
-def _wait_for(predicate, proc, timeout=240.0):
-    start = time.time()
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.time() - start < timeout, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_two_variants_end_to_end_interrupted_then_resumed(tmp_path):
     out = tmp_path / "exp"
     args = cli("experiment", "levit-ablations", "--only", "base,A7", "--output", str(out), *TINY)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: (out / "A7" / "train_config.json").exists(), proc)  # the second variant is training
-    time.sleep(0.5)
+    wait_for(reached(out / "A7", 0, 1), proc)  # the second variant has taken a step
     proc.send_signal(signal.SIGINT)
-    log = proc.communicate(timeout=120)[0]
+    log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, log[-3000:]
     assert "A7 was interrupted" in log
     base_done = (out / "base" / "trained.json").stat().st_mtime_ns

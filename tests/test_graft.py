@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from conftest import randomize_, rel_err
+from gradients import parameters_without_gradient
 from hybridvit import count_params, create_model, fuse
 from hybridvit.checkpoints import load_model, save_model
 from hybridvit.flops import macs_by_module
@@ -43,13 +46,12 @@ def test_four_stages_no_layers_is_resnet50():
 
 
 @pytest.mark.parametrize("pair", [(0, 2), (1, 1), (3, 1), (4, 0), (4, 1)])
-def test_trains_forward_and_backward(pair):
+def test_trains_every_parameter(pair):
+    """No stochastic depth here: a dropped layer gets no gradient."""
     torch.manual_seed(0)
-    model = graft(*pair, num_classes=10, img_size=64)
-    out = model(torch.randn(2, 3, 64, 64))
-    assert isinstance(out, tuple) == (pair[1] > 0)
-    (out[0] + out[1] if isinstance(out, tuple) else out).sum().backward()
-    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model = graft(*pair, num_classes=10, img_size=64, drop_path_rate=0.0)
+    assert isinstance(model(torch.randn(2, 3, 64, 64)), tuple) == (pair[1] > 0)
+    assert parameters_without_gradient(model, torch.randn(2, 3, 64, 64), torch.tensor([0, 1])) == []
     model.eval()
     out = model(torch.randn(2, 3, 48, 80))  # any size: pooled to ceil(size / 16)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
@@ -101,3 +103,30 @@ def test_bad_options():
         graft(5, 1)
     with pytest.raises(ValueError, match="deit_layers"):
         graft(1, -1)
+
+
+@pytest.mark.slow
+def test_hybridvit_train_trains_a_graft_that_reloads_to_its_figures(recipe_folder, tmp_path):
+    """``hybridvit train`` with --model-args and the DeiT recipe (the grafting experiment's): the saved
+    folders rebuild the small graft and evaluate to the figures the run reported."""
+    from typer.testing import CliRunner
+
+    from hybridvit.cli import app
+    from hybridvit.train import evaluate
+
+    out = tmp_path / "graft"
+    result = CliRunner().invoke(app, [
+        "train", "--model", NAME, "--model-args", '{"resnet_stages": 1, "deit_layers": 1}', "--recipe", "deit",
+        "--data", str(recipe_folder), "--epochs", "1", "--input-size", "32", "--batch-size", "32", "--workers", "0",
+        "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    model = load_model(out / "model")
+    assert (model.config.resnet_stages, model.config.deit_layers, model.input_hw) == (1, 1, (32, 32))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for output, prefix in (("model", "val_"), ("ema", "ema_val_")):  # the DeiT recipe keeps an EMA
+        figures = evaluate(out / output, data=recipe_folder, workers=0)
+        assert figures["images"] == 31
+        assert figures["top1"] == pytest.approx(row[prefix + "top1"]), output
+        assert figures["loss"] == pytest.approx(row[prefix + "loss"], rel=1e-4), output

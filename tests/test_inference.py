@@ -249,26 +249,30 @@ def _fake_rates(monkeypatch, fp32, bf16):
 
 
 def test_optimize_auto_picks_the_fastest_path_whose_outputs_agree(monkeypatch):
-    """Three fake paths: the fastest gives wrong logits and is dropped; of the others the faster wins."""
-    import time as time_module
+    """Three fake paths on a fake clock that each run advances by its own cost: the fastest gives
+    wrong logits and is dropped; the others are ranked by images per second of that clock."""
+    import types
 
     _fake_rates(monkeypatch, 100.0, 200.0)  # bf16 looks fast here, so it is tried
     model = hybridvit.create_model("levit_128s", img_size=64).eval()
     fused = hybridvit.fuse(model)
-    delays = {"onnxruntime": 0.004, "openvino": 0.001, "torchscript": 0.0}
+    seconds = {"fp32/onnxruntime": 0.008, "fp32/openvino": 0.004, "fp32/torchscript": 0.002}  # per batch of 2
+    now = [0.0]
+    monkeypatch.setattr(opt, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def fake_build(source, fused_model, example, precision, backend):
         def run(x):
-            time_module.sleep(delays[backend] + (0.0 if precision == "bf16" else 0.002))
+            now[0] += seconds.get(f"{precision}/{backend}", 0.001)
             out = fused_model(x.float())
             return out + 1.0 if precision == "bf16" else out  # bf16 here: fast but wrong
         return opt.InferenceModel(run, source, torch.float32, precision, backend, example.shape[-2:])
 
     monkeypatch.setattr(opt, "_build", fake_build)
     assert ("bf16", "torchscript") in opt._candidates(torch.device("cpu"), "auto")
-    best = opt._fastest(model, fused, torch.zeros(2, 3, 64, 64), "auto", rounds=2, round_s=0.05)
+    best = opt._fastest(model, fused, torch.zeros(2, 3, 64, 64), "auto", rounds=2, round_s=0.02)
     assert (best.precision, best.backend) == ("fp32", "torchscript")
-    assert best.measured["fp32/torchscript"] > best.measured["fp32/openvino"] > best.measured["fp32/onnxruntime"]
+    assert {k: v for k, v in best.measured.items() if k.startswith("fp32")} == pytest.approx(
+        {"fp32/onnxruntime": 250.0, "fp32/openvino": 500.0, "fp32/torchscript": 1000.0})  # 2 images / seconds
     assert all(v != v for k, v in best.measured.items() if k.startswith("bf16"))  # rejected: nan
 
 

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from hybridvit import create_model
+from hybridvit.checkpoints import load_model, save_model
 from hybridvit.registry import get_model_info
 from hybridvit.train import TrainConfig, evaluate, train
 from hybridvit.train import engine
@@ -152,6 +154,61 @@ def test_levit_recipe_augmentations_change_pixels_and_repeats(recipe_folder):
         assert box.float().mean() > 0.95
 
 
+def test_deit_recipe_trains_a_graft_as_deit_does(recipe_folder, tmp_path):
+    """--recipe deit (the grafted models' own, as DeiT's main.py): 128 images a step at 5e-4 per 512,
+    repeated augmentation, weight decay 0.05 off tokens and norms, hard distillation when a teacher
+    is given (plain labels on both heads without one) and an EMA that starts at the first step's
+    weights and then barely moves (decay 0.99996)."""
+    graft = dict(model="graft_resnet50_deit_s", model_args={"resnet_stages": 1, "deit_layers": 1}, recipe="deit",
+                 data=str(recipe_folder), input_size=32, workers=0)
+    assert TrainConfig(model=graft["model"]).resolved(IMAGENET, get_model_info(graft["model"]).model_class.default_recipe).recipe == "deit"
+    teacher = tmp_path / "teacher"
+    save_model(create_model("levit_128s", num_classes=3, img_size=32), teacher)
+    run = build_run(TrainConfig(**graft, teacher=str(teacher)), CPU, DistInfo())
+    assert run.data.train_loader.batch_size == 128 and run.lr == 5e-4 * 128 / 512
+    run.set_lr(10, 0)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(_official_lr(10, run.lr, 5, 300), rel=1e-9)
+    decay_of = {id(p): g["weight_decay"] for g in run.optimizer.param_groups for p in g["params"]}
+    for name, p in run.model.named_parameters():
+        assert decay_of[id(p)] == (0.0 if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token") else 0.05), name
+    run.data.sampler.set_epoch(0)
+    counts = Counter(i for _, _, i in run.data.sampler)
+    assert max(counts.values()) == 3 and sum(c == 3 for c in counts.values()) > 60  # 211 draws, each image 3 times
+
+    torch.manual_seed(0)
+    x, targets = torch.randn(4, 3, 32, 32), torch.softmax(torch.randn(4, 3), 1)
+    cls, dist = run.model.train()(x)
+    with torch.no_grad():
+        teacher_says = load_model(teacher).eval()(x).argmax(1)
+    expected = (SoftTargetCrossEntropy()(cls, targets) + torch.nn.functional.cross_entropy(dist, teacher_says)) / 2
+    torch.testing.assert_close(run.criterion(x, (cls, dist), targets), expected)
+    alone = build_run(TrainConfig(**graft, batch_size=64), CPU, DistInfo())
+    assert alone.lr == 5e-4 * 64 / 512
+    torch.testing.assert_close(alone.criterion(x, (cls, dist), targets),
+                               (SoftTargetCrossEntropy()(cls, targets) + SoftTargetCrossEntropy()(dist, targets)) / 2)
+
+    # Two real steps: the EMA takes the first step's weights (timm's decay is 0 at its first update), then
+    # moves 1 - 0.99996 of the way to the second's.
+    initial = _floats(run.model)
+    labels = torch.tensor([0, 1, 2, 0])
+    assert math.isfinite(engine._train_step(run, x, labels, 0, 0, DistInfo()))
+    first = _floats(run.model)
+    assert all(torch.equal(v, first[k]) for k, v in _floats(run.ema.module).items())
+    assert math.isfinite(engine._train_step(run, x, labels, 0, 1, DistInfo()))
+    second, ema = _floats(run.model), _floats(run.ema.module)
+    assert _distance(first, initial) > 0 and _distance(second, first) > 0
+    assert _distance(ema, first) < 1e-3 * _distance(second, first)
+
+
+def _floats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Summed absolute difference of ``a``'s weights from ``b``'s (BatchNorm statistics left out)."""
+    return sum((a[k].double() - b[k].double()).abs().sum().item() for k in a if "running" not in k)
+
+
 def test_soft_targets_mix_even_batches_and_smooth_odd_ones():
     torch.manual_seed(0)
     targets = SoftTargets(num_classes=4, smoothing=0.1, mixup=0.8, cutmix=1.0)
@@ -169,13 +226,19 @@ def test_soft_targets_mix_even_batches_and_smooth_odd_ones():
 
 
 class _Recorder:
-    """Watches a real run: targets given to the loss, learning rates set, gradients clipped."""
+    """Watches a real run: targets given to the loss, learning rates set, gradients clipped, and,
+    at every optimizer step, whether the gradients stepped on are the ones backward produced
+    (clipping seen without the clipping hook) and this test's own exponential average of the
+    weights (``ema_decay``)."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, ema_decay: float | None = None) -> None:
         self.batches: list[torch.Tensor] = []
         self.lrs: list[tuple[int, int, float]] = []
         self.clips: list[tuple[bool, bool]] = []  # (something clipped, all within the AGC bound after)
-        loss_forward, set_lr, clip = DistillationLoss.forward, TrainingRun.set_lr, engine.dispatch_clip_grad
+        self.steps: list[bool] = []  # per optimizer step: were the gradients changed after backward?
+        self.initial: dict[str, torch.Tensor] = {}  # the weights before the first step
+        self.average: dict[str, torch.Tensor] = {}  # float64 EMA of the weights after each step
+        loss_forward, set_lr, clip, build = DistillationLoss.forward, TrainingRun.set_lr, engine.dispatch_clip_grad, engine.build_run
 
         def record_loss(loss_self, inputs, outputs, targets):
             self.batches.append(targets.detach().clone())
@@ -192,9 +255,32 @@ class _Recorder:
             within = all((_unitwise(p.grad) <= value * _unitwise(p).clamp(min=1e-3) * (1 + 1e-4)).all() for p in params)
             self.clips.append((any(not torch.equal(b, p.grad) for b, p in zip(before, params)), within))
 
+        def watch(cfg, device, dist):
+            run = build(cfg, device, dist)
+            backward: dict[torch.Tensor, torch.Tensor] = {}
+            for p in run.model.parameters():
+                p.register_post_accumulate_grad_hook(lambda p: backward.__setitem__(p, p.grad.clone()))
+            run.optimizer.register_step_pre_hook(lambda *_: self.steps.append(
+                any(not torch.equal(g, p.grad) for p, g in backward.items())))
+            run.optimizer.register_step_post_hook(lambda *_: self._average(run.model.state_dict()))
+            self.initial = {k: v.clone() for k, v in run.model.state_dict().items() if v.is_floating_point()}
+            return run
+
+        self.ema_decay = ema_decay
         monkeypatch.setattr(DistillationLoss, "forward", record_loss)
         monkeypatch.setattr(TrainingRun, "set_lr", record_lr)
         monkeypatch.setattr(engine, "dispatch_clip_grad", record_clip)
+        monkeypatch.setattr(engine, "build_run", watch)
+
+    @torch.no_grad()
+    def _average(self, state: dict[str, torch.Tensor]) -> None:
+        """average = decay * average + (1 - decay) * weights, starting from the first step's weights
+        (timm's EMA takes decay 0 at its first update)."""
+        if self.ema_decay is None:
+            return
+        decay = self.ema_decay if self.average else 0.0
+        for k in self.initial:
+            self.average[k] = decay * self.average.get(k, 0.0) + (1 - decay) * state[k].double()
 
 
 def _unitwise(t: torch.Tensor) -> torch.Tensor:
@@ -220,10 +306,11 @@ def _expected_unreadable(cfg: TrainConfig, epochs: int) -> int:
 @pytest.mark.slow
 def test_levit_recipe_run_on_a_folder(recipe_folder, tmp_path, monkeypatch):
     """--recipe levit for real: every part acts, and each output evaluates to the figure the run reported."""
-    seen = _Recorder(monkeypatch)
+    decay = 0.9  # the recipe's 0.99996 averages over ~25,000 steps: over these 12 it would not move
+    seen = _Recorder(monkeypatch, ema_decay=decay)
     out = tmp_path / "run"
     cfg = TrainConfig(recipe="levit", data=str(recipe_folder), epochs=2, warmup_epochs=1, input_size=32,
-                      batch_size=32, workers=0, output=str(out))
+                      batch_size=32, workers=0, output=str(out), model_ema_decay=decay)
     train(cfg, progress=False)
     rows = _metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -238,14 +325,22 @@ def test_levit_recipe_run_on_a_folder(recipe_folder, tmp_path, monkeypatch):
         else:
             assert not one_hot.all()
     assert sum(len(t) % 2 == 0 for t in seen.batches) >= 8
-    # Adaptive gradient clipping clipped, to its unit-wise bound.
-    assert all(within for _, within in seen.clips) and any(clipped for clipped, _ in seen.clips)
+    # 211 images seen 3 times each, 211 drawn per epoch (repeated augmentation): 6 full batches an epoch.
+    assert len(seen.steps) == len(seen.lrs) == len(seen.batches) == 2 * (211 // 32)
+    # Adaptive gradient clipping clipped, to its unit-wise bound, and the optimizer stepped on the clipped gradients.
+    assert len(seen.clips) == len(seen.steps) and all(within for _, within in seen.clips)
+    assert [clipped for clipped, _ in seen.clips] == seen.steps and any(seen.steps)
     # The official per-epoch schedule: warm-up epoch at warmup_lr, then the cosine.
     peak = 5e-4 * 32 / 512
-    assert seen.lrs and all(lr == pytest.approx(_official_lr(e, peak, 1, 2), rel=1e-9) for e, _, lr in seen.lrs)
-    # EMA on (decay 0.99996): its weights trail the trained ones and are reported and saved on their own.
+    assert all(lr == pytest.approx(_official_lr(e, peak, 1, 2), rel=1e-9) for e, _, lr in seen.lrs)
+    # EMA on: the saved average is this test's own average of the weights after every step, which
+    # lies neither at the initial nor at the trained weights.
     trained, averaged = load_file(out / "model" / "model.safetensors"), load_file(out / "ema" / "model.safetensors")
-    assert any(not torch.equal(trained[k], averaged[k]) for k in trained)
+    assert set(seen.average) == {k for k, v in averaged.items() if v.is_floating_point()}
+    for k, expected in seen.average.items():
+        torch.testing.assert_close(averaged[k].double(), expected, rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    travelled = _distance(seen.initial, trained)
+    assert _distance(seen.initial, averaged) > 0.1 * travelled and _distance(seen.average, trained) > 0.1 * travelled
     for output, figure in (("model", rows[-1]["val_top1"]), ("best", max(r["val_top1"] for r in rows)),
                            ("checkpoint.pt", rows[-1]["val_top1"]), ("ema", rows[-1]["ema_val_top1"])):
         result = evaluate(out / output, data=recipe_folder, workers=0)
@@ -260,7 +355,10 @@ def test_cvt_recipe_trains_a_cvt(recipe_folder, tmp_path, monkeypatch):
     out = tmp_path / "cvt"
     result = train(TrainConfig(model="cvt_13", recipe="cvt", data=str(recipe_folder), epochs=1, input_size=32,
                                batch_size=32, workers=0, output=str(out)), progress=False)
-    assert result["images"] == 31 and not (out / "ema").exists() and not seen.clips  # no EMA, no clipping
+    assert result["images"] == 31 and not (out / "ema").exists()  # no EMA
+    # 211 images, no repeats: 6 full batches, each stepped on its gradients as backward left them (no clipping).
+    assert len(seen.steps) == len(seen.lrs) == len(seen.batches) == 211 // 32
+    assert not any(seen.steps) and not seen.clips
     assert any(len(t) % 2 == 0 and (t > 0.1 / 3 + 1e-6).sum(1).max() == 2 for t in seen.batches)
     assert all(lr == pytest.approx(1e-6) for _, _, lr in seen.lrs)  # the first warm-up epoch
     config = json.loads((out / "train_config.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hybridvit
-from conftest import make_image_folder
+from conftest import make_image_folder, reached, read_progress, wait_for
 from hybridvit.data import DataError
 from hybridvit.train import DistillationLoss, TrainConfig, TrainingError, evaluate, train
 
@@ -45,6 +45,9 @@ def test_outputs_of_a_run(reference_run):
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["val_top1"] > rows[0]["val_top1"]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert read_progress(run) | {"time": 0} == {"epoch": 3, "step": 0, "steps_per_epoch": 44, "epochs": 3,  # 1437 // 32
+                                                "state": "done", "time": 0} and (state["epoch"], state["step"]) == (3, 0)
     model = hybridvit.load_model(run / "model")
     assert model.num_classes == 10 and model.model_name == "levit_128s"
     assert hybridvit.checkpoints.read_extra(run / "model")["classes"] == [str(d) for d in range(10)]
@@ -55,14 +58,6 @@ def test_outputs_of_a_run(reference_run):
     out = subprocess.run(cli("eval", "--checkpoint", str(run / "checkpoint.pt"), "--json", "--workers", "0"),
                          capture_output=True, text=True, check=True)
     assert set(json.loads(out.stdout)) >= {"top1", "top5", "loss", "images"}
-
-
-def _wait_for(predicate, proc, timeout=120.0):
-    start = time.time()
-    while not predicate():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended early"
-        assert time.time() - start < timeout, "timed out"
-        time.sleep(0.05)
 
 
 def _same_final_state(a: Path, b: Path) -> None:
@@ -76,11 +71,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_p
     out = tmp_path / "run"
     args = cli("train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "32", "--output", str(out))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) == 1 and (out / "checkpoint.pt").exists(), proc)
-    time.sleep(0.7)  # well into the second epoch
+    wait_for(reached(out, 1, 1), proc)  # a step into the second epoch: its checkpoint is one epoch old
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] in (1, 2)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] in (1, 2) and state["step"] == 0  # SIGKILL saves nothing: the last epoch's checkpoint
     subprocess.run(args + ["--resume"], check=True, capture_output=True)
     _same_final_state(out, reference_run)
 
@@ -91,14 +86,49 @@ def test_ctrl_c_saves_mid_epoch_checkpoint_and_resume_is_exact_with_workers(refe
     out = tmp_path / "run"
     args = cli("train", "--epochs", "3", "--workers", "2", "--input-size", "32", "--batch-size", "32", "--output", str(out))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) == 1, proc)
-    time.sleep(0.7)
+    wait_for(reached(out, 1, 1), proc)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=300) == 130
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 1 and state["step"] > 0
+    assert state["epoch"] >= 1 and state["step"] > 0  # mid-epoch, after the first epoch's checkpoint
+    assert read_progress(out) | {"time": 0} == {"epoch": state["epoch"], "step": state["step"], "steps_per_epoch": 44,
+                                                "epochs": 3, "state": "interrupted", "time": 0}
     subprocess.run(args + ["--resume"], check=True, capture_output=True)
     _same_final_state(out, reference_run)
+
+
+@pytest.mark.slow
+def test_progress_json_follows_every_step_and_matches_the_checkpoint(tmp_path, monkeypatch):
+    """12 images, batch 4: 3 steps an epoch. Ctrl-C after step 1 of epoch 2, then resume."""
+    from hybridvit.train.reporting import Reporter
+
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    seen: list[tuple[int, int, str]] = []
+    stop_at = [(1, 1, "running")]  # once
+    original = Reporter.position
+
+    def position(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        record = read_progress(out)  # what a monitor polling the file reads now
+        assert (record["steps_per_epoch"], record["epochs"]) == (3, 2)
+        seen.append((record["epoch"], record["step"], record["state"]))
+        if seen[-1] in stop_at:
+            stop_at.clear()
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the run stops at the next step
+
+    monkeypatch.setattr(Reporter, "position", position)
+    cfg = TrainConfig(data=str(data), epochs=2, output=str(out), **{**FAST, "batch_size": 4})
+    assert train(cfg, progress=False) == {"interrupted": True, "epoch": 1, "step": 1}
+    running = [(e, s, "running") for e, s in ((0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1))]
+    assert seen == running + [(1, 1, "interrupted")]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 1)
+
+    seen.clear()
+    train(dataclasses.replace(cfg, resume="yes"), progress=False)
+    assert seen == [(1, 1, "running"), (1, 2, "running"), (1, 3, "running"), (2, 0, "running"), (2, 0, "done")]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (2, 0)
 
 
 def _free_port() -> int:
@@ -163,12 +193,9 @@ def test_elastic_restart_after_a_worker_is_killed(ddp_run, tmp_path):
     proc = subprocess.Popen(_torchrun("--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_free_port()}")
                             + DDP_TRAIN + ["--output", str(out), "--resume", "auto"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=DDP_ENV)
-    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) == 1, proc, timeout=240)
-    time.sleep(1.0)  # into the second epoch
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[-1], signal.SIGKILL)
-    _, log = proc.communicate(timeout=400)
+    wait_for(lambda: reached(out, 1, 1)() and len(_children(proc.pid)) == 2, proc)  # both workers in epoch 2
+    os.kill(_children(proc.pid)[-1], signal.SIGKILL)
+    _, log = proc.communicate(timeout=1800)
     assert proc.returncode == 0, log[-3000:]
     assert "restart" in log.lower()
     _same_final_state(out, ddp_run[0])

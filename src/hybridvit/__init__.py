@@ -1,14 +1,12 @@
-"""hybridvit: hybrid convolution/transformer image classifiers (LeViT, CvT)."""
+"""hybridvit: hybrid convolution/transformer image classifiers (LeViT, CvT).
 
-from .api import create_model
-from .checkpoints import load_checkpoint, load_model, save_model
-from .flops import count_macs, count_params
-from .fusion import fuse
-from .optimize import optimize, tune_cpu_allocator
-from .publish import push_to_hub, save_for_hub
-from .models import HybridClassifier
-from .quantize import quantize_static
-from .registry import get_model_info, list_models
+The public names are imported on first use: ``import hybridvit`` stays cheap, so the command
+line starts without first paying seconds for torch, timm and torchvision.
+"""
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -29,3 +27,20 @@ __all__ = [
     "save_for_hub",
     "save_model",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "HybridClassifier": "models", "count_macs": "flops", "count_params": "flops", "create_model": "api",
+    "fuse": "fusion", "get_model_info": "registry", "list_models": "registry", "load_checkpoint": "checkpoints",
+    "load_model": "checkpoints", "optimize": "optimize", "push_to_hub": "publish", "quantize_static": "quantize",
+    "save_for_hub": "publish", "save_model": "checkpoints", "tune_cpu_allocator": "optimize"})
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from .api import create_model
+    from .checkpoints import load_checkpoint, load_model, save_model
+    from .flops import count_macs, count_params
+    from .fusion import fuse
+    from .models import HybridClassifier
+    from .optimize import optimize, tune_cpu_allocator
+    from .publish import push_to_hub, save_for_hub
+    from .quantize import quantize_static
+    from .registry import get_model_info, list_models

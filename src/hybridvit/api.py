@@ -9,8 +9,6 @@ from typing import Any, Sequence
 from torch import nn
 
 from . import models as _models  # noqa: F401  (registers the model families)
-from .checkpoints import download_pretrained, load_checkpoint, load_trained
-from .data import imagenet_labels
 from .models import FeatureExtractor
 from .registry import get_model_info, list_models, to_hw
 
@@ -58,6 +56,8 @@ def create_model(
         changes["drop_path_rate"] = drop_path_rate
     model = info.model_class(info.build_config(**changes))
     model.model_name = name
+    if weights is not None or checkpoint_path is not None:  # reading weights imports timm: seconds
+        from .checkpoints import download_pretrained, load_checkpoint
     if weights is not None:
         load_checkpoint(model, download_pretrained(weights.sources),
                         exclude_head=features_only or num_classes != weights.num_classes)
@@ -73,6 +73,8 @@ def pretrained_extra(name: str, tag: str | None = None) -> dict[str, Any]:
     weights = info.pretrained_weights(tag)
     extra: dict[str, Any] = {"input_size": list(to_hw(weights.img_size or info.config.img_size)),
                              "crop_pct": weights.crop_pct or info.crop_pct, "mean": list(info.mean), "std": list(info.std)}
+    from .data import imagenet_labels  # torchvision's transforms: seconds to import
+
     labels = imagenet_labels(weights.num_classes)
     if labels:
         extra["classes"], extra["class_names"] = labels
@@ -92,4 +94,6 @@ def load_source(source: str | Path, pretrained: bool = False, pretrained_tag: st
         return create_model(name, pretrained=True, pretrained_tag=pretrained_tag).eval(), pretrained_extra(name, pretrained_tag)
     if pretrained or pretrained_tag:
         raise ValueError(f"--pretrained/--pretrained-tag go with a registered model name, not {name}")
+    from .checkpoints import load_trained
+
     return load_trained(source)

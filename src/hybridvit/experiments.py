@@ -28,7 +28,10 @@ from .checkpoints import load_trained
 from .figures import plot_experiment
 from .flops import count_macs, count_params
 from .fusion import fuse
+from .machine import torch_threads
+from .checks import check_range
 from .train import TrainConfig, train
+from .train.config import RANGES
 from .train.distributed import DistInfo, cleanup_distributed, init_distributed
 
 
@@ -139,6 +142,10 @@ class Settings:
     seed: int = 0
     teacher: str | None = None
 
+    def __post_init__(self) -> None:  # before the folder is made: the options every variant's run gets
+        for option in ("epochs", "input_size", "batch_size"):
+            check_range(option, getattr(self, option), **RANGES[option])
+
 
 class ExperimentInterrupted(RuntimeError):
     """A variant was stopped (Ctrl-C, SIGTERM); run the same command again to continue."""
@@ -208,9 +215,8 @@ def _trained(output: Path, variant: Variant) -> dict[str, Any] | None:
 
 
 def _train_one(cfg: TrainConfig, threads: int | None, progress: bool) -> dict[str, Any]:
-    if threads is not None:  # a --jobs worker: its share of the cores
-        torch.set_num_threads(threads)
-    result = train(cfg, progress=progress)
+    with torch_threads(threads):  # a --jobs worker: its share of the cores
+        result = train(cfg, progress=progress)
     if not result.get("interrupted") and int(os.environ.get("RANK", "0")) == 0:
         (Path(cfg.output) / "trained.json").write_text(json.dumps(result, indent=2))
     return result

@@ -17,10 +17,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_output_file
 from .fusion import fuse
 from .layers import bias_in_graph, reference_attention
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+# Every family exports and runs in ONNX Runtime from opset 14 (the grafted DeiT's attention needs
+# it; LeViT works from 10, CvT from 9) to 20, the last one PyTorch's TorchScript-based exporter writes.
+ONNX_OPSETS = range(14, 21)
+
+
+def check_export(format: str, opset: int = 17, dynamic_size: bool = False) -> None:
+    """``ValueError`` for options ``export`` cannot honour, before a model is loaded or traced
+    (the exporter's own error for an opset it lacks is hundreds of lines, graph included)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dynamic_size and format != "onnx":
+        raise ValueError(f"dynamic_size is for ONNX files; {format} exports are traced at the model's input size")
+    if format == "onnx" and opset not in ONNX_OPSETS:
+        raise ValueError(f"--opset must be between {ONNX_OPSETS.start} and {ONNX_OPSETS[-1]} (what PyTorch's ONNX "
+                         f"exporter writes for every model here); got {opset}")
 
 
 def serves_any_size(model: nn.Module) -> bool:
@@ -34,6 +50,7 @@ def onnx_bytes(fused: nn.Module, example: torch.Tensor, opset: int = 17, dynamic
     if dynamic_size and not serves_any_size(fused):
         raise ValueError(f"{getattr(fused, 'model_name', None) or type(fused).__name__} serves only its own input "
                          f"size: create it with dynamic_size=True to export a graph for any size")
+    check_export("onnx", opset)
     image_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     f = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings(), reference_attention():  # plain MatMul/Softmax nodes
@@ -72,11 +89,8 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
     (``torch.export.load``). Input height and width are the model's own, or free in an ONNX
     file with ``dynamic_size`` (LeViT: models created with ``dynamic_size=True``).
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if dynamic_size and format != "onnx":
-        raise ValueError(f"dynamic_size is for ONNX files; {format} exports are traced at the model's input size")
-    path = Path(path)
+    check_export(format, opset, dynamic_size)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse(model).cpu().requires_grad_(False)
     example = torch.randn(2, fused.in_chans, *fused.input_hw)  # batch 2: torch.export specialises sizes 0 and 1

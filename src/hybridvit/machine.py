@@ -9,8 +9,10 @@ reports each row as a share of ``rate / (2 * MACs)`` images/s.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -19,6 +21,19 @@ from .runners import onnxruntime_available
 # Square products of this size run at the kernels' peak (measured from 256 to 2048) while a
 # slow bf16 fallback still finishes one in a fraction of a second.
 SIZE = 512
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (None: as they are), then give the caller
+    back its own count: the count is process-wide, so a library call must not leave it changed."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _rate(run, flops: float, seconds: float) -> float:

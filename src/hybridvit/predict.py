@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .api import load_source
+from .checks import check_range
 from .data import eval_transform, imagenet_labels, load_image
 from .optimize import optimize
 from .registry import get_model_info
@@ -37,6 +38,7 @@ class Predictor:
 
     def predict(self, paths: list[str | Path], k: int = 5) -> list[Prediction]:
         """Raises ``ValueError`` naming the file for anything Pillow cannot read."""
+        check_range("top", k, 1)
         batch = torch.stack([self.transform(load_image(p)) for p in paths])
         probs = self.model(batch).softmax(dim=-1)
         top = probs.topk(min(k, probs.shape[1]), dim=-1)

@@ -15,10 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from .checkpoints import load_trained, save_model
+from .checkpoints.errors import HubUnreachableError
 from .checkpoints.hf_folder import save_transformers_folder
+from .checkpoints.hub import unreachable_reason
+from .checks import check_output_folder
 from .figures import read_metrics
 from .flops import count_macs, count_params
 from .registry import architecture, get_model_info, list_models
@@ -41,6 +45,14 @@ _TRAIN_KEYS = ("model", "model_args", "data", "recipe", "epochs", "batch_size", 
 _METRICS = (("val_top1", "top-1 (%)"), ("val_top5", "top-5 (%)"), ("best_top1", "best top-1 (%)"), ("val_loss", "loss"))
 
 
+def _macs(model: nn.Module) -> int:
+    """MACs at the model's input size, counted on a twin built on the meta device: shapes only,
+    where a real forward would take seconds (a 384x384 CvT)."""
+    with torch.device("meta"):
+        twin = type(model)(model.config)  # type: ignore[call-arg, attr-defined]
+    return count_macs(twin)
+
+
 def _model_section(model: nn.Module, extra: dict[str, Any]) -> list[str]:
     name = getattr(model, "model_name", None)
     info = get_model_info(name) if name in list_models() else None
@@ -57,7 +69,7 @@ def _model_section(model: nn.Module, extra: dict[str, Any]) -> list[str]:
              f"| architecture | {variant}{f', ablation {ablation}' if ablation else ''} |",
              *([f"| differs from {name} in | {', '.join(f'{k}={v}' for k, v in changes.items())} |"] if changes else []),
              f"| parameters | {count_params(model) / 1e6:.2f}M |",
-             f"| multiply-adds | {count_macs(model) / 1e6:,.0f}M at {h}x{w} |",
+             f"| multiply-adds | {_macs(model) / 1e6:,.0f}M at {h}x{w} |",
              f"| input | {h}x{w}, crop {extra.get('crop_pct', info.crop_pct if info else 'n/a')}, "
              f"mean {extra.get('mean', list(info.mean) if info else 'n/a')}, std {extra.get('std', list(info.std) if info else 'n/a')} |",
              f"| classes | {len(classes) or model.num_classes}{shown} |", ""]  # type: ignore[attr-defined]
@@ -109,13 +121,34 @@ def model_card(model: nn.Module, repo_id: str, extra: dict[str, Any], transforme
     return "\n".join(lines)
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub accepts it as ``ORG/NAME`` (huggingface_hub's own rules), else a
+    ``ValueError`` naming it: the id goes into the model card and the upload, so it is checked first."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"invalid Hub repository id {repo_id!r}: expected ORG/NAME of letters, digits, '-', '_' and '.' "
+                         f"(not starting or ending with '-' or '.', no '--' or '..', at most 96 characters)")
+    return repo_id
+
+
 def save_for_hub(source: nn.Module | str | Path, folder: str | Path, repo_id: str = "ORG/NAME",
                  extra: dict[str, Any] | None = None) -> Path:
     """Write the folder ``push_to_hub`` uploads: weights, config, class names, preprocessing and a model card.
 
     ``source``: a model, or a model folder, training run folder or ``checkpoint.pt`` (then the
     run's ``train_config.json``, last metrics and figures go into the card and the folder).
+    The folder appears whole or not at all: it is written beside its place and moved there.
     """
+    check_repo_id(repo_id)
+    folder = check_output_folder(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty; save_for_hub writes a new folder")
     if isinstance(source, nn.Module):
         model, stored, run = source, {}, None
     else:
@@ -123,10 +156,15 @@ def save_for_hub(source: nn.Module | str | Path, folder: str | Path, repo_id: st
         model, stored = load_trained(path)
         run = _run_folder(path if path.is_dir() else path.parent)
     extra = {**stored, **(extra or {})}
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise ValueError(f"{folder} is not empty; save_for_hub writes a new folder")
-    model = model.eval()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent) as tmp:
+        staged = Path(tmp) / folder.name
+        _write_hub_folder(model.eval(), staged, repo_id, extra, run)
+        os.replace(staged, folder)  # onto an absent or empty folder
+    return folder
+
+
+def _write_hub_folder(model: nn.Module, folder: Path, repo_id: str, extra: dict[str, Any], run: Path | None) -> None:
     is_transformers = save_transformers_folder(model, folder, extra)
     if not is_transformers:
         save_model(model, folder, extra=extra)
@@ -138,18 +176,53 @@ def save_for_hub(source: nn.Module | str | Path, folder: str | Path, repo_id: st
                 shutil.copy(run / name, folder / name)
                 figures.append(name)
     (folder / "README.md").write_text(model_card(model, repo_id, extra, is_transformers, run, figures))
-    return folder
 
 
 def push_to_hub(source: nn.Module | str | Path, repo_id: str, private: bool = False, commit_message: str | None = None,
                 token: str | None = None, extra: dict[str, Any] | None = None) -> str:
     """Upload a model (or a model folder, training run or ``checkpoint.pt``) to the Hub repository
-    ``repo_id``, creating it if needed; returns the commit's URL. ``HF_ENDPOINT`` picks the Hub."""
-    from huggingface_hub import HfApi
+    ``repo_id``, creating it if needed; returns the commit's URL. ``HF_ENDPOINT`` picks the Hub.
 
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, library_name="hybridvit")
+    A Hub that cannot be reached is found before the folder is built (``HubUnreachableError``);
+    a refused upload (no or a wrong token) is a ``PermissionError``; each is one line naming the repository.
+    """
+    from huggingface_hub import HfApi, constants
+
+    check_repo_id(repo_id)
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if constants.is_offline_mode():
+        raise HubUnreachableError(f"cannot push to {repo_id}: offline (HF_HUB_OFFLINE=1)")
+    reason = unreachable_reason(endpoint)
+    if reason is not None:
+        raise HubUnreachableError(f"cannot push to {repo_id}: the Hugging Face Hub at {endpoint} cannot be reached ({reason})")
+    api = HfApi(endpoint=endpoint, token=token, library_name="hybridvit")
     with tempfile.TemporaryDirectory(prefix="hybridvit-push-") as tmp:
         folder = save_for_hub(source, Path(tmp) / "folder", repo_id, extra)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload with hybridvit")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                     commit_message=commit_message or "Upload with hybridvit")
+        except Exception as e:
+            error = _upload_error(e, repo_id, endpoint)
+            if error is None:
+                raise
+            raise error from e
     return str(info.commit_url)
+
+
+def _upload_error(error: Exception, repo_id: str, endpoint: str) -> Exception | None:
+    """The one-line error for a failed upload (None: not an upload failure, a bug to show as it is)."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        if status in (401, 403):
+            return PermissionError(f"the Hub at {endpoint} refused to push to {repo_id} (HTTP {status}): log in with "
+                                   f"`hf auth login` or set HF_TOKEN to a token that may write there")
+        answer = f"the Hub at {endpoint} answered HTTP {status} to the upload to {repo_id}: {str(error).splitlines()[0]}"
+        return HubUnreachableError(answer) if status >= 500 else ValueError(answer)
+    if isinstance(error, httpx2.TransportError):  # the connection failed or broke during the upload
+        return HubUnreachableError(f"cannot push to {repo_id}: the Hugging Face Hub at {endpoint} cannot be reached "
+                                   f"({type(error).__name__}: {error})")
+    return None

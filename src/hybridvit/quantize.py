@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .checks import check_output_file
 from .data import DataError, eval_transform, load_image
 from .data.datasets import image_files
 from .export import onnx_bytes
@@ -128,6 +129,8 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     import onnx
     from onnxruntime import quantization as ortq
 
+    if output is not None:
+        check_output_file(output)
     batches = list(calibration.split(32) if isinstance(calibration, torch.Tensor) else calibration)
     if not batches or not sum(len(b) for b in batches):
         raise ValueError("no calibration images")

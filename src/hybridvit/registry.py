@@ -100,21 +100,29 @@ def register_model(info: ModelInfo) -> ModelInfo:
     return info
 
 
+def _registry() -> dict[str, ModelInfo]:
+    """Every registered variant, the built-in families' included: their modules register them on
+    import, and ``import hybridvit`` no longer imports them up front (start-up time)."""
+    from . import models  # noqa: F401
+
+    return _REGISTRY
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern`` (e.g. ``"levit_*"``), smallest first."""
-    return [n for n in _REGISTRY if fnmatch(n, pattern)]
+    return [n for n in _registry() if fnmatch(n, pattern)]
 
 
 def get_model_info(name: str) -> ModelInfo:
     try:
-        return _REGISTRY[name]
+        return _registry()[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
 
 
 def find_variant(model_class: type[nn.Module], config: Any) -> str | None:
     """The registered name whose architecture equals ``config`` (see ``architecture``)."""
-    for info in _REGISTRY.values():
+    for info in _registry().values():
         if info.model_class is model_class and architecture(info.config) == architecture(config):
             return info.name
     return None
@@ -133,7 +141,8 @@ def architecture(config: Any) -> dict[str, Any]:
 
 def family_model_class(family: str) -> type[nn.Module]:
     """The model class of a family name such as ``"levit"``."""
-    for info in _REGISTRY.values():
+    for info in _registry().values():
         if info.family == family:
             return info.model_class
-    raise ValueError(f"unknown model family {family!r}")
+    raise ValueError(f"unknown model family {family!r}; known families: "
+                     f"{', '.join(dict.fromkeys(info.family for info in _registry().values()))}")

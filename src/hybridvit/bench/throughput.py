@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..machine import bound_share, matmul_rates
+from ..checks import check_range
+from ..machine import bound_share, matmul_rates, torch_threads
 from ..optimize import tune_cpu_allocator
 
 Progress = Callable[[str, int, int], None]  # description, steps done, steps in all
@@ -127,6 +128,13 @@ class Plan:
     rounds: int = 3
     latency_runs: int = 30
 
+    def __post_init__(self) -> None:  # named as the benchmark command's options
+        check_range("batch", self.batch, 1)
+        check_range("warmup", self.warmup_s, 0)
+        check_range("time", self.time_s, 0, low_open=True)
+        check_range("rounds", self.rounds, 1)
+        check_range("latency_runs", self.latency_runs, 1)
+
 
 def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1, plan: Plan | None = None,
               progress: Progress | None = None, tuned_allocator: bool = False,
@@ -138,15 +146,11 @@ def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1
     faults; otherwise they run on the C library's defaults, whose state depends on what ran
     earlier in the process (docs/benchmarks.md).
     """
+    check_range("threads", threads, 1)
     plan = plan or Plan()
     ops = ops or DeviceOps(torch.device(device))
     allocator = "C library defaults"
     rates: dict[str, float | None] = {}
-    if not ops.is_gpu:
-        torch.set_num_threads(threads)
-        if tuned_allocator:
-            allocator = "glibc tuned (no mmap, no trim)" if tune_cpu_allocator() else "tuning unsupported: defaults"
-        rates = matmul_rates()
     steps = _Steps(progress, len(candidates) * (plan.rounds + 2))
     if ops.is_gpu:  # one at a time: nothing else resident while its batch is probed and timed
         rows = []
@@ -154,7 +158,11 @@ def benchmark(candidates: list[Candidate], device: str = "cpu", threads: int = 1
             rows += _time([_prepare(c, ops, plan, steps)], ops, plan, steps)
             ops.release()
     else:
-        rows = _time([_prepare(c, ops, plan, steps) for c in candidates], ops, plan, steps)
+        with torch_threads(threads):  # the caller gets its own thread count back
+            if tuned_allocator:
+                allocator = "glibc tuned (no mmap, no trim)" if tune_cpu_allocator() else "tuning unsupported: defaults"
+            rates = matmul_rates()
+            rows = _time([_prepare(c, ops, plan, steps) for c in candidates], ops, plan, steps)
     for row in rows:
         row.bound_share = bound_share(row.images_per_second, row.macs, rates.get(row.precision.split("-")[0]))
     info = machine_info(ops.device, threads)

@@ -2,7 +2,7 @@
 
 from . import cvt as _cvt  # noqa: F401  (registers the CvT formats)
 from . import levit as _levit  # noqa: F401  (registers the LeViT formats)
-from .errors import CheckpointError
+from .errors import CheckpointError, HubUnreachableError
 from .formats import detect_format, load_checkpoint, load_state_dict
 from .hub import download_hub_folder, download_pretrained, download_weights
 from .io import read_checkpoint
@@ -10,6 +10,7 @@ from .native import load_model, load_trained, read_extra, save_model
 
 __all__ = [
     "CheckpointError",
+    "HubUnreachableError",
     "detect_format",
     "download_hub_folder",
     "download_pretrained",

@@ -8,7 +8,12 @@ readable error listing every problem.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+import reprlib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +29,9 @@ from .io import Checkpoint, read_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 NATIVE = "hybridvit"
+# The version of hybridvit's config.json this code writes and the newest it reads: a newer file may
+# hold settings this code would silently ignore or misread.
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,14 @@ def registered_formats() -> list[CheckpointFormat]:
 
 
 def detect_format(ckpt: Checkpoint) -> CheckpointFormat:
-    """The registered format whose marker key the checkpoint holds."""
+    """The registered format whose marker key the checkpoint holds (a hybridvit folder: its family)."""
+    if (ckpt.folder_config or {}).get("format") == NATIVE:
+        _check_native_header(ckpt)
     for fmt in _FORMATS:
         if fmt.matches(ckpt):
             return fmt
     sample = ", ".join(list(ckpt.state_dict)[:5])
-    known = ", ".join(f.name for f in _FORMATS)
+    known = ", ".join(dict.fromkeys(f.name for f in _FORMATS))
     raise CheckpointError(f"{ckpt.path}: unrecognised checkpoint layout (first keys: {sample}); known formats: {known}")
 
 
@@ -207,13 +217,85 @@ def load_state_dict(model: nn.Module, state: StateDict, exclude_head: bool = Fal
     model.load_state_dict(state, strict=not exclude_head)
 
 
-def native_folder_config(ckpt: Checkpoint) -> Any:
-    """The config dataclass a hybridvit ``config.json`` describes."""
-    folder_config = ckpt.folder_config or {}
+def _check_native_header(ckpt: Checkpoint) -> None:
+    """A hybridvit ``config.json`` must name a known family and a format version this code reads."""
+    folder, where = ckpt.folder_config or {}, ckpt.path / "config.json"
+    version = folder.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f'{where}: "format_version" must be a whole number from 1, got {version!r}')
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f'{where}: "format_version" {version} is newer than this hybridvit reads (up to '
+                              f'{FORMAT_VERSION}); upgrade hybridvit to load it')
     try:
-        return family_model_class(folder_config["family"]).config_class(**folder_config["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"invalid hybridvit config.json ({type(e).__name__}: {e})") from e
+        family_model_class(folder.get("family"))
+    except ValueError as e:
+        raise CheckpointError(f'{where}: "family": {e}') from None
+
+
+def native_folder_config(ckpt: Checkpoint) -> Any:
+    """The config dataclass a hybridvit ``config.json`` describes (its header checked by ``detect_format``)."""
+    folder_config = ckpt.folder_config or {}
+    model_class = family_model_class(folder_config["family"])
+    return config_from_values(model_class.config_class, folder_config.get("config"), ckpt.path / "config.json")
+
+
+def config_from_values(config_class: type, values: Any, where: str | Path) -> Any:
+    """The ``config_class`` instance stored ``values`` describe (a ``config.json``'s ``"config"``, a
+    training checkpoint's), each field checked against the dataclass's annotations first, so a
+    wrong value is named with the file instead of failing deep inside the model's construction.
+    Sizes, counts, ratios and rates are never negative."""
+    name = config_class.__name__
+    if not isinstance(values, dict):
+        raise CheckpointError(f'{where}: "config" must be an object of {name} fields, got {reprlib.repr(values)}')
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{where}: {name} has no field(s) {', '.join(unknown)}; its fields: {', '.join(fields)}")
+    missing = [n for n, f in fields.items() if n not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise CheckpointError(f"{where}: {name} field(s) missing: {', '.join(missing)}")
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        if not _fits(value, hints[key]):
+            raise CheckpointError(f'{where}: "config.{key}" is {reprlib.repr(value)}, expected {_type_name(hints[key])}')
+        if any(number < 0 for number in _numbers(value)):
+            raise CheckpointError(f'{where}: "config.{key}" is {reprlib.repr(value)}; it cannot be negative')
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as e:  # the config's own checks (choices, lengths)
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a field annotated ``hint`` (a list for a tuple, an int for a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arm) for arm in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    return hint is Any or not isinstance(hint, type) or isinstance(value, hint)  # str (other annotations: unchecked)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+
+
+def _numbers(value: Any) -> list[float]:
+    """Every number in a (possibly nested) value, booleans excepted."""
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, numbers.Real) and not isinstance(value, bool) else []
 
 
 def hf_image_size(preprocessor: dict[str, Any] | None) -> int | tuple[int, int] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import reprlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,9 +81,12 @@ def unwrap_state_dict(obj: Any, path: Path | str = "<checkpoint>") -> dict[str, 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, found {type(value).__name__} {reprlib.repr(value)}")
+    return value
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

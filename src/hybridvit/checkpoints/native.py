@@ -20,12 +20,11 @@ from torch import nn
 
 from ..registry import family_model_class, find_variant
 from .errors import CheckpointError
-from .formats import NATIVE, detect_format, load_checkpoint, native_format, register_format
+from .formats import FORMAT_VERSION, NATIVE, config_from_values, detect_format, load_checkpoint, native_format, register_format
 from .hf_folder import foreign_extra
 from .hub import HUB_PREFIX, download_hub_folder, parse_hub_name
 from .io import read_checkpoint, read_tensor_file
 
-FORMAT_VERSION = 1
 _FILES = ("model.safetensors", "config.json")
 
 
@@ -126,7 +125,10 @@ def load_model(path: str | Path) -> nn.Module:
         raise CheckpointError(f"{path}: {fmt.name} folders do not describe their architecture")
     model_class = family_model_class(fmt.family)
     config = fmt.config_from_folder(ckpt)
-    model = model_class(config)
+    try:
+        model = model_class(config)
+    except (ArithmeticError, RuntimeError, ValueError) as e:  # values each valid alone, e.g. key_dim 0
+        raise CheckpointError(f"{path}: cannot build the model its config.json describes ({type(e).__name__}: {e})") from e
     pushed = ckpt.folder_config.get("hybridvit") or {}  # a transformers folder written by push_to_hub
     model.model_name = ckpt.folder_config.get("model_name") or pushed.get("model_name") or find_variant(model_class, config)
     load_checkpoint(model, ckpt)
@@ -161,7 +163,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(state, dict) or "model_config" not in state:
         raise CheckpointError(f"{path} is not a hybridvit training checkpoint; pass a model folder instead")
     model_class = family_model_class(state["model_family"])
-    model = model_class(model_class.config_class(**state["model_config"]))
+    model = model_class(config_from_values(model_class.config_class, state["model_config"], path))
     model.model_name = state["model_name"]
     model.load_state_dict(state["model"])
     return model.eval(), state.get("extra", {})

@@ -7,11 +7,26 @@ timm, onnx) inside the command, so ``--help`` and the listing commands start fas
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import typer
 
+try:  # newer typer carries its own copy of click
+    from typer import _click as click
+except ImportError:
+    import click
+
 from . import bench, deploy, models, plot, training
-from .common import console
+from .common import print_error
+
+# The exit code of each kind of error (README, "Exit codes"), the first match wins. 1 is a run
+# that finished with some inputs failed (predict), 130 an interrupted, resumable run.
+EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
+    ((ConnectionError,), 4),  # the network or the Hub unreachable (HubUnreachableError)
+    ((ImportError,), 3),  # an optional dependency missing: the message names the extra to install
+    ((ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+      FileExistsError), 2),  # a bad value or input: option values, files, outputs (DataError, CheckpointError)
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hybrid convolution/transformer image classifiers.")
@@ -33,9 +48,39 @@ def _bare_resume_means_yes(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def _given_value(args: list[str], param: object) -> str | None:
+    """What the command line gave the option ``param`` (click's message for a value it cannot
+    convert does not repeat it), or ``None``."""
+    for i, arg in enumerate(args):
+        for opt in getattr(param, "opts", ()):
+            if arg == opt and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and exit with its code; every
+    error of EXIT_CODES (and every usage error) is one ``error: ...`` line, not a traceback."""
+    args = _bare_resume_means_yes(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=_bare_resume_means_yes(sys.argv[1:]))
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors (incl. DataError): a message, not a traceback
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise SystemExit(2) from None
+        code = app(args=args, prog_name="hybridvit", standalone_mode=False)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()):  # the help is printed already
+        code = 2
+    except click.exceptions.UsageError as e:
+        given = _given_value(args, getattr(e, "param", None))
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        print_error(e.format_message() + (f"; got {given!r}" if given is not None else "") + hint)
+        code = e.exit_code
+    except click.exceptions.ClickException as e:
+        print_error(e.format_message())
+        code = e.exit_code
+    except typer.Abort:
+        code = 1
+    except Exception as e:
+        code = next((c for kinds, c in EXIT_CODES if isinstance(e, kinds)), None)
+        if code is None:  # a bug: the traceback is what helps
+            raise
+        print_error(str(e))
+    raise SystemExit(code or 0)

@@ -42,9 +42,14 @@ def benchmark_cmd(
     from ..bench.candidates import (CPU_PRECISIONS, GPU_PRECISIONS, hybridvit_candidates, paper_candidates,
                                     reference_candidates)
     from ..bench.throughput import paired_ratio
+    from ..checks import check_output_file, check_range
     from ..figures import plot_speed_accuracy
     from ..registry import get_model_info, list_models
 
+    check_range("threads", threads, 1)
+    plan = Plan(batch, warmup, seconds, rounds)  # checks its values
+    if plot:
+        check_output_file(plot)
     on_gpu = torch.device(device).type == "cuda"
     allowed = GPU_PRECISIONS if on_gpu else CPU_PRECISIONS
     precisions = precision or ["fp16" if on_gpu else "fp32"]
@@ -68,8 +73,7 @@ def benchmark_cmd(
                 candidates += [c for p in reference_precisions for c in reference_candidates(name, device, official, p)]
         if paper_rows:
             candidates += [c for p in reference_precisions for c in paper_candidates(device, p)]
-        rows, machine = benchmark(candidates, device, threads, Plan(batch, warmup, seconds, rounds), progress,
-                                  tuned_allocator)
+        rows, machine = benchmark(candidates, device, threads, plan, progress, tuned_allocator)
     ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
               for ref in rows if ref.source != "hybridvit" and ref.model == ours.model]
@@ -85,14 +89,12 @@ def benchmark_cmd(
 def _drop_slow_bf16(precisions: list[str], threads: int, quiet: bool) -> list[str]:
     """bf16 rows on a CPU whose bf16 products run at under a quarter of fp32's (a fallback
     path, minutes per row) are left out, with the reason."""
-    import torch
-
-    from ..machine import matmul_rates
+    from ..machine import matmul_rates, torch_threads
 
     if "bf16" not in precisions:
         return precisions
-    torch.set_num_threads(threads)
-    rates = matmul_rates()
+    with torch_threads(threads):  # the rates at the benchmark's thread count; the caller's count kept
+        rates = matmul_rates()
     if rates["bf16"] >= rates["fp32"] / 4:
         return precisions
     if not quiet:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
@@ -27,3 +28,8 @@ def output_folder(source: str) -> Path:
     if not path.exists():
         return Path.cwd()
     return path if path.is_dir() else path.parent
+
+
+def print_error(message: str) -> None:
+    """One ``error: ...`` line (not wrapped, the message's own brackets shown as they are)."""
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)

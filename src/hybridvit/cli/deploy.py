@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, output_folder
+from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, output_folder, print_error
+
+
+def _check_output(output: Path | None, checkpoint: str) -> None:
+    """The output file, or the folder the default one goes to, can be written: checked before any work."""
+    from ..checks import check_output_file, check_output_folder
+
+    if output is None:
+        check_output_folder(output_folder(checkpoint))
+    else:
+        check_output_file(output)
 
 
 def predict_cmd(
@@ -21,15 +31,17 @@ def predict_cmd(
     """Top-5 classes with probabilities for each image (the model's own preprocessing)."""
     import json
 
+    from ..checks import check_range
     from ..predict import Predictor
 
+    check_range("top", top, 1)  # before the model loads (Predictor.predict checks it too)
     predictor = Predictor(checkpoint, pretrained=pretrained, pretrained_tag=pretrained_tag)
     failed = 0
     for path in images:
         try:
             (result,) = predictor.predict([path], k=top)
-        except ValueError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
+        except ValueError as e:  # an unreadable image: the others are still predicted (exit code 1)
+            print_error(str(e))
             failed += 1
             continue
         if json_output:
@@ -57,11 +69,11 @@ def export_cmd(
     import importlib.util
 
     from ..api import load_source
-    from ..export import FORMATS, check_onnx, export
+    from ..export import FORMATS, check_export, check_onnx, export
 
+    check_export(format, opset, dynamic_size)  # options and output first: loading takes seconds
+    _check_output(output, checkpoint)
     model, _ = load_source(checkpoint, pretrained, pretrained_tag)
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dynamic_size and hasattr(model.config, "dynamic_size"):
         model = model.reconfigured(dynamic_size=True)  # the same weights serve any size
     target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}{FORMATS[format]}"
@@ -96,17 +108,14 @@ def quantize_cmd(
     from ..fusion import fuse
     from ..quantize import calibration_set, quantize_static
 
+    _check_output(output, checkpoint)
     model, extra = load_source(checkpoint, pretrained, pretrained_tag)
     target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}_int8.onnx"
     # two more batches, held out from calibration, to compare the int8 model with fp32
     data = calibration_set(calibration, model, images + 2 * batch_size, batch_size, crop_pct=extra.get("crop_pct"))
     held_out = 2 if len(data.batches) > 2 else 0
     calibrate = data.batches[:len(data.batches) - held_out]
-    try:
-        int8 = quantize_static(model, calibrate, target)
-    except ImportError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    int8 = quantize_static(model, calibrate, target)
     skipped = f", {len(data.skipped)} unreadable skipped" if data.skipped else ""
     console.print(f"wrote {target} (static int8, QDQ; calibrated on {sum(len(b) for b in calibrate)} images{skipped})")
     x = torch.cat(data.batches[-held_out:] if held_out else calibrate)
@@ -129,8 +138,11 @@ def push_cmd(
 ) -> None:
     """Upload a model to the Hugging Face Hub with a model card (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a mirror)."""
     from ..api import load_source
+    from ..checks import check_output_folder
     from ..publish import push_to_hub, save_for_hub
 
+    if dry_run:
+        check_output_folder(dry_run)  # before published weights download
     if pretrained:  # republishing published weights (e.g. to a mirror): they carry their preprocessing
         model, extra = load_source(source, pretrained, pretrained_tag)
         target: object = model

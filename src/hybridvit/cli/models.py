@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
@@ -12,6 +15,10 @@ from .common import PRETRAINED_TAG, console, fmt
 
 if TYPE_CHECKING:
     from torch import nn
+
+# Parameters and MACs of the registered variants, counted once by scripts/update_model_figures.py:
+# counting them all takes seconds (the meta-device forward, torchvision and timm for the graft).
+FIGURES_FILE = Path(__file__).with_name("model_figures.json")
 
 
 def _meta_model(name: str, **overrides) -> nn.Module:
@@ -24,10 +31,39 @@ def _meta_model(name: str, **overrides) -> nn.Module:
         return create_model(name, **overrides)
 
 
+def figures_key(name: str) -> dict[str, Any]:
+    """What a variant's parameter and MAC counts depend on: its class and its whole config."""
+    from ..registry import get_model_info
+
+    info = get_model_info(name)
+    return json.loads(json.dumps({"class": f"{info.model_class.__module__}.{info.model_class.__qualname__}",
+                                  "config": dataclasses.asdict(info.config)}))
+
+
+def count_figures(name: str) -> dict[str, int]:
+    """A registered variant's parameters and MACs at its input size, counted on the meta device."""
+    from ..flops import count_macs, count_params
+
+    model = _meta_model(name)
+    return {"params": count_params(model), "macs": count_macs(model)}
+
+
+@functools.cache
+def _stored_figures() -> dict[str, Any]:
+    return json.loads(FIGURES_FILE.read_text()) if FIGURES_FILE.exists() else {}
+
+
+def model_figures(name: str) -> dict[str, int]:
+    """``count_figures``, read from FIGURES_FILE when it holds them for this class and config."""
+    stored = _stored_figures().get(name)
+    if stored is not None and stored["key"] == figures_key(name):
+        return {"params": stored["params"], "macs": stored["macs"]}
+    return count_figures(name)
+
+
 def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g. 'levit_*'"),
                weights: bool = typer.Option(False, "--weights", help="list the published weights instead")) -> None:
     """List the models with their size, cost and the paper's figures (or their published weights)."""
-    from ..flops import count_params, macs_by_module
     from ..registry import get_model_info, list_models
 
     if weights:
@@ -39,10 +75,9 @@ def models_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g.
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for name in list_models(pattern):
         info = get_model_info(name)
-        model = _meta_model(name)
-        macs = macs_by_module(model)[""]
+        figures = model_figures(name)
         _, h, w = info.input_size
-        table.add_row(name, f"{count_params(model) / 1e6:.2f}M", f"{macs / 1e6:,.0f}M", f"{h}x{w}",
+        table.add_row(name, f"{figures['params'] / 1e6:.2f}M", f"{figures['macs'] / 1e6:,.0f}M", f"{h}x{w}",
                       fmt(info.paper_top1, ".1f"), fmt(info.paper_gpu_throughput),
                       fmt(info.paper_cpu_throughput, ".1f"), fmt(info.paper_arm_throughput, ".1f"))
     console.print(table)

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..train.config import TrainConfig
-from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console
+from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, print_error
 
 
 def _json_option(name: str, text: str | None) -> dict:
@@ -66,8 +66,8 @@ def train_cmd(cfg: TrainConfig) -> None:
 
     try:
         result = train(cfg)
-    except TrainingError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+    except TrainingError as e:  # the run diverged: its last good checkpoint is kept
+        print_error(str(e))
         raise typer.Exit(1) from None
     if result.get("interrupted"):
         raise typer.Exit(130)
@@ -93,10 +93,10 @@ def eval_cmd(
     import os
 
     from ..train import evaluate
+    from ..train.config import input_hw
 
-    size = (input_size, input_width or input_size) if input_size else None
     metrics = evaluate(checkpoint, data, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused,
-                       input_size=size, bias_resampling=bias_resampling, pretrained=pretrained, pretrained_tag=pretrained_tag)
+                       input_size=input_hw(input_size, input_width), bias_resampling=bias_resampling, pretrained=pretrained, pretrained_tag=pretrained_tag)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if json_output:

@@ -133,8 +133,8 @@ class Datasets:
 def build_datasets(data: str | Path | None, with_train: bool = True) -> Datasets:
     """Train/val datasets for an ImageNet-layout folder, or the digits when ``data`` is None or ``"digits"``.
 
-    Every layout problem (missing split, class mismatch, empty class) raises ``DataError`` here,
-    before any training starts. Call ``prepare`` before reading samples.
+    Every layout problem (missing split, class mismatch, empty class, a single class to train on)
+    raises ``DataError`` here, before any training starts. Call ``prepare`` before reading samples.
     """
     if is_digits(data):
         images, targets, train_idx, val_idx = digits_split()
@@ -150,6 +150,9 @@ def build_datasets(data: str | Path | None, with_train: bool = True) -> Datasets
             only_val = sorted(set(val_classes) - set(train_classes))
             raise DataError(f"{root}: train and val have different classes (only in train: {only_train[:20]}, "
                             f"only in val: {only_val[:20]})")
+        if len(train_classes) < 2:  # one class: every prediction is right, loss 0, nothing learnt
+            raise DataError(f"{root / 'train'} has a single class ({train_classes[0]!r}): a classifier needs at "
+                            f"least 2 class folders")
         train = ImageFolderDataset(train_samples)
     return Datasets(train, ImageFolderDataset(val_samples), val_classes)
 

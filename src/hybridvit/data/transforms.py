@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision import transforms as T
 
@@ -37,12 +38,47 @@ def train_transform(info: ModelInfo, input_size: tuple[int, int], *, auto_augmen
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open any image Pillow reads as RGB (grayscale, palette and RGBA are converted)."""
+    """Open any image Pillow reads as 8-bit RGB (grayscale, palette, CMYK and RGBA are converted).
+
+    Pillow's own conversion clips wider pixels to 0-255, which turns a 16-bit image almost white
+    and a float image almost black, so those are scaled to 8 bits first (``_to_8bit``).
+    """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return _to_8bit(img, path).convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _to_8bit(img: Image.Image, path: str | Path = "<image>") -> Image.Image:
+    """Integer and float pixels scaled, not clipped, to 8 bits (other modes are returned as they are).
+
+    - 16- and 32-bit integer modes (``I;16``, ``I;16B``, ``I``...) are read as 16-bit data: 65535 -> 255.
+      (Pillow already decodes 16-bit RGB and RGBA PNGs to 8 bits per channel.)
+    - Float (``F``): pixels within [0, 1] are multiplied by 255; within [0, 255] (what Pillow's
+      ``convert("F")`` gives) kept; any other range is stretched min-max to 0-255.
+
+    Pixels that fit no such range (32-bit integers beyond 65535, NaN, infinity) raise ``ValueError``.
+    """
+    if img.mode == "F":
+        pixels = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(pixels).all():
+            raise ValueError(f"cannot read image {path}: float pixels that are NaN or infinite")
+        lo, hi = pixels.min(), pixels.max()
+        if lo >= 0 and hi <= 1:
+            pixels = pixels * 255
+        elif lo < 0 or hi > 255:
+            pixels = (pixels - lo) * (255 / (hi - lo) if hi > lo else 0)
+    elif img.mode.startswith("I"):
+        pixels = np.asarray(img, dtype=np.float64)
+        lo, hi = pixels.min(), pixels.max()
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"cannot read image {path}: {img.mode} pixels span {lo:.0f}..{hi:.0f}, beyond 16 bits "
+                             f"(0..65535); save it with 8 or 16 bits per channel")
+        pixels = pixels / 257
+    else:
+        return img
+    return Image.fromarray(np.round(pixels).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def example_image(size: int = 320) -> Image.Image:

@@ -3,6 +3,7 @@
 from .attention import AttentionMap, attention, capture_attention, reference_attention
 from .attention_bias import (BIAS_RESAMPLING, AttentionBias, FixedAttentionBias, bias_for_grid, bias_in_graph,
                              bias_index, resize_bias_table)
+from .basic import DropPath, LayerNorm2d, QuickGELU, trunc_normal_
 from .norm_act import BNLinear, ConvBN, LinearBN
 
 __all__ = [
@@ -11,8 +12,11 @@ __all__ = [
     "BIAS_RESAMPLING",
     "BNLinear",
     "ConvBN",
+    "DropPath",
     "FixedAttentionBias",
+    "LayerNorm2d",
     "LinearBN",
+    "QuickGELU",
     "attention",
     "bias_for_grid",
     "bias_in_graph",
@@ -20,4 +24,5 @@ __all__ = [
     "capture_attention",
     "reference_attention",
     "resize_bias_table",
+    "trunc_normal_",
 ]

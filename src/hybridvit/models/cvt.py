@@ -17,10 +17,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath, QuickGELU, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from ..layers import ConvBN, attention
+from ..layers import ConvBN, DropPath, QuickGELU, attention, trunc_normal_
 from ..registry import ModelInfo, PretrainedWeights, register_model, to_hw
 from .base import HybridClassifier
 from .features import feature_take_indices, stage_output
@@ -187,6 +186,8 @@ class Stage(nn.Module):
         if self.pos_embed is not None:
             pos = self.pos_embed
             if grid != self.pos_grid:  # another input size: the embedding is resampled to this grid
+                from timm.layers import resample_abs_pos_embed  # timm costs seconds to import: when needed
+
                 pos = resample_abs_pos_embed(pos, list(grid), list(self.pos_grid), num_prefix_tokens=0)
             x = x + pos
         if self.cls_token is not None:

@@ -10,13 +10,27 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from timm.models import FeatureInfo
-from timm.models._features import feature_take_indices
 from torch import nn
 
 OUTPUT_FORMATS = ("NCHW", "NLC")
 
 __all__ = ["FeatureExtractor", "FeatureInfo", "OUTPUT_FORMATS", "feature_take_indices", "stage_output"]
+
+
+def __getattr__(name: str) -> type:
+    """timm's ``FeatureInfo``, imported when asked for (timm costs seconds to import)."""
+    if name == "FeatureInfo":
+        from timm.models import FeatureInfo
+
+        return FeatureInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def feature_take_indices(num_features: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """timm's rule for which stages ``indices`` names (``None``: all, ``n``: the last n) and the last one."""
+    from timm.models._features import feature_take_indices as take
+
+    return take(num_features, indices)
 
 
 def stage_output(tokens: torch.Tensor, grid: tuple[int, int], output_fmt: str) -> torch.Tensor:
@@ -40,6 +54,8 @@ class FeatureExtractor(nn.Module):
         model.reset_classifier(0)  # type: ignore[operator]
         self.model = model
         self.out_indices, _ = feature_take_indices(len(model.feature_info), list(out_indices))  # type: ignore[arg-type]
+        from timm.models import FeatureInfo
+
         self.feature_info = FeatureInfo([dict(info) for info in model.feature_info], self.out_indices)  # type: ignore[attr-defined]
         self.model_name = getattr(model, "model_name", None)
         self.in_chans: int = model.in_chans  # type: ignore[assignment]

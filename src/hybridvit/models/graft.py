@@ -24,12 +24,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torchvision
-from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..layers import trunc_normal_
 from ..registry import ModelInfo, register_model, to_hw
 from .base import HybridClassifier
 
@@ -65,6 +63,8 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, stages: int) -> None:
         super().__init__()
+        import torchvision  # seconds to import (it loads torch._dynamo): only when a model is built
+
         resnet = torchvision.models.resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layers = [f"layer{i}" for i in range(1, stages + 1)]
@@ -121,6 +121,8 @@ class GraftedResNetDeiT(HybridClassifier):
             self.num_prefix_tokens = 2 if self.distillation else 1
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.pos_grid[0] * self.pos_grid[1],
                                                       c.embed_dim))
+            from timm.models.vision_transformer import Block  # DeiT's own block, as the paper grafts it
+
             rates = [c.drop_path_rate * i / max(c.deit_layers - 1, 1) for i in range(c.deit_layers)]
             self.blocks = nn.Sequential(*(Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True, drop_path=r)
                                           for r in rates))
@@ -178,6 +180,8 @@ class GraftedResNetDeiT(HybridClassifier):
         x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         pos = self.pos_embed
         if map_grid != self.pos_grid:
+            from timm.layers import resample_abs_pos_embed
+
             pos = resample_abs_pos_embed(pos, list(map_grid), list(self.pos_grid), num_prefix_tokens=self.num_prefix_tokens)
         return self.norm(self.blocks(x + pos))
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.layers import DropPath, LayerNorm2d, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from ..layers import BIAS_RESAMPLING, AttentionBias, BNLinear, ConvBN, LinearBN, attention
+from ..layers import (BIAS_RESAMPLING, AttentionBias, BNLinear, ConvBN, DropPath, LayerNorm2d, LinearBN, attention,
+                      trunc_normal_)
 from ..registry import ModelInfo, PretrainedWeights, register_model, to_hw
 from .base import HybridClassifier
 from .features import feature_take_indices, stage_output
@@ -354,6 +354,8 @@ class LeViT(HybridClassifier):
         if self.pos_embed is not None:
             pos = self.pos_embed
             if grid != self.pos_grid:
+                from timm.layers import resample_abs_pos_embed  # timm costs seconds to import: when needed
+
                 pos = resample_abs_pos_embed(pos, list(grid), list(self.pos_grid), num_prefix_tokens=0)
             x = x + pos
         return x, grid

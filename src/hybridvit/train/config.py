@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from ..checks import check_output_folder, check_range
 
 # Shared by the LeViT main.py and the CvT yaml files (both built on DeiT's recipe).
 _DEIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25, mixup=0.8, cutmix=1.0,
@@ -43,12 +46,32 @@ CHOICES = {"amp": ("auto", "bf16", "fp16", "none"), "device": ("auto", "cpu", "c
            "lr_step": ("epoch", "update"), "resume": ("no", "yes", "auto")}
 
 
+# What each numeric option may be (check_range's bounds), checked as given, before any recipe
+# fills or scales it: an error then names the user's own value.
+RANGES: dict[str, dict[str, Any]] = {
+    "epochs": dict(low=1), "cooldown_epochs": dict(low=0), "batch_size": dict(low=1), "lr": dict(low=0, low_open=True),
+    "weight_decay": dict(low=0), "warmup_epochs": dict(low=0), "warmup_lr": dict(low=0), "min_lr": dict(low=0),
+    "input_size": dict(low=1), "input_width": dict(low=1), "workers": dict(low=0),
+    "smoothing": dict(low=0, high=1, high_open=True), "color_jitter": dict(low=0), "reprob": dict(low=0, high=1),
+    "mixup": dict(low=0), "cutmix": dict(low=0), "hflip": dict(low=0, high=1),
+    "drop_path": dict(low=0, high=1, high_open=True), "clip_grad": dict(low=0, low_open=True),
+    "model_ema_decay": dict(low=0, high=1), "distillation_tau": dict(low=0, low_open=True),
+}
+
+
 def check_choice(option: str, value: str | None) -> None:
     """``ValueError`` naming the valid values of ``option`` (a one-line CLI error, not a traceback)."""
     choices = CHOICES[option]
     valid = value is None or value in choices or (option == "device" and value.startswith("cuda:"))
     if not valid:
         raise ValueError(f"--{option.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def input_hw(height: int | None, width: int | None) -> tuple[int, int] | None:
+    """``--input-size`` and ``--input-width`` as ``(height, width)``, ``None`` when neither is given."""
+    if width is not None and height is None:
+        raise ValueError(f"--input-width {width} needs --input-size (the height)")
+    return None if height is None else (height, height if width is None else width)
 
 
 @dataclass
@@ -99,6 +122,8 @@ class TrainConfig:
         "help": "yes (bare --resume): continue from OUTPUT/checkpoint.pt; auto: continue if it exists, else start"})
     finetune: str | None = field(default=None, metadata={
         "help": "start from these weights (their classifier when the classes match, else a new one)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an OUTPUT that holds a run (its weights, metrics and curves are replaced)"})
     scale: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
@@ -106,8 +131,26 @@ class TrainConfig:
             self.resume = "yes" if self.resume else "no"
         for option in ("amp", "device", "clip_mode", "distillation", "lr_step", "resume"):
             check_choice(option, getattr(self, option))
-        if self.input_width is not None and self.input_size is None:
-            raise ValueError("--input-width needs --input-size (the height)")
+        for option, bounds in RANGES.items():
+            check_range(option, getattr(self, option), **bounds)
+        input_hw(self.input_size, self.input_width)
+        if self.resume != "no" and self.overwrite:
+            raise ValueError("--overwrite starts afresh and --resume continues: give one of them")
+
+    def check_output(self, output: Path) -> None:
+        """Before any work: ``output`` can hold the run, and a run already there is not replaced
+        unless ``resume`` continues it or ``overwrite`` says so."""
+        check_output_folder(output)
+        if self.resume != "no" or self.overwrite:
+            return
+        if (output / "model").exists():
+            held = "a finished run"
+        elif (output / "checkpoint.pt").exists():
+            held = "an unfinished run"
+        else:
+            return
+        raise FileExistsError(f"{output} holds {held}: add --resume to continue it, --overwrite to replace it, "
+                              f"or choose another --output")
 
     def resolved(self, num_train_images: int, family_recipe: str) -> "TrainConfig":
         """A copy with every ``None`` recipe option filled in (``family_recipe``: the model's paper recipe)."""

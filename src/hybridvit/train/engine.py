@@ -16,7 +16,7 @@ import torch
 from timm.utils import dispatch_clip_grad
 
 from ..checkpoints import CheckpointError, save_model
-from .builder import TrainingRun, build_run
+from .builder import TrainingRun, build_run, run_output
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, cleanup_distributed, gather_buffers
 from .evaluation import run_evaluation
@@ -67,12 +67,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     ``OUTPUT/metrics.jsonl``, TensorBoard scalars and ``OUTPUT/training_curve.png``. Run under
     torchrun for DistributedDataParallel.
     """
+    cfg.check_output(run_output(cfg))  # before any work: a finished run is not replaced by accident
     owns_group = not torch.distributed.is_initialized()  # an experiment keeps its group across runs
     device, dist = setup_device(cfg.device)
     try:
         run = build_run(cfg, device, dist)
         position = _restore(run, dist)
-        with Reporter(run.output, dist.is_main, progress) as reporter, _StopFlag() as stop:
+        with Reporter(run.output, dist.is_main, progress, run.num_epochs, run.steps_per_epoch) as reporter, \
+                _StopFlag() as stop:
             return _fit(run, position, dist, reporter, stop)
     finally:
         if owns_group:
@@ -84,6 +86,7 @@ def _fit(run: TrainingRun, position: _Position, dist: DistInfo, reporter: Report
     if dist.is_main:
         reporter.start(dataclasses.asdict(cfg), len(run.data.datasets.train), len(run.data.datasets.val),
                        len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch)
+        reporter.position(position.epoch, position.step)
     best, metrics = position.best_top1, {}
     for epoch in range(position.epoch, run.num_epochs):
         stats = _train_one_epoch(run, epoch, position.step if epoch == position.epoch else 0, dist, stop, reporter)
@@ -120,6 +123,7 @@ def _train_one_epoch(run: TrainingRun, epoch: int, skip: int, dist: DistInfo, st
             loss = _train_step(run, x, y, epoch, step, dist)
             stats.update(loss, len(y) * dist.world_size, run.optimizer.param_groups[0]["lr"])
         step += 1
+        reporter.position(epoch, step, stats=stats)
     stats.close()
     return stats
 
@@ -171,6 +175,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, dis
     if dist.is_main and improved:
         save_model(run.model, run.output / "best", extra=run.extra)
     _save_checkpoint(run, _Position(epoch + 1, 0, best), dist)
+    reporter.position(epoch + 1, 0)
     return metrics, best
 
 

@@ -16,6 +16,7 @@ from ..data.datasets import is_digits
 from ..data.sampling import ShardSampler
 from ..fusion import fuse
 from ..registry import get_model_info
+from ..checks import check_range
 from .config import check_choice
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed
 from .runtime import amp_dtype, autocast, make_loader, setup_device
@@ -59,6 +60,11 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, batch_size:
     """
     check_choice("amp", amp)
     check_choice("device", device)
+    check_range("batch_size", batch_size, 1)
+    check_range("workers", workers, 0)
+    if input_size is not None:
+        check_range("input_size", input_size[0], 1)
+        check_range("input_width", input_size[1], 1)
     dev, dist = setup_device(device)
     try:
         model, extra = load_source(checkpoint, pretrained, pretrained_tag)

@@ -1,10 +1,13 @@
 """What a person sees of a run: a progress bar per epoch, one summary line per epoch,
-metrics as JSON lines and TensorBoard scalars, and a training-curve PNG at the end.
+metrics as JSON lines and TensorBoard scalars, ``progress.json`` after every step (for monitors
+and scripts that must know how far a run is), and a training-curve PNG at the end.
 Only the main process reports."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +15,22 @@ from typing import Any
 from rich.console import Console
 from tqdm import tqdm
 
-from ..figures import plot_curves
+from ..figures import plot_curves, read_metrics
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    """Write through a temporary file and ``os.replace``, so that a reader polling ``path`` sees
+    the previous record or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class EpochStats:
@@ -62,11 +78,13 @@ class EpochStats:
 class Reporter:
     """Used as a context manager, so the TensorBoard writer is closed however the run ends."""
 
-    def __init__(self, output: Path, is_main: bool, progress: bool) -> None:
+    def __init__(self, output: Path, is_main: bool, progress: bool, epochs: int, steps_per_epoch: int) -> None:
         self.output = output
         self.is_main = is_main
         self.progress = progress and is_main
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.metrics_file = output / "metrics.jsonl"
+        self.progress_file = output / "progress.json"
         self.writer = None
 
     def __enter__(self) -> "Reporter":
@@ -85,9 +103,8 @@ class Reporter:
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "train_config.json").write_text(json.dumps(config, indent=2))
         if self.metrics_file.exists():  # keep only epochs the checkpoint covers (a resumed run rewrites the rest)
-            kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] < start_epoch]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.metrics_file) if row["epoch"] < start_epoch]
+            self.metrics_file.write_text("".join(json.dumps(row) + "\n" for row in kept))
         from torch.utils.tensorboard import SummaryWriter
 
         # A resumed run drops the scalars the checkpoint does not cover (a killed run may have logged more).
@@ -95,6 +112,17 @@ class Reporter:
         console.print(f"[bold]{config['model']}[/bold] on {config['data'] or 'digits'}: {n_train} train / {n_val} val "
                       f"images, {n_classes} classes; recipe {config['recipe']}, {config['epochs']} epochs, batch "
                       f"{config['batch_size']} x {world} process(es), lr {lr:.2e}; output {self.output}")
+
+    def position(self, epoch: int, step: int, state: str = "running", stats: EpochStats | None = None) -> None:
+        """Write ``progress.json``: ``epoch`` epochs done and ``step`` steps into the next, the
+        position a checkpoint taken now would resume from; ``state`` is running, interrupted or done."""
+        if not self.is_main:
+            return
+        record = {"epoch": epoch, "step": step, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+                  "state": state, "time": time.time()}
+        if stats is not None and stats.steps:
+            record |= {"train_loss": stats.loss, "lr": stats.lr, "images_per_second": stats.images_per_second}
+        write_json_atomic(self.progress_file, record)
 
     def epoch_bar(self, epoch: int, epochs: int, steps: int, done: int) -> EpochStats:
         bar = None
@@ -131,12 +159,14 @@ class Reporter:
                           f"images in its batch")
 
     def interrupted(self, path: Path, epoch: int, step: int) -> None:
+        self.position(epoch, step, "interrupted")
         if self.is_main:
             console.print(f"[yellow]interrupted[/yellow] at epoch {epoch + 1} step {step}: resumable checkpoint saved "
                           f"to {path}; continue with the same command and --resume")
 
     def finish(self) -> None:
         self.close()
+        self.position(self.epochs, 0, "done")
         plot_curves(self.metrics_file, self.output / "training_curve.png")
         console.print(f"done: final weights in {self.output / 'model'}, best in {self.output / 'best'}, "
                       f"curves in {self.output / 'training_curve.png'}")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..api import create_model
 from ..checkpoints import CheckpointError, load_trained, read_checkpoint
+from ..checkpoints.hub import HUB_PREFIX
 from ..registry import get_model_info
 from .config import TrainConfig
 
@@ -26,6 +27,11 @@ def _is_hybridvit_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_model_name(name: str) -> bool:
+    """A hybridvit or timm model name (with or without a pretrained tag), or a timm ``hf-hub:`` name."""
+    return _is_hybridvit_name(name) or timm.is_model(name) or name.startswith(HUB_PREFIX)
 
 
 def _named_teacher(cfg: TrainConfig, num_classes: int, size: tuple[int, int]) -> nn.Module:
@@ -64,6 +70,9 @@ def build_teacher(cfg: TrainConfig, classes: list[str], size: tuple[int, int]) -
         if cfg.teacher_checkpoint or cfg.teacher_pretrained:
             raise ValueError("--teacher-checkpoint / --teacher-pretrained need --teacher NAME")
         return None
+    if not Path(cfg.teacher).exists() and not _is_model_name(cfg.teacher):
+        raise FileNotFoundError(f"--teacher {cfg.teacher} not found: no such file or folder, and no hybridvit or "
+                                f"timm model of that name")
     if Path(cfg.teacher).exists():  # a model folder, run folder or checkpoint.pt: weights included
         if cfg.teacher_checkpoint or cfg.teacher_pretrained:
             raise ValueError(f"--teacher {cfg.teacher} is a trained model already; drop --teacher-checkpoint/--teacher-pretrained")
