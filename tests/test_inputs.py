@@ -98,6 +98,7 @@ def test_wide_images_get_the_8bit_files_predictions(digits_run, tmp_path):
 def model_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("folder") / "levit"
     hybridvit.save_model(hybridvit.create_model("levit_128s", num_classes=3, img_size=32), path)
+    hybridvit.load_model(path)  # the folder as saved loads
     return path
 
 
@@ -130,7 +131,6 @@ def _set(section, key, value):
     (_set("config", "key_dim", 0), r"edited: cannot build the model its config\.json describes \(ZeroDivisionError"),
 ])
 def test_bad_config_json_is_one_error_naming_file_and_field(model_folder, tmp_path, edit, message):
-    hybridvit.load_model(model_folder)  # the folder as saved loads
     folder = _edited(model_folder, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message) as error:
         hybridvit.load_model(folder)
@@ -270,3 +270,34 @@ def test_hub_that_fails_every_request_fails_quietly_then_at_once(connections, mo
         server.shutdown()
         server.server_close()
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]  # no retry messages
+
+
+# --- the same errors from the command line: one line, the agreed exit code ---------------------
+
+
+def test_cli_gives_one_error_line_and_the_agreed_exit_code(model_folder, tmp_path, capsys):
+    from hybridvit.cli import main
+    from hybridvit.data import example_image
+
+    image = tmp_path / "x.png"
+    example_image(64).save(image)
+    folder = _edited(model_folder, tmp_path, _set("config", "key_dim", "sixteen"))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1,\n')
+    one_class = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2)
+    cases = [
+        (["predict", "hf-hub:org/name", str(image)], 4, "the Hugging Face Hub at http://127.0.0.1:9 cannot be reached"),
+        (["predict", str(folder), str(image)], 2, f"{folder}/config.json: \"config.key_dim\" is 'sixteen', expected int"),
+        (["train", "--teacher", str(tmp_path / "none"), "--output", str(tmp_path / "run")], 2,
+         f"--teacher {tmp_path / 'none'} not found"),
+        (["train", "--data", str(one_class), "--output", str(tmp_path / "run")], 2, "has a single class ('cat')"),
+        (["plot", "curves", str(tmp_path / "metrics.jsonl"), "--output", str(tmp_path / "c.png")], 2,
+         "metrics.jsonl, line 2: not valid JSON"),
+    ]
+    for args, code, message in cases:
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        out = capsys.readouterr()
+        lines = (out.out + out.err).strip().splitlines()
+        assert done.value.code == code and len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
+        assert message in lines[0], (args, lines)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c.png").exists()
