@@ -35,7 +35,7 @@ from hybridvit.cli import app, main
 from hybridvit.data import example_image
 from hybridvit.predict import Predictor
 from hybridvit.publish import push_to_hub, save_for_hub
-from hybridvit.registry import _REGISTRY, get_model_info, list_models, to_hw
+from hybridvit.registry import _REGISTRY, PretrainedWeights, get_model_info, list_models, to_hw
 
 # Facts from outside hybridvit, to hold its registry against.
 # The official LeViT README's model table: ImageNet-1k top-1, top-5 and the weights file, whose name
@@ -110,7 +110,8 @@ def _timm_folder(path, name: str = "levit_128s", ref: nn.Module | None = None):
     return ref
 
 
-def _published() -> dict[tuple[str, str], "hybridvit.registry.PretrainedWeights"]:
+def _published() -> dict[tuple[str, str], PretrainedWeights]:
+    """Every registered set of published weights by (variant, tag)."""
     return {(name, w.tag): w for name in list_models() for w in get_model_info(name).pretrained}
 
 
