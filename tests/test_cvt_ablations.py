@@ -125,10 +125,10 @@ def test_ablations_are_architecture_fields():
 
 
 def test_position_embedding_is_resampled_only_at_another_size(monkeypatch):
-    import hybridvit.models.cvt as cvt
+    import timm.layers
 
     calls = []
-    monkeypatch.setattr(cvt, "resample_abs_pos_embed",
+    monkeypatch.setattr(timm.layers, "resample_abs_pos_embed",  # imported where needed, from timm.layers
                         lambda *a, **k: calls.append(a[1]) or resample_abs_pos_embed(*a, **k))
     model = create_model("cvt_13", num_classes=10, img_size=(64, 48), pos_embed=(False, False, True)).eval()
     assert model.stages[2].pos_embed.shape == (1, 4 * 3, 384)

@@ -154,6 +154,7 @@ def test_levit_recipe_augmentations_change_pixels_and_repeats(recipe_folder):
         assert box.float().mean() > 0.95
 
 
+@pytest.mark.slow
 def test_deit_recipe_trains_a_graft_as_deit_does(recipe_folder, tmp_path):
     """--recipe deit (the grafted models' own, as DeiT's main.py): 128 images a step at 5e-4 per 512,
     repeated augmentation, weight decay 0.05 off tokens and norms, hard distillation when a teacher
@@ -161,7 +162,8 @@ def test_deit_recipe_trains_a_graft_as_deit_does(recipe_folder, tmp_path):
     weights and then barely moves (decay 0.99996)."""
     graft = dict(model="graft_resnet50_deit_s", model_args={"resnet_stages": 1, "deit_layers": 1}, recipe="deit",
                  data=str(recipe_folder), input_size=32, workers=0)
-    assert TrainConfig(model=graft["model"]).resolved(IMAGENET, get_model_info(graft["model"]).model_class.default_recipe).recipe == "deit"
+    family_recipe = get_model_info(graft["model"]).model_class.default_recipe
+    assert TrainConfig(model=graft["model"]).resolved(IMAGENET, family_recipe).recipe == "deit"  # auto, at scale
     teacher = tmp_path / "teacher"
     save_model(create_model("levit_128s", num_classes=3, img_size=32), teacher)
     run = build_run(TrainConfig(**graft, teacher=str(teacher)), CPU, DistInfo())
@@ -170,7 +172,8 @@ def test_deit_recipe_trains_a_graft_as_deit_does(recipe_folder, tmp_path):
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(_official_lr(10, run.lr, 5, 300), rel=1e-9)
     decay_of = {id(p): g["weight_decay"] for g in run.optimizer.param_groups for p in g["params"]}
     for name, p in run.model.named_parameters():
-        assert decay_of[id(p)] == (0.0 if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token") else 0.05), name
+        no_decay = p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token")
+        assert decay_of[id(p)] == (0.0 if no_decay else 0.05), name
     run.data.sampler.set_epoch(0)
     counts = Counter(i for _, _, i in run.data.sampler)
     assert max(counts.values()) == 3 and sum(c == 3 for c in counts.values()) > 60  # 211 draws, each image 3 times
@@ -238,7 +241,8 @@ class _Recorder:
         self.steps: list[bool] = []  # per optimizer step: were the gradients changed after backward?
         self.initial: dict[str, torch.Tensor] = {}  # the weights before the first step
         self.average: dict[str, torch.Tensor] = {}  # float64 EMA of the weights after each step
-        loss_forward, set_lr, clip, build = DistillationLoss.forward, TrainingRun.set_lr, engine.dispatch_clip_grad, engine.build_run
+        loss_forward, set_lr, clip = DistillationLoss.forward, TrainingRun.set_lr, engine.dispatch_clip_grad
+        build = engine.build_run
 
         def record_loss(loss_self, inputs, outputs, targets):
             self.batches.append(targets.detach().clone())

@@ -255,7 +255,7 @@ def test_finetune_at_a_new_size_keeps_a_fitting_classifier(tmp_path):
     other = build_model(cfg, 3, (80, 96))
     assert other.head.linear.weight.shape[0] == 3  # other classes: a new classifier, the rest loaded
     assert torch.equal(other.stem.conv1.conv.weight, source.stem.conv1.conv.weight)
-    with pytest.raises(ValueError, match="--input-width needs --input-size"):
+    with pytest.raises(ValueError, match="--input-width 96 needs --input-size"):
         TrainConfig(input_width=96)
 
 
