@@ -139,10 +139,11 @@ def push_cmd(
     """Upload a model to the Hugging Face Hub with a model card (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a mirror)."""
     from ..api import load_source
     from ..checks import check_output_folder
-    from ..publish import push_to_hub, save_for_hub
+    from ..publish import check_repo_id, push_to_hub, save_for_hub
 
+    check_repo_id(repo)  # before published weights download or anything is written
     if dry_run:
-        check_output_folder(dry_run)  # before published weights download
+        check_output_folder(dry_run)
     if pretrained:  # republishing published weights (e.g. to a mirror): they carry their preprocessing
         model, extra = load_source(source, pretrained, pretrained_tag)
         target: object = model
