@@ -204,6 +204,10 @@ def test_block_timings_refuse_options_that_measure_nothing(levit, option, value,
         figures.measure_block_timings(levit, **{option: value})
 
 
+def is_leaf(module: torch.nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
 class LeafClock:
     """A fake ``time.perf_counter`` that advances one second per leaf module run: a block's time is
     then the number of leaf modules it ran, and the whole forward's the number of all that ran."""
@@ -213,32 +217,30 @@ class LeafClock:
         self.handle = torch.nn.modules.module.register_module_forward_hook(self._tick)
 
     def _tick(self, module, inputs, output) -> None:
-        if not any(True for _ in module.children()):
-            self.now += 1.0
+        self.now += is_leaf(module)
 
     def perf_counter(self) -> float:
         return self.now
 
 
 def leaves_per_block(model: torch.nn.Module, kinds: dict[type, str], heads: set[str]) -> tuple[dict[str, int], int]:
-    """Leaf modules one forward runs inside each block type (the outermost block containing them),
-    and in all; from the model's own structure."""
-    owner = {}
+    """Leaf modules one forward runs inside each block type (blocks found by class, or by name for
+    the head; the outermost where they nest), and in all."""
+    blocks: dict[str, str] = {}
     for name, module in model.named_modules():
         kind = "head" if name in heads else kinds.get(type(module))
-        if kind and not any(name.startswith(n + ".") for n in owner.values()):
-            for sub in module.modules():
-                owner.setdefault(sub, name)
-    names = dict(model.named_modules())
-    counts, total = {}, [0]
+        if kind and not any(name.startswith(b + ".") for b in blocks):
+            blocks[name] = kind
+    kind_of = {sub: kind for name, kind in blocks.items() for sub in model.get_submodule(name).modules()}
+    counts = dict.fromkeys(blocks.values(), 0)
+    total = 0
 
     def count(module, inputs, output):
-        if not any(True for _ in module.children()):
-            total[0] += 1
-            if module in owner:
-                block = names[owner[module]]
-                kind = "head" if owner[module] in heads else kinds[type(block)]
-                counts[kind] = counts.get(kind, 0) + 1
+        nonlocal total
+        if is_leaf(module):
+            total += 1
+            if module in kind_of:
+                counts[kind_of[module]] += 1
 
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
@@ -246,7 +248,7 @@ def leaves_per_block(model: torch.nn.Module, kinds: dict[type, str], heads: set[
             model(torch.zeros(1, 3, *model.input_hw))
     finally:
         handle.remove()
-    return counts, total[0]
+    return counts, total
 
 
 def test_block_timings_count_every_block_on_a_fake_clock(levit, monkeypatch):
@@ -261,11 +263,10 @@ def test_block_timings_count_every_block_on_a_fake_clock(levit, monkeypatch):
     kinds = {levit_module.PatchEmbed: "stem", levit_module.Attention: "attention", levit_module.MLP: "MLP",
              levit_module.ShrinkAttention: "shrinking attention", cvt_module.ConvEmbed: "token embedding",
              cvt_module.ConvAttention: "attention", cvt_module.MLP: "MLP"}
-    module = importlib.import_module(figures.measure_block_timings.__module__)
     cvt = hybridvit.create_model("cvt_13", num_classes=3, img_size=32, depth=(1, 1, 2)).eval()  # every block kind
     for model, heads in ((levit, {"head", "head_dist"}), (cvt, {"head", "norm"})):
         clock = LeafClock()
-        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        monkeypatch.setattr(figures.timings, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
         try:
             timings = figures.measure_block_timings(model, batch_size=2, iterations=2, warmup=0, threads=1)
         finally:

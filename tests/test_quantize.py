@@ -22,6 +22,8 @@ from hybridvit.cli import app
 from hybridvit.data import DataError, build_datasets, eval_transform
 from hybridvit.data.datasets import digits_split
 from hybridvit.export import onnxruntime_session
+from hybridvit.layers import capture_attention
+from hybridvit.machine import torch_threads
 from hybridvit.quantize import calibration_set, quantize_static
 
 runner = CliRunner()
@@ -94,7 +96,9 @@ def assert_float_choices(path: Path, model: torch.nn.Module) -> None:
     """
     g = Graph(path)
     softmaxes = g.nodes("Softmax")
-    assert len(softmaxes) == sum(1 for _ in _attention_layers(model))  # one per attention layer
+    with torch.inference_mode(), capture_attention() as calls:
+        model.eval()(torch.zeros(1, 3, *SIZE))
+    assert len(softmaxes) == len(calls)  # one per attention layer
     for softmax in softmaxes:
         node, steps = softmax, 0
         while node.op_type != "MatMul":  # back through the bias and scale to the score product Q·Kᵀ
@@ -109,15 +113,6 @@ def assert_float_choices(path: Path, model: torch.nn.Module) -> None:
     assert len(norms) == sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
     for norm in norms:
         assert all(g.is_float_initializer(i) for i in norm.input[1:]), f"{norm.name}'s scale or bias is quantized"
-
-
-def _attention_layers(model: torch.nn.Module):
-    """Every attention call of a forward (each computes one Softmax)."""
-    from hybridvit.layers import capture_attention
-
-    with torch.inference_mode(), capture_attention() as maps:
-        model.eval()(torch.zeros(1, 3, *SIZE))
-    return maps
 
 
 def assert_weights_quantized_apart(path: Path) -> None:
@@ -220,12 +215,13 @@ def test_static_int8_of_cvt(digits, tmp_path):
                                    num_heads=(1, 2, 3), drop_path_rate=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        batch = torch.randint(len(train), (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(train[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with torch_threads(1):  # tensors this small: a second thread only waits (60x slower on a busy machine)
+        for _ in range(20):
+            batch = torch.randint(len(train), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(train[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     model.eval()
     with torch.inference_mode():
         fp32_top1 = (model(x).argmax(1) == y).float().mean().item()
