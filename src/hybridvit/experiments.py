@@ -157,6 +157,9 @@ def run_experiment(settings: Settings, output: str | Path, jobs: int = 1, only: 
     """Train, measure and tabulate every variant (or those ``only`` names); returns the rows on the
     main process (``None`` on the others under torchrun). ``jobs`` trains variants in parallel
     processes, each with its share of the CPU threads."""
+    check_range("jobs", jobs, 1)
+    check_range("workers", workers, 0)
+    check_range("bench_seconds", bench_seconds, 0, low_open=True)  # measured after training: checked first
     experiment = get_experiment(settings.experiment)
     variants = _select(experiment, only)
     output = Path(output)
