@@ -251,6 +251,7 @@ def leaves_per_block(model: torch.nn.Module, kinds: dict[type, str], heads: set[
     return counts, total
 
 
+@pytest.mark.slow
 def test_block_timings_count_every_block_on_a_fake_clock(levit, monkeypatch):
     """On a clock that ticks once per leaf module, each row is exactly the leaf modules of its
     blocks and the rest of the forward exactly the leaves outside them: a block left out of the
