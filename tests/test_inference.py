@@ -172,7 +172,7 @@ def test_benchmark_json_compare_and_plot(tmp_path):
 
 
 _FAULTS = """
-import resource, sys, torch
+import json, resource, sys, torch
 import hybridvit
 if sys.argv[1] == "tuned":
     assert hybridvit.tune_cpu_allocator()
@@ -180,22 +180,27 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):  # warm-up; a 64 MiB activation is above glibc's largest adaptive mmap threshold
     torch.ones(2**24).sum()
-start = faults()
+per_pass = []
 for _ in range(10):
+    start = faults()
     torch.ones(2**24).sum()
-print(faults() - start)
+    per_pass.append(faults() - start)
+print(json.dumps(per_pass))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tuned_allocator_stops_page_faults_on_reused_activations():
-    """By default each large activation is a fresh mmap (16k page faults per 64 MiB); tuned, the heap keeps it."""
-    def run(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
+    """By default each large activation is a fresh mmap (16k page faults per 64 MiB); tuned, the heap keeps it.
 
-    assert run("default") > 10 * 15_000
-    assert run("tuned") < 16_384  # less than one activation's pages over ten passes
+    The median pass: the heap can take a pass or two more than the warm-up to settle (seen: 16k faults in
+    the first two of ten passes, then none)."""
+    def per_pass(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        return statistics.median(json.loads(out.stdout.splitlines()[-1]))
+
+    assert per_pass("default") > 15_000  # about one fault per 4 KiB page of the activation
+    assert per_pass("tuned") < 1_000
 
 
 def _bomb_png(path) -> None:
