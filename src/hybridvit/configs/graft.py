@@ -32,5 +32,5 @@ class GraftConfig:
             raise ValueError(f"deit_layers must be 0 or more; got {self.deit_layers}")
 
 
-register_model(ModelInfo(name="graft_resnet50_deit_s", builder="hybridvit.models.graft:GraftedResNetDeiT", family="graft", config=GraftConfig(),
-                         paper_top1=80.9, paper_gpu_throughput=1048))
+register_model(ModelInfo(name="graft_resnet50_deit_s", builder="hybridvit.models.graft:GraftedResNetDeiT", family="graft",
+                         config=GraftConfig(), paper_top1=80.9, paper_gpu_throughput=1048))

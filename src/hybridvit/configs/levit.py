@@ -109,6 +109,6 @@ _VARIANTS = {
 
 for _name, (_config, _meta) in _VARIANTS.items():
     _ablations = {k: v for k, v in ABLATIONS.items() if _name == "levit_128s" or k not in _WIDTH_ABLATIONS}
-    register_model(ModelInfo(name=_name, builder="hybridvit.models.levit:LeViT", family="levit", config=_config, crop_pct=224 / 256, ablations=_ablations,
-                             **_meta))
+    register_model(ModelInfo(name=_name, builder="hybridvit.models.levit:LeViT", family="levit", config=_config,
+                             crop_pct=224 / 256, ablations=_ablations, **_meta))
 
