@@ -1,4 +1,5 @@
-"""Start-up: ``import hybridvit`` and the command line load neither timm nor torchvision (seconds each),
+"""Start-up: ``import hybridvit``, the command line and listing the models load none of torch, timm and
+torchvision (seconds each),
 the layers defined here so that models need not import timm equal timm's, and the lazy exports."""
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def loaded_after(code: str) -> set[str]:
 def test_import_and_command_line_load_no_heavy_library():
     assert loaded_after("import hybridvit") == set()
     assert loaded_after("import hybridvit.cli") == set()  # --help and option parsing need none of them
+
+
+def test_listing_the_models_loads_no_torch():
+    """``hybridvit models`` and the registry's metadata (input size, family, class path) without torch."""
+    code = ("import io, contextlib\nfrom hybridvit.cli import app\nfrom hybridvit import get_model_info, list_models\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: app(['models'])\n"
+            "    except SystemExit as e: assert e.code == 0, e.code\n"
+            "info = get_model_info('levit_128s')\n"
+            "assert len(list_models()) == 9 and info.family == 'levit' and info.input_size == (3, 224, 224)\n"
+            "assert info.class_path == 'hybridvit.models.levit.LeViT'")
+    assert loaded_after(code) == set()
+    assert loaded_after("from hybridvit import get_model_info\nget_model_info('cvt_13').model_class") == {"torch"}
 
 
 def test_building_a_model_loads_torch_only():

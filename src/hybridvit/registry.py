@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from fnmatch import fnmatch
+import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,10 +38,14 @@ class PretrainedWeights:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Everything hybridvit knows about a registered variant."""
+    """Everything hybridvit knows about a registered variant.
+
+    ``builder`` is the model class, or its ``"module:QualName"`` path, imported on first use: the
+    built-in variants name theirs, so listing them imports no torch (``family`` is then required).
+    """
 
     name: str
-    model_class: type[nn.Module]
+    builder: type[nn.Module] | str
     config: Any  # the family's config dataclass with this variant's values
     pretrained: tuple[PretrainedWeights, ...] = ()  # the first is the default
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -53,10 +59,33 @@ class ModelInfo:
     paper_arm_throughput: float | None = None  # images/s, one Graviton2 thread, from the paper
     # The paper's named ablations of this variant: ``ablation="A3"`` applies those config changes.
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    family: str = ""  # e.g. "levit"; default: the builder class's ``family``
+
+    def __post_init__(self) -> None:
+        if isinstance(self.builder, str):
+            if ":" not in self.builder or not self.family:
+                raise ValueError(f"{self.name}: a builder given by name needs the form 'module:QualName' and a family; "
+                                 f"got {self.builder!r}, family {self.family!r}")
+        elif not self.family:
+            object.__setattr__(self, "family", getattr(self.builder, "family", ""))
 
     @property
-    def family(self) -> str:
-        return self.model_class.family  # type: ignore[attr-defined]
+    def model_class(self) -> type[nn.Module]:
+        """The builder class, imported now if it was registered by name."""
+        if not isinstance(self.builder, str):
+            return self.builder
+        module, _, qualname = self.builder.partition(":")
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        return found
+
+    @property
+    def class_path(self) -> str:
+        """``module.QualName`` of the builder class, without importing it."""
+        if isinstance(self.builder, str):
+            return self.builder.replace(":", ".")
+        return f"{self.builder.__module__}.{self.builder.__qualname__}"
 
     def pretrained_weights(self, tag: str | None = None) -> PretrainedWeights:
         """The published weights named ``tag`` (default: the first); ``ValueError`` if there are none."""
@@ -101,9 +130,9 @@ def register_model(info: ModelInfo) -> ModelInfo:
 
 
 def _registry() -> dict[str, ModelInfo]:
-    """Every registered variant, the built-in families' included: their modules register them on
-    import, and ``import hybridvit`` no longer imports them up front (start-up time)."""
-    from . import models  # noqa: F401
+    """Every registered variant, the built-in families' included (``hybridvit.configs`` registers them
+    when first asked, so ``import hybridvit`` does not pay for it)."""
+    from . import configs  # noqa: F401
 
     return _REGISTRY
 

@@ -36,7 +36,7 @@ def figures_key(name: str) -> dict[str, Any]:
     from ..registry import get_model_info
 
     info = get_model_info(name)
-    return json.loads(json.dumps({"class": f"{info.model_class.__module__}.{info.model_class.__qualname__}",
+    return json.loads(json.dumps({"class": info.class_path,
                                   "config": dataclasses.asdict(info.config)}))
 
 

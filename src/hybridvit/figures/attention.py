@@ -61,7 +61,7 @@ def preprocessing(model: nn.Module, extra: dict[str, Any] | None = None) -> Mode
     model), overridden by a trained model's stored ``extra`` (mean, std, crop_pct; see ``load_trained``)."""
     name = getattr(model, "model_name", None)
     info = get_model_info(name) if name in list_models() else ModelInfo(
-        name=name or type(model).__name__, model_class=type(model), config=getattr(model, "config", None))
+        name=name or type(model).__name__, builder=type(model), config=getattr(model, "config", None))
     stored = {k: tuple(v) if isinstance(v, list) else v for k, v in (extra or {}).items()
               if k in ("mean", "std", "crop_pct") and v is not None}
     return dataclasses.replace(info, **stored)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BIAS_RESAMPLING = ("bilinear", "keep")
+from ..configs.levit import BIAS_RESAMPLING
+
 _IN_GRAPH = False
 _CACHE_SIZE = 8  # key grids remembered per layer (a server sees a handful of input sizes)
 

@@ -1,9 +1,7 @@
-"""Model families. Importing a family module registers its variants."""
+"""Model families: the networks (their variants are registered by ``hybridvit.configs``)."""
 
 from .._lazy import lazy_exports
-from . import levit  # noqa: I001  (registration order: LeViT, then CvT)
-from . import cvt
-from . import graft
+from . import cvt, graft, levit
 from .base import HybridClassifier
 from .cvt import CvT, CvTConfig
 from .features import FeatureExtractor
