@@ -203,6 +203,28 @@ def test_tuned_allocator_stops_page_faults_on_reused_activations():
     assert per_pass("tuned") < 1_000
 
 
+_CTRL_C_AFTER_OPENVINO = """
+import signal, torch, hybridvit
+from hybridvit.runners import OpenVinoRunner
+model = hybridvit.fuse(hybridvit.create_model("levit_128s", img_size=32).eval())
+x = torch.zeros(1, 3, 32, 32)
+first, second = OpenVinoRunner(model, x), OpenVinoRunner(model, x)  # as optimize("auto") measures candidates
+del first, second  # freed in the order they were compiled
+try:
+    signal.raise_signal(signal.SIGINT)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the signal stack OpenVINO replaces on Linux")
+def test_ctrl_c_after_openvino_models_are_freed_is_a_keyboard_interrupt():
+    """Before keep_signal_stack, the second model put back the first one's freed signal stack and this
+    Ctrl-C was a SIGSEGV (seen as the whole test suite dying later, in an unrelated test)."""
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AFTER_OPENVINO], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["KeyboardInterrupt"], (done.returncode, done.stderr[-2000:])
+
+
 def _bomb_png(path) -> None:
     """A PNG whose header claims 100000 x 100000 pixels (Pillow refuses to decode it)."""
     import struct

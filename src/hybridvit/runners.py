@@ -7,10 +7,13 @@ tensor to output logits. Which one is fastest depends on the CPU and the thread 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -64,6 +67,33 @@ class OnnxRuntimeRunner:
         return self.single.run(None, {"images": images})[0]
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Give the calling thread its alternate signal stack back after the block (Linux).
+
+    Compiling an OpenVINO model (2026.4) installs a signal stack of its own on the calling thread and
+    puts back the one it found when the model is freed. Two models freed in the order they were
+    compiled leave a freed stack installed; Python's signal handlers run on that stack
+    (SA_ONSTACK), so the next Ctrl-C killed the process with SIGSEGV, not KeyboardInterrupt. With
+    the stack given back at once, each model later restores the process's own stack.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    known = libc.sigaltstack(None, ctypes.byref(saved)) == 0
+    try:
+        yield
+    finally:
+        if known:
+            libc.sigaltstack(ctypes.byref(saved), None)
+
+
 class OpenVinoRunner:
     """The same ONNX export compiled by OpenVINO's CPU plugin: one stream, latency hint,
     PyTorch's thread count, and fp32 or bf16 arithmetic as asked (no silent down-cast)."""
@@ -74,10 +104,11 @@ class OpenVinoRunner:
         from .export import onnx_bytes
 
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(onnx_bytes(fused, example), b""), "CPU", {
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
-        self.request = compiled.create_infer_request()
+        with keep_signal_stack():
+            compiled = core.compile_model(core.read_model(onnx_bytes(fused, example), b""), "CPU", {
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
+            self.request = compiled.create_infer_request()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.request.infer({0: x.contiguous().numpy()})[0].copy())
