@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
@@ -74,11 +74,7 @@ class ModelInfo:
         """The builder class, imported now if it was registered by name."""
         if not isinstance(self.builder, str):
             return self.builder
-        module, _, qualname = self.builder.partition(":")
-        found: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-        return found
+        return pkgutil.resolve_name(self.builder)
 
     @property
     def class_path(self) -> str:
