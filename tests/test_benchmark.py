@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from hybridvit.bench import Candidate, DeviceOps, Plan, benchmark
 from hybridvit.bench.candidates import _amp, hybridvit_candidates, macs, reference_candidates
 from hybridvit.cli import app
-from hybridvit.machine import bound_share, matmul_rates, torch_threads
+from hybridvit.inference.machine import bound_share, matmul_rates, torch_threads
 
 runner = CliRunner()
 
@@ -109,9 +109,9 @@ def test_benchmark_cli_rejects_a_precision_the_device_cannot_run():
 
 
 def test_benchmark_leaves_out_bf16_where_this_cpu_runs_it_on_a_fallback(monkeypatch):
-    import hybridvit.machine
+    import hybridvit.inference.machine
 
-    monkeypatch.setattr(hybridvit.machine, "matmul_rates", lambda: {"fp32": 90.0, "bf16": 1.3, "int8": 180.0})
+    monkeypatch.setattr(hybridvit.inference.machine, "matmul_rates", lambda: {"fp32": 90.0, "bf16": 1.3, "int8": 180.0})
     result = runner.invoke(app, ["benchmark", "levit_128s", "--precision", "bf16", "--precision", "int8", "--warmup",
                                  "0", "--time", "0.2", "--rounds", "1"])
     assert result.exit_code == 0, result.output
@@ -217,7 +217,7 @@ def test_benchmark_int8_static_rows_run_the_int8_model_of_the_published_weights(
     """``--precision int8-static --pretrained``: the row times the static int8 model calibrated from
     the published weights (here a local file standing in for the official URL)."""
     import hybridvit
-    import hybridvit.quantize
+    import hybridvit.inference.quantize
     from hybridvit.registry import _REGISTRY, get_model_info
 
     weights = randomize_(hybridvit.create_model("levit_128s"), seed=2).state_dict()
@@ -225,7 +225,7 @@ def test_benchmark_int8_static_rows_run_the_int8_model_of_the_published_weights(
     monkeypatch.setitem(_REGISTRY, "levit_128s",
                         with_sources(get_model_info("levit_128s"), (tmp_path / "weights.pth").as_uri()))
     quantized, calls = [], []
-    real = hybridvit.quantize.quantize_static
+    real = hybridvit.inference.quantize.quantize_static
 
     def quantize_static(model, calibration, *args, **kwargs):
         quantized.append((model.state_dict(), list(calibration)))
@@ -233,7 +233,7 @@ def test_benchmark_int8_static_rows_run_the_int8_model_of_the_published_weights(
         assert (int8.precision, int8.backend) == ("int8-static", "onnxruntime")
         return lambda x: calls.append(len(x)) or int8(x)
 
-    monkeypatch.setattr(hybridvit.quantize, "quantize_static", quantize_static)
+    monkeypatch.setattr(hybridvit.inference.quantize, "quantize_static", quantize_static)
     report = _report(["levit_128s", "--precision", "int8-static", "--pretrained"])
     (row,) = report["results"]
     assert (row["name"], row["source"], row["precision"]) == ("levit_128s (int8-static)", "hybridvit", "int8-static")

@@ -21,7 +21,7 @@ from hybridvit.cli import app
 from hybridvit.layers import AttentionBias, capture_attention
 
 runner = CliRunner()
-OPTIMIZE = importlib.import_module("hybridvit.optimize")  # the module (the package exports the function)
+OPTIMIZE = importlib.import_module("hybridvit.inference.optimize")  # the module (the package exports the function)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from hybridvit.checkpoints.hf_folder import foreign_extra
 from hybridvit.checkpoints.io import Checkpoint
 from hybridvit.cli import app, main
 from hybridvit.data import example_image
-from hybridvit.predict import Predictor
+from hybridvit.inference.predict import Predictor
 from hybridvit.publish import push_to_hub, save_for_hub
 from hybridvit.registry import _REGISTRY, PretrainedWeights, get_model_info, list_models, to_hw
 

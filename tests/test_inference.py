@@ -18,13 +18,13 @@ import hybridvit
 from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
 from hybridvit.data import build_datasets, eval_transform, example_image, load_image
-from hybridvit.export import check_onnx, export
+from hybridvit.inference.export import check_onnx, export
 from hybridvit.data import imagenet_labels
-from hybridvit.predict import Predictor
+from hybridvit.inference.predict import Predictor
 from hybridvit.registry import get_model_info
 
 runner = CliRunner()
-opt = importlib.import_module("hybridvit.optimize")  # the module (the package exports the function)
+opt = importlib.import_module("hybridvit.inference.optimize")  # the module (the package exports the function)
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnxruntime", "openvino"])
@@ -205,7 +205,7 @@ def test_tuned_allocator_stops_page_faults_on_reused_activations():
 
 _CTRL_C_AFTER_OPENVINO = """
 import signal, torch, hybridvit
-from hybridvit.runners import OpenVinoRunner
+from hybridvit.inference.runners import OpenVinoRunner
 model = hybridvit.fuse(hybridvit.create_model("levit_128s", img_size=32).eval())
 x = torch.zeros(1, 3, 32, 32)
 first, second = OpenVinoRunner(model, x), OpenVinoRunner(model, x)  # as optimize("auto") measures candidates

@@ -21,10 +21,10 @@ from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
 from hybridvit.data import DataError, build_datasets, eval_transform
 from hybridvit.data.datasets import digits_split
-from hybridvit.export import onnxruntime_session
+from hybridvit.inference.export import onnxruntime_session
 from hybridvit.layers import capture_attention
-from hybridvit.machine import torch_threads
-from hybridvit.quantize import calibration_set, quantize_static
+from hybridvit.inference.machine import torch_threads
+from hybridvit.inference.quantize import calibration_set, quantize_static
 
 runner = CliRunner()
 SIZE = (32, 32)  # the digits run's input size
@@ -86,7 +86,7 @@ class Graph:
 
 
 def assert_float_choices(path: Path, model: torch.nn.Module) -> None:
-    """What the module docstring of ``hybridvit.quantize`` keeps in float, checked on the written graph.
+    """What the module docstring of ``hybridvit.inference.quantize`` keeps in float, checked on the written graph.
 
     In QDQ form an op runs in int8 when DequantizeLinear feeds it and its output is quantized; a
     float op reads float tensors. The residual stream and the projections' outputs (q, k) are
@@ -186,7 +186,7 @@ def test_graph_keeps_the_scores_stem_and_norms_float_and_each_weight_apart(quant
 def test_weights_the_export_shares_are_quantized_apart(tmp_path):
     """An untrained LeViT's residual branches end in zero-initialised BatchNorms: after fusion their
     weights and biases are equal tensors, which the exporter merges into one."""
-    from hybridvit.export import onnx_bytes
+    from hybridvit.inference.export import onnx_bytes
 
     torch.manual_seed(0)
     model = hybridvit.create_model("levit_128s", img_size=SIZE, num_classes=10).eval()
@@ -297,6 +297,6 @@ def test_bad_calibration_data_is_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code != 0 and "no image files in" in str(result.exception)
     with pytest.raises(ValueError, match="no calibration images"):
         quantize_static(model, [])
-    monkeypatch.setattr("hybridvit.quantize.onnxruntime_available", lambda: False)
+    monkeypatch.setattr("hybridvit.inference.quantize.onnxruntime_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install hybridvit\[export\]"):
         quantize_static(model, torch.zeros(1, 3, 32, 32))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import hybridvit
 from hybridvit.cli import app
-from hybridvit.export import check_onnx, export, onnx_bytes
+from hybridvit.inference.export import check_onnx, export, onnx_bytes
 from hybridvit.layers import AttentionBias, bias_for_grid, bias_index
 from hybridvit.models.features import FeatureExtractor
 

@@ -76,8 +76,8 @@ def test_lazy_exports_resolve_as_eager_ones_did():
     assert set(hybridvit.__all__) <= set(dir(hybridvit))
     for name in hybridvit.__all__:
         assert getattr(hybridvit, name).__name__ == name
-    importlib.import_module("hybridvit.optimize")  # the submodule of that name must not replace the function
-    assert inspect.isfunction(hybridvit.optimize)
+    importlib.import_module("hybridvit.inference.optimize")  # the submodule of that name must not replace the function
+    assert inspect.isfunction(hybridvit.optimize) and inspect.isfunction(hybridvit.inference.optimize)
     assert hybridvit.registry.list_models("levit_128s") == ["levit_128s"]  # submodules resolve too
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         hybridvit.nope  # noqa: B018

@@ -31,8 +31,9 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, {
     "HybridClassifier": "models", "count_macs": "flops", "count_params": "flops", "create_model": "api",
     "fuse": "fusion", "get_model_info": "registry", "list_models": "registry", "load_checkpoint": "checkpoints",
-    "load_model": "checkpoints", "optimize": "optimize", "push_to_hub": "publish", "quantize_static": "quantize",
-    "save_for_hub": "publish", "save_model": "checkpoints", "tune_cpu_allocator": "optimize"})
+    "load_model": "checkpoints", "optimize": "inference.optimize", "push_to_hub": "publish",
+    "quantize_static": "inference.quantize", "save_for_hub": "publish", "save_model": "checkpoints",
+    "tune_cpu_allocator": "inference.optimize"})
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import create_model
@@ -40,7 +41,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .flops import count_macs, count_params
     from .fusion import fuse
     from .models import HybridClassifier
-    from .optimize import optimize, tune_cpu_allocator
+    from .inference.optimize import optimize, tune_cpu_allocator
     from .publish import push_to_hub, save_for_hub
-    from .quantize import quantize_static
+    from .inference.quantize import quantize_static
     from .registry import get_model_info, list_models

@@ -28,7 +28,7 @@ from .checkpoints import load_trained
 from .figures import plot_experiment
 from .flops import count_macs, count_params
 from .fusion import fuse
-from .machine import torch_threads
+from .inference.machine import torch_threads
 from .checks import check_range
 from .train import TrainConfig, train
 from .train.config import RANGES

@@ -16,9 +16,9 @@ from torch import nn
 
 from ..api import create_model
 from ..flops import count_macs
-from ..optimize import optimize
+from ..inference.optimize import optimize
 from ..registry import get_model_info, list_models
-from ..runners import OnnxRuntimeRunner, OpenVinoRunner, installed, onnxruntime_available, openvino_available
+from ..inference.runners import OnnxRuntimeRunner, OpenVinoRunner, installed, onnxruntime_available, openvino_available
 from .throughput import Candidate
 
 CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8-static")
@@ -101,7 +101,7 @@ def in_openvino(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build
 def in_onnxruntime(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build:
     """A model's plain ONNX export run by ONNX Runtime with the settings ``optimize`` uses."""
     def build():
-        from ..export import onnx_bytes
+        from ..inference.export import onnx_bytes
 
         return OnnxRuntimeRunner(onnx_bytes(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw)))
     return build
@@ -131,7 +131,7 @@ def hybridvit_candidates(name: str, precision: str, device: str, pretrained: boo
     def ours(p: str, backend: str = "auto"):
         example = torch.zeros(16 if p == "auto" else 1, 3, *hw)
         if p == "int8-static":
-            from ..quantize import quantize_static
+            from ..inference.quantize import quantize_static
 
             return lambda: quantize_static(build(), [torch.randn(8, 3, *hw) for _ in range(4)])
         return lambda: optimize(build(), p, example, backend=backend)

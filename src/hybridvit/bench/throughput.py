@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 
 from ..checks import check_range
-from ..machine import bound_share, matmul_rates, torch_threads
-from ..optimize import tune_cpu_allocator
+from ..inference.machine import bound_share, matmul_rates, torch_threads
+from ..inference.optimize import tune_cpu_allocator
 
 Progress = Callable[[str, int, int], None]  # description, steps done, steps in all
 

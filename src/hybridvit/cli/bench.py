@@ -89,7 +89,7 @@ def benchmark_cmd(
 def _drop_slow_bf16(precisions: list[str], threads: int, quiet: bool) -> list[str]:
     """bf16 rows on a CPU whose bf16 products run at under a quarter of fp32's (a fallback
     path, minutes per row) are left out, with the reason."""
-    from ..machine import matmul_rates, torch_threads
+    from ..inference.machine import matmul_rates, torch_threads
 
     if "bf16" not in precisions:
         return precisions

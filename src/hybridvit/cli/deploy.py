@@ -1,4 +1,4 @@
-"""``predict``, ``export``, ``quantize`` and ``push``: using and shipping a trained model."""
+"""``export``, ``quantize`` and ``push``: shipping a trained model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, output_folder, print_error
+from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, output_folder
 
 
 def _check_output(output: Path | None, checkpoint: str) -> None:
@@ -18,40 +18,6 @@ def _check_output(output: Path | None, checkpoint: str) -> None:
         check_output_folder(output_folder(checkpoint))
     else:
         check_output_file(output)
-
-
-def predict_cmd(
-    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
-    images: list[Path] = typer.Argument(..., help="image files (any size and mode Pillow reads)"),
-    top: int = typer.Option(5, help="how many classes to show"),
-    pretrained: bool = PRETRAINED,
-    pretrained_tag: Optional[str] = PRETRAINED_TAG,
-    json_output: bool = typer.Option(False, "--json", help="print JSON lines"),
-) -> None:
-    """Top-5 classes with probabilities for each image (the model's own preprocessing)."""
-    import json
-
-    from ..checks import check_range
-    from ..predict import Predictor
-
-    check_range("top", top, 1)  # before the model loads (Predictor.predict checks it too)
-    predictor = Predictor(checkpoint, pretrained=pretrained, pretrained_tag=pretrained_tag)
-    failed = 0
-    for path in images:
-        try:
-            (result,) = predictor.predict([path], k=top)
-        except ValueError as e:  # an unreadable image: the others are still predicted (exit code 1)
-            print_error(str(e))
-            failed += 1
-            continue
-        if json_output:
-            print(json.dumps({"image": result.path, "top": [{"class": c, "probability": p} for c, p in result.top]}))
-        else:
-            console.print(f"[bold]{result.path}[/bold]", highlight=False)
-            for name, p in result.top:
-                console.print(f"  {p:7.2%}  {name}", highlight=False)
-    if failed:
-        raise typer.Exit(1)
 
 
 def export_cmd(
@@ -69,7 +35,7 @@ def export_cmd(
     import importlib.util
 
     from ..api import load_source
-    from ..export import FORMATS, check_export, check_onnx, export
+    from ..inference.export import FORMATS, check_export, check_onnx, export
 
     check_export(format, opset, dynamic_size)  # options and output first: loading takes seconds
     _check_output(output, checkpoint)
@@ -106,7 +72,7 @@ def quantize_cmd(
 
     from ..api import load_source
     from ..fusion import fuse
-    from ..quantize import calibration_set, quantize_static
+    from ..inference.quantize import calibration_set, quantize_static
 
     _check_output(output, checkpoint)
     model, extra = load_source(checkpoint, pretrained, pretrained_tag)

@@ -26,7 +26,7 @@ def plot_cmd(
 ) -> None:
     """The papers' figures for any model or checkpoint, and a run's or benchmark's plots."""
     from ..figures import BlockTimings, make_figure
-    from ..optimize import tune_cpu_allocator
+    from ..inference.optimize import tune_cpu_allocator
 
     if kind == "block-timings":
         # glibc's page faults on fresh activations made the stem's time vary 2.2-3.5 ms/image between runs

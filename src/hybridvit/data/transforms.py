@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
 from ..registry import ModelInfo
@@ -16,15 +16,17 @@ from ..registry import ModelInfo
 def eval_transform(info: ModelInfo, input_size: tuple[int, int] | None = None,
                    crop_pct: float | None = None) -> T.Compose:
     """Resize the short side to ``size / crop_pct`` (bicubic), center-crop, normalise."""
+    return T.Compose([*eval_geometry(info, input_size, crop_pct).transforms, T.ToTensor(),
+                      T.Normalize(info.mean, info.std)])
+
+
+def eval_geometry(info: ModelInfo, input_size: tuple[int, int] | None = None,
+                  crop_pct: float | None = None) -> T.Compose:
+    """The resize and center crop of ``eval_transform``: a PIL image in, a PIL image out."""
     h, w = input_size or info.input_size[1:]
     resize = math.floor(min(h, w) / (crop_pct or info.crop_pct))
-    interpolation = T.InterpolationMode(info.interpolation)
-    return T.Compose([
-        T.Resize(resize, interpolation=interpolation),
-        T.CenterCrop((h, w)),
-        T.ToTensor(),
-        T.Normalize(info.mean, info.std),
-    ])
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(info.interpolation)),
+                      T.CenterCrop((h, w))])
 
 
 def train_transform(info: ModelInfo, input_size: tuple[int, int], *, auto_augment: str | None, color_jitter: float,
@@ -37,17 +39,34 @@ def train_transform(info: ModelInfo, input_size: tuple[int, int], *, auto_augmen
                             interpolation=info.interpolation, mean=info.mean, std=info.std)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, exif: bool = False, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open any image Pillow reads as 8-bit RGB (grayscale, palette, CMYK and RGBA are converted).
 
     Pillow's own conversion clips wider pixels to 0-255, which turns a 16-bit image almost white
-    and a float image almost black, so those are scaled to 8 bits first (``_to_8bit``).
+    and a float image almost black, so those are scaled to 8 bits first (``_to_8bit``). An
+    animated image gives its first frame. ``exif``: turn the picture as its EXIF orientation
+    says (as a viewer shows it); training reads pixels as stored, as timm and torchvision do.
+    ``draft`` (width, height): let a JPEG decoder scale down by 1/2, 1/4 or 1/8 in the DCT
+    domain while keeping at least this size (several times faster; not the same pixels).
     """
     try:
         with Image.open(path) as img:
-            return _to_8bit(img, path).convert("RGB")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft if not exif else _stored_size(img, draft))
+            rgb = to_rgb(img, path)
+            return ImageOps.exif_transpose(rgb) if exif else rgb
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def to_rgb(img: Image.Image, path: str | Path = "<image>") -> Image.Image:
+    """8-bit RGB from any mode (``load_image`` without the file)."""
+    return _to_8bit(img, path).convert("RGB")
+
+
+def _stored_size(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` as seen before the EXIF turn: orientations 5-8 swap width and height."""
+    return size[::-1] if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else size
 
 
 def _to_8bit(img: Image.Image, path: str | Path = "<image>") -> Image.Image:

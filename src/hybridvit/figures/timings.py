@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..bench.throughput import machine_info
-from ..machine import torch_threads
+from ..inference.machine import torch_threads
 from .base import describe, first_param, pyplot, save_figure
 
 if TYPE_CHECKING:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_output_file
-from .fusion import fuse
-from .layers import bias_in_graph, reference_attention
+from ..checks import check_output_file
+from ..fusion import fuse
+from ..layers import bias_in_graph, reference_attention
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 # Every family exports and runs in ONNX Runtime from opset 14 (the grafted DeiT's attention needs

@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .checks import check_output_file
-from .data import DataError, eval_transform, load_image
-from .data.datasets import image_files
+from ..checks import check_output_file
+from ..data import DataError, eval_transform, load_image
+from ..data.datasets import image_files
 from .export import onnx_bytes
-from .fusion import fuse
+from ..fusion import fuse
 from .optimize import InferenceModel
-from .registry import get_model_info
+from ..registry import get_model_info
 from .runners import OnnxRuntimeRunner, onnxruntime_available
 
 if TYPE_CHECKING:

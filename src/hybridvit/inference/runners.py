@@ -10,10 +10,11 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -96,7 +97,8 @@ def keep_signal_stack() -> Iterator[None]:
 
 class OpenVinoRunner:
     """The same ONNX export compiled by OpenVINO's CPU plugin: one stream, latency hint,
-    PyTorch's thread count, and fp32 or bf16 arithmetic as asked (no silent down-cast)."""
+    PyTorch's thread count, and fp32 or bf16 arithmetic as asked (no silent down-cast).
+    Each calling thread gets an infer request of its own, so it may be called from several."""
 
     def __init__(self, fused: nn.Module, example: torch.Tensor, precision: str = "fp32") -> None:
         import openvino as ov
@@ -105,13 +107,21 @@ class OpenVinoRunner:
 
         core = ov.Core()
         with keep_signal_stack():
-            compiled = core.compile_model(core.read_model(onnx_bytes(fused, example), b""), "CPU", {
+            self.compiled = core.compile_model(core.read_model(onnx_bytes(fused, example), b""), "CPU", {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
-            self.request = compiled.create_infer_request()
+        self._local = threading.local()
+        self._request()  # the calling thread's, now: a first request costs the first call nothing
+
+    def _request(self) -> Any:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            with keep_signal_stack():
+                request = self._local.request = self.compiled.create_infer_request()
+        return request
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.request.infer({0: x.contiguous().numpy()})[0].copy())
+        return torch.from_numpy(self._request().infer({0: x.contiguous().numpy()})[0].copy())
 
 
 def torchscript_runner(fused: nn.Module, example: torch.Tensor, rewrite: bool) -> Runner:

@@ -14,6 +14,7 @@ then freezing, plus ``optimize_for_inference`` in fp32 for families whose
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import statistics
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .export import onnx_bytes
-from .fusion import fuse
+from ..fusion import fuse
 from .machine import matmul_rates
 from .runners import (OnnxRuntimeRunner, OpenVinoRunner, onnxruntime_available, openvino_available,
                       torchscript_runner)
@@ -135,7 +136,7 @@ def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision:
     dtype = torch.bfloat16 if precision == "bf16" and backend == "torchscript" else torch.float32
     graph_model = fused
     if backend == "torchscript" and precision == "bf16":
-        graph_model = fused.to(dtype)
+        graph_model = copy.deepcopy(fused).to(dtype)  # Module.to is in place: other candidates share ``fused``
     elif precision == "int8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's notice: not the user's to act on

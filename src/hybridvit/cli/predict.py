@@ -1,0 +1,76 @@
+"""``predict``: a model over images, folders, globs, manifests or standard input, into a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, print_error
+
+INPUTS_HELP = ("image files, folders (recursive), glob patterns ('photos/**/*.jpg'), manifests (.txt: a path per "
+               "line; .csv/.tsv/.parquet: a path column) or - for paths on standard input")
+
+
+def predict_cmd(
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    inputs: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    top: int = typer.Option(5, help="how many classes per image"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write rows to FILE.csv, FILE.jsonl or "
+                                          "FILE.parquet as the run goes (default: print them)"),
+    resume: str = typer.Option("no", help="yes (bare --resume): finish the --output file an interrupted run left; "
+                               "auto: finish it if it exists, else start"),
+    embeddings: bool = typer.Option(False, "--embeddings", help="add the pooled features before the classifier "
+                                    "to each row (retrieval, deduplication)"),
+    precision: str = typer.Option("auto", help="auto (the fastest path measured here), fp32, bf16 or int8"),
+    backend: str = typer.Option("auto", help="auto, onnxruntime, openvino or torchscript"),
+    batch_size: int = typer.Option(16, help="images per model call"),
+    decode_workers: Optional[int] = typer.Option(None, help="decoding threads (default: measured with "
+                                                 "--model-threads on the first batches)"),
+    model_threads: Optional[int] = typer.Option(None, help="threads per model call (default: measured)"),
+    exif: bool = typer.Option(True, "--exif/--no-exif", help="turn photos as their EXIF orientation says "
+                              "(--no-exif: pixels as stored, as training reads them)"),
+    fast_decode: bool = typer.Option(False, "--fast-decode", help="JPEG: decode at 1/2-1/8 scale where the "
+                                     "resize shrinks that much anyway (faster; not the same pixels)"),
+    json_output: bool = typer.Option(False, "--json", help="without --output: print JSON lines"),
+    pretrained: bool = PRETRAINED,
+    pretrained_tag: Optional[str] = PRETRAINED_TAG,
+) -> None:
+    """Top classes (and embeddings) for every image; unreadable ones become error rows and the
+    run goes on (exit code 1 when any failed). Killed at any point, --resume finishes the file."""
+    import json
+
+    from ..checks import check_range
+    from ..inference.collection import predict_collection
+    from ..inference.inputs import check_sources
+    from ..inference.outputs import as_dict, check_output
+    from ..inference.pipeline import Prediction
+    from ..inference.predict import Predictor
+
+    check_range("top", top, 1)
+    check_range("batch size", batch_size, 1)
+    check_sources(inputs)
+    if output is None and resume != "no":
+        raise ValueError("--resume finishes an --output file: name it with --output")
+    resuming = output is not None and check_output(output, resume)
+    predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend, batch_size=batch_size,
+                          embeddings=embeddings, exif=exif, fast_decode=fast_decode, decode_workers=decode_workers,
+                          model_threads=model_threads)
+
+    def show(row: Prediction) -> None:
+        if row.error is not None:
+            print_error(row.error if row.path in row.error else f"{row.path}: {row.error}")
+        elif json_output:
+            print(json.dumps(as_dict(row)))
+        else:
+            console.print(f"[bold]{row.path}[/bold]", highlight=False)
+            for name, p in row.top:
+                console.print(f"  {p:7.2%}  {name}", highlight=False)
+
+    summary = predict_collection(predictor, inputs, top, output, resuming, on_row=show if output is None else None)
+    resumed = f" ({summary.resumed:,} from before)" if summary.resumed else ""
+    typer.echo(f"{summary.images:,} image(s){resumed}, {summary.failed:,} failed, {summary.images_per_second:,.1f} "
+               f"images/s; {summary.path_used}, {summary.split}", err=True)
+    if summary.failed:
+        raise typer.Exit(1)
