@@ -125,7 +125,7 @@ def test_predict_uses_imagenet_names_for_1000_classes(tmp_path):
     model = randomize_(hybridvit.create_model("levit_128s")).eval()
     hybridvit.save_model(model, tmp_path / "m")
     example_image(256).save(tmp_path / "x.png")
-    (result,) = Predictor(tmp_path / "m").predict([tmp_path / "x.png"])
+    (result,) = Predictor(tmp_path / "m", "fp32").predict([tmp_path / "x.png"])  # auto may take bf16: other top-5
     names = imagenet_labels(1000)[1]
     assert len(names) == 1000 and names[0].startswith("tench") and names[999].startswith("toilet tissue")
     with torch.no_grad():  # the same image through the eager model, preprocessed by hand
@@ -269,6 +269,19 @@ def test_optimize_auto_keeps_fp32_outputs_and_reports_what_it_measured():
         assert rel_err(fast(x), model(x)) < (1e-4 if fast.precision == "fp32" else 5e-2)
     assert {"fp32/onnxruntime", "fp32/openvino", "fp32/torchscript"} <= set(fast.measured)
     assert fast.measured[f"{fast.precision}/{fast.backend}"] == max(fast.measured.values())
+
+
+def test_a_bf16_candidate_leaves_the_fused_model_the_others_share_in_fp32():
+    """``auto`` builds every candidate from one fused copy: the bf16 TorchScript one must not
+    convert it under the fp32 ones (they failed with a dtype error, or rebuilt in bf16)."""
+    model = randomize_(hybridvit.create_model("levit_128s", img_size=64)).eval()
+    fused = hybridvit.fuse(model)
+    x = torch.randn(2, 3, 64, 64)
+    fp32 = opt._build(model, fused, x, "fp32", "torchscript")
+    opt._build(model, fused, x, "bf16", "torchscript")
+    assert next(fused.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert rel_err(fp32(x), model(x)) < 1e-4
 
 
 def _fake_rates(monkeypatch, fp32, bf16):

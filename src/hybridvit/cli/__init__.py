@@ -39,12 +39,16 @@ for _name, _command in (("models", models.models_cmd), ("info", models.info_cmd)
     app.command(_name)(_command)
 
 
-def _bare_resume_means_yes(argv: list[str]) -> list[str]:
-    """``train --resume`` alone stands for ``--resume yes`` (typer options cannot take an optional value)."""
+# Options that may stand alone for a default value (typer options cannot take an optional value).
+BARE_VALUES = {"--resume": "yes", "--ray": "auto"}
+
+
+def _bare_options_take_their_default(argv: list[str]) -> list[str]:
+    """``--resume`` alone stands for ``--resume yes``, ``--ray`` alone for ``--ray auto``."""
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
-            out[i] = "--resume=yes"
+        if arg in BARE_VALUES and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = f"{arg}={BARE_VALUES[arg]}"
     return out
 
 
@@ -63,7 +67,7 @@ def _given_value(args: list[str], param: object) -> str | None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``) and exit with its code; every
     error of EXIT_CODES (and every usage error) is one ``error: ...`` line, not a traceback."""
-    args = _bare_resume_means_yes(list(sys.argv[1:] if argv is None else argv))
+    args = _bare_options_take_their_default(list(sys.argv[1:] if argv is None else argv))
     try:
         code = app(args=args, prog_name="hybridvit", standalone_mode=False)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()):  # the help is printed already

@@ -34,6 +34,10 @@ def predict_cmd(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="JPEG: decode at 1/2-1/8 scale where the "
                                      "resize shrinks that much anyway (faster; not the same pixels)"),
     json_output: bool = typer.Option(False, "--json", help="without --output: print JSON lines"),
+    ray: Optional[str] = typer.Option(None, help="run on Ray Data at ADDRESS (bare --ray: the running cluster, else "
+                                      "a local one); --output is then a folder of Parquet files, one per block"),
+    actors: Optional[int] = typer.Option(None, help="--ray: model actors (default: half the cluster's CPUs, "
+                                         "over --model-threads each)"),
     pretrained: bool = PRETRAINED,
     pretrained_tag: Optional[str] = PRETRAINED_TAG,
 ) -> None:
@@ -51,6 +55,11 @@ def predict_cmd(
     check_range("top", top, 1)
     check_range("batch size", batch_size, 1)
     check_sources(inputs)
+    check_range("actors", actors, 1)
+    if ray is not None:
+        _on_ray(checkpoint, inputs, top, output, ray, actors, resume, precision, backend, batch_size, embeddings, exif,
+                fast_decode, model_threads, pretrained, pretrained_tag)
+        return
     if output is None and resume != "no":
         raise ValueError("--resume finishes an --output file: name it with --output")
     resuming = output is not None and check_output(output, resume)
@@ -73,4 +82,21 @@ def predict_cmd(
     typer.echo(f"{summary.images:,} image(s){resumed}, {summary.failed:,} failed, {summary.images_per_second:,.1f} "
                f"images/s; {summary.path_used}, {summary.split}", err=True)
     if summary.failed:
+        raise typer.Exit(1)
+
+
+def _on_ray(checkpoint: str, inputs: list[str], top: int, output: Path | None, address: str, actors: int | None,
+            resume: str, precision: str, backend: str, batch_size: int, embeddings: bool, exif: bool,
+            fast_decode: bool, model_threads: int | None, pretrained: bool, pretrained_tag: str | None) -> None:
+    from ..inference.cluster import ModelSpec, predict_on_ray
+
+    if output is None:
+        raise ValueError("--ray writes a folder of Parquet files: name it with --output")
+    if resume != "no":
+        raise ValueError("--resume finishes a local run; a Ray run retries lost work itself")
+    spec = ModelSpec(checkpoint, precision, backend, batch_size, embeddings, exif, fast_decode, model_threads or 1, top,
+                     pretrained, pretrained_tag)
+    rows, failed = predict_on_ray(spec, inputs, output, address, actors)
+    typer.echo(f"{rows:,} image(s), {failed:,} failed, on Ray; Parquet files in {output}", err=True)
+    if failed:
         raise typer.Exit(1)

@@ -21,7 +21,8 @@ from .predict import Predictor
 @dataclass
 class RunSummary:
     """What a run did: rows written (``failed`` of them errors), rows an earlier run had written
-    (``resumed``), wall time, the model path and how the cores were shared."""
+    (``resumed``), wall time less the time spent building models, the model path and how the
+    cores were shared."""
 
     images: int = 0
     failed: int = 0
@@ -57,7 +58,6 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
     from tqdm import tqdm
 
     sources = [str(s) for s in sources]
-    predictor.warm_up()
     writer = PredictionWriter(output, k, predictor.embedding_dim, resume) if output is not None else None
     summary = RunSummary(resumed=sum(writer.done.values()) if writer else 0)
     items: Iterable[str] = iter_inputs(sources, stdin)
@@ -67,7 +67,7 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
                disable=not sys.stderr.isatty() if progress is None else not progress)
     if "-" not in sources and not bar.disable:  # standard input cannot be listed twice: no total, no ETA
         threading.Thread(target=_count_into, args=(bar, sources), daemon=True).start()
-    start = time.perf_counter()
+    start, building = time.perf_counter(), predictor.build_seconds
     try:
         batch: list[Prediction] = []
         for row in predictor.predict_images(items, k):
@@ -88,7 +88,7 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
         raise
     finally:
         bar.close()
-        summary.seconds = time.perf_counter() - start
+        summary.seconds = time.perf_counter() - start - (predictor.build_seconds - building)
         run = predictor.last_run
         if run is not None:
             summary.split, summary.measured = str(run.split), run.measured

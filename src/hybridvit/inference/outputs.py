@@ -5,7 +5,7 @@
   "embedding"}`` or ``{"path", "error"}``. Both are flushed after every batch; a kill can leave
   at most a partial last line, which ``--resume`` cuts off.
 - ``.parquet`` (through pyarrow): ``path``, ``error``, ``classes`` and ``probabilities`` (lists,
-  best first) and ``embedding`` (a fixed-size list of float32). A Parquet file is only readable
+  best first) and ``embedding`` (a fixed-size list of float32; NaNs in error rows). A Parquet file is only readable
   once its footer is written, so the run writes complete part files into ``FILE.parts/``
   (each renamed into place whole) and joins them into ``FILE`` at the end; ``--resume`` reads the
   parts, and a kill after the join leaves a finished file.
@@ -30,7 +30,7 @@ from ..checks import check_output_file
 from .pipeline import Prediction
 
 SUFFIXES = (".csv", ".jsonl", ".parquet")
-ROWS_PER_PART = 4096
+ROWS_PER_PART = 1024  # rows a kill can cost a Parquet run (recomputed on --resume)
 
 
 def as_dict(row: Prediction) -> dict[str, Any]:
@@ -61,6 +61,30 @@ def check_output(path: str | Path, resume: str = "no") -> bool:
     if resume == "yes" and not exists:
         raise FileNotFoundError(f"nothing to resume: {path} does not exist (leave out --resume to start)")
     return resume != "no" and exists
+
+
+def parquet_schema(embedding_dim: int | None) -> Any:
+    """The Parquet columns of a run (``embedding`` only with an embedding size)."""
+    import pyarrow as pa
+
+    fields = [("path", pa.string()), ("error", pa.string()), ("classes", pa.list_(pa.string())),
+              ("probabilities", pa.list_(pa.float32()))]
+    if embedding_dim is not None:
+        fields.append(("embedding", pa.list_(pa.float32(), embedding_dim)))
+    return pa.schema(fields)
+
+
+def parquet_table(rows: Sequence[Prediction], embedding_dim: int | None) -> Any:
+    """``rows`` as a pyarrow table of ``parquet_schema``."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {
+        "path": [r.path for r in rows], "error": [r.error for r in rows],
+        "classes": [[c for c, _ in r.top] for r in rows], "probabilities": [[p for _, p in r.top] for r in rows]}
+    if embedding_dim is not None:  # error rows: NaNs, since pyarrow 25 cannot read back a null fixed-size list
+        nan = [float("nan")] * embedding_dim
+        columns["embedding"] = [nan if r.embedding is None else r.embedding.tolist() for r in rows]
+    return pa.table(columns, schema=parquet_schema(embedding_dim))
 
 
 class PredictionWriter:
@@ -171,13 +195,7 @@ class PredictionWriter:
         self._next_part = len(list(parts.glob("part-*.parquet")))
 
     def _schema(self) -> Any:
-        import pyarrow as pa
-
-        fields = [("path", pa.string()), ("error", pa.string()), ("classes", pa.list_(pa.string())),
-                  ("probabilities", pa.list_(pa.float32()))]
-        if self.embeddings:
-            fields.append(("embedding", pa.list_(pa.float32(), self.embedding_dim)))
-        return pa.schema(fields)
+        return parquet_schema(self.embedding_dim)
 
     def _check_schema(self, schema: Any) -> None:
         if not schema.equals(self._schema()):
@@ -185,17 +203,11 @@ class PredictionWriter:
                              f"the same --embeddings")
 
     def _write_part(self) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows, self._pending = self._pending, []
-        columns: dict[str, Any] = {
-            "path": [r.path for r in rows], "error": [r.error for r in rows],
-            "classes": [[c for c, _ in r.top] for r in rows], "probabilities": [[p for _, p in r.top] for r in rows]}
-        if self.embeddings:
-            columns["embedding"] = [None if r.embedding is None else r.embedding.tolist() for r in rows]
         name = self._parts() / f"part-{self._next_part:08d}.parquet"
-        pq.write_table(pa.table(columns, schema=self._schema()), str(name) + ".tmp")
+        pq.write_table(parquet_table(rows, self.embedding_dim), str(name) + ".tmp")
         os.replace(str(name) + ".tmp", name)  # a part is there whole or not at all
         self._next_part += 1
 

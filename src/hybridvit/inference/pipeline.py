@@ -100,8 +100,8 @@ class Pipeline:
                 ThreadPoolExecutor(split.lanes, thread_name_prefix="model",
                                    initializer=torch.set_num_threads, initargs=(split.model_threads,)) as lanes:
             def decode_then_run(chunk: list[object]) -> Future:
-                decoded, errors = self._decode(chunk)
-                return lanes.submit(self._predict, model, chunk, decoded, errors)
+                decoded, errors = decode_batch(self.decode, chunk)
+                return lanes.submit(predict_batch, model, self.classes, self.k, _names(chunk), decoded, errors)
 
             in_flight: collections.deque[Future] = collections.deque()
             window = split.decode_workers + split.lanes + 1
@@ -116,33 +116,40 @@ class Pipeline:
                 for future in in_flight:
                     future.cancel()
 
-    def _decode(self, chunk: list[object]) -> tuple[np.ndarray | None, dict[int, str]]:
-        arrays, errors = [], {}
-        for i, item in enumerate(chunk):
-            try:
-                arrays.append(self.decode(item))
-            except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row
-                errors[i] = describe_error(e)
-        return (np.stack(arrays) if arrays else None), errors
+def _names(chunk: list[object]) -> list[str]:
+    return [item if isinstance(item, str) else f"<image {n}>" for n, item in enumerate(chunk)]
 
-    def _predict(self, model: Model, chunk: list[object], decoded: np.ndarray | None,
-                 errors: dict[int, str]) -> list[Prediction]:
-        names = [item if isinstance(item, str) else f"<image {n}>" for n, item in enumerate(chunk)]
-        if decoded is None:
-            return [Prediction(name, error=errors[i]) for i, name in enumerate(names)]
-        out = model(torch.from_numpy(decoded)).float()
-        logits, features = out[:, :len(self.classes)], out[:, len(self.classes):]
-        top = logits.softmax(dim=-1).topk(min(self.k, len(self.classes)), dim=-1)
-        values, indices = iter(top.values.tolist()), iter(top.indices.tolist())
-        embeddings = iter(features.numpy()) if features.shape[1] else None
-        rows = []
-        for i, name in enumerate(names):
-            if i in errors:
-                rows.append(Prediction(name, error=errors[i]))
-            else:
-                rows.append(Prediction(name, [(self.classes[c], p) for c, p in zip(next(indices), next(values))],
-                                       None if embeddings is None else next(embeddings)))
-        return rows
+
+def decode_batch(decode: Decode, items: list[object]) -> tuple[np.ndarray | None, dict[int, str]]:
+    """The decoded images of ``items`` stacked (None if none could be read) and, by position,
+    why the others could not."""
+    arrays, errors = [], {}
+    for i, item in enumerate(items):
+        try:
+            arrays.append(decode(item))
+        except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row
+            errors[i] = describe_error(e)
+    return (np.stack(arrays) if arrays else None), errors
+
+
+def predict_batch(model: Model, classes: list[str], k: int, names: list[str], decoded: np.ndarray | None,
+                  errors: dict[int, str]) -> list[Prediction]:
+    """Rows for one batch: ``decoded`` holds the images of ``names`` not in ``errors``, in order."""
+    if decoded is None:
+        return [Prediction(name, error=errors[i]) for i, name in enumerate(names)]
+    out = model(torch.from_numpy(decoded)).float()
+    logits, features = out[:, :len(classes)], out[:, len(classes):]
+    top = logits.softmax(dim=-1).topk(min(k, len(classes)), dim=-1)
+    values, indices = iter(top.values.tolist()), iter(top.indices.tolist())
+    embeddings = iter(features.numpy()) if features.shape[1] else None
+    rows = []
+    for i, name in enumerate(names):
+        if i in errors:
+            rows.append(Prediction(name, error=errors[i]))
+        else:
+            rows.append(Prediction(name, [(classes[c], p) for c, p in zip(next(indices), next(values))],
+                                   None if embeddings is None else next(embeddings)))
+    return rows
 
 
 def default_splits(cores: int, decode_workers: int | None = None, model_threads: int | None = None) -> list[Split]:

@@ -3,6 +3,7 @@ from one image to whole collections (``Predictor.predict_images``; ``hybridvit p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,20 +103,18 @@ class Predictor:
         self.precision, self.backend, self.batch_size = precision, backend, batch_size
         self.splits = default_splits(torch.get_num_threads(), decode_workers, model_threads)
         self._models: dict[int, InferenceModel] = {}
+        self.build_seconds = 0.0  # spent building (and with "auto", measuring) models
         self.last_run: Pipeline | None = None
 
     def model_for(self, threads: int) -> InferenceModel:
         """The optimized model for calls on ``threads`` threads, built on first use."""
         if threads not in self._models:
+            start = time.perf_counter()
             example = torch.zeros(self.batch_size, self._deployed.in_chans, *self.preprocess.size)
             with torch_threads(threads):
                 self._models[threads] = optimize(self._deployed, self.precision, example, self.backend)
+            self.build_seconds += time.perf_counter() - start
         return self._models[threads]
-
-    def warm_up(self) -> None:
-        """Build the model of every candidate split now (seconds each), not inside a timed run."""
-        for split in self.splits:
-            self.model_for(split.model_threads)
 
     @property
     def path_used(self) -> str:
