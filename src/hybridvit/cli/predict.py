@@ -14,7 +14,8 @@ INPUTS_HELP = ("image files, folders (recursive), glob patterns ('photos/**/*.jp
 
 
 def predict_cmd(
-    checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP + ", or an .onnx file in a model or run folder (such as "
+                                     "the static int8 file quantize writes)"),
     inputs: list[str] = typer.Argument(..., help=INPUTS_HELP),
     top: int = typer.Option(5, help="how many classes per image"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write rows to FILE.csv, FILE.jsonl or "

@@ -32,7 +32,7 @@ class Preprocess:
     geometry: object  # eval_geometry(...)
     size: tuple[int, int]
     exif: bool = True
-    draft: int | None = None  # JPEG: decode at 1/2, 1/4 or 1/8 scale while the short side stays >= this
+    draft: int | None = None  # JPEG: decode at 1/2, 1/4 or 1/8 scale while both sides stay >= this
 
     def __call__(self, item: str | Path | Image.Image) -> np.ndarray:
         if isinstance(item, Image.Image):
@@ -69,13 +69,31 @@ class Deployed(nn.Module):
         return torch.cat([logits, self.net.forward_head(features, pre_logits=True)], dim=1)
 
 
+class OnnxFileModel:
+    """An ONNX file ``export`` or ``quantize`` wrote (static int8 included) in ONNX Runtime: it
+    takes normalised float images, so the uint8 pixels are normalised here first."""
+
+    precision, backend = "onnx-file", "onnxruntime"
+
+    def __init__(self, path: Path, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        from .runners import OnnxRuntimeRunner, onnxruntime_available
+
+        if not onnxruntime_available():
+            raise ImportError(f"{path}: running an ONNX file needs onnxruntime: pip install hybridvit[export]")
+        self.runner, self.scale, self.shift = OnnxRuntimeRunner(path.read_bytes()), scale, shift
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.runner((pixels.float() * self.scale - self.shift).contiguous())
+
+
 class Predictor:
-    """Loads a model once (anything ``load_source`` accepts) and predicts images with its own
-    preprocessing on the fastest path here (``precision``/``backend`` as ``optimize`` takes them).
+    """Loads a model once (anything ``load_source`` accepts, or an ``.onnx`` file in a model or run
+    folder, such as the static int8 file ``hybridvit quantize`` writes) and predicts images with
+    its own preprocessing on the fastest path here (``precision``/``backend`` as ``optimize`` takes them).
 
     ``exif``: turn photos as their EXIF orientation says, as a viewer shows them (training reads
-    pixels as stored). ``fast_decode``: let JPEGs decode at a reduced scale in the DCT domain
-    where the resize shrinks them anyway. ``decode_workers``/``model_threads`` fix how the cores
+    pixels as stored). ``fast_decode``: let large JPEGs decode at 1/2-1/8 scale in the DCT domain,
+    keeping twice the resize target; off by default, since it changes answers (docs/benchmarks.md). ``decode_workers``/``model_threads`` fix how the cores
     are shared; by default both ways are timed on the first batches of each run.
     """
 
@@ -84,13 +102,21 @@ class Predictor:
                  embeddings: bool = False, exif: bool = True, fast_decode: bool = False,
                  decode_workers: int | None = None, model_threads: int | None = None) -> None:
         check_range("batch size", batch_size, 1)
+        self.onnx_file = Path(checkpoint) if str(checkpoint).lower().endswith(".onnx") else None
+        if self.onnx_file is not None:  # e.g. MODEL/levit_128s_int8.onnx: the folder holds the preprocessing
+            if embeddings:
+                raise ValueError(f"{checkpoint}: an ONNX file gives logits only; --embeddings needs the model folder")
+            if not self.onnx_file.is_file():
+                raise FileNotFoundError(f"no such ONNX file: {checkpoint}")
+            checkpoint = self.onnx_file.parent
         model, extra = load_source(checkpoint, pretrained, pretrained_tag)
         if model.model_name is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
         info = get_model_info(model.model_name)
         size = model.input_hw  # training builds the model at its training size
         geometry = eval_geometry(info, size, crop_pct=extra.get("crop_pct"))
-        self.preprocess = Preprocess(geometry, size, exif, geometry.transforms[0].size if fast_decode else None)
+        # fast_decode: the decoder keeps at least twice the resize target, so the resize still filters
+        self.preprocess = Preprocess(geometry, size, exif, 2 * geometry.transforms[0].size if fast_decode else None)
         imagenet = imagenet_labels(model.num_classes)
         self.classes: list[str] = (extra.get("class_names") or extra.get("classes")
                                    or (imagenet[1] if imagenet else None) or [str(i) for i in range(model.num_classes)])
@@ -102,17 +128,19 @@ class Predictor:
             self.embedding_dim = probe.shape[1] - model.num_classes
         self.precision, self.backend, self.batch_size = precision, backend, batch_size
         self.splits = default_splits(torch.get_num_threads(), decode_workers, model_threads)
-        self._models: dict[int, InferenceModel] = {}
+        self._models: dict[int, InferenceModel | OnnxFileModel] = {}
         self.build_seconds = 0.0  # spent building (and with "auto", measuring) models
         self.last_run: Pipeline | None = None
 
-    def model_for(self, threads: int) -> InferenceModel:
+    def model_for(self, threads: int) -> InferenceModel | OnnxFileModel:
         """The optimized model for calls on ``threads`` threads, built on first use."""
         if threads not in self._models:
             start = time.perf_counter()
             example = torch.zeros(self.batch_size, self._deployed.in_chans, *self.preprocess.size)
             with torch_threads(threads):
-                self._models[threads] = optimize(self._deployed, self.precision, example, self.backend)
+                self._models[threads] = (
+                    OnnxFileModel(self.onnx_file, self._deployed.scale, self._deployed.shift) if self.onnx_file
+                    else optimize(self._deployed, self.precision, example, self.backend))
             self.build_seconds += time.perf_counter() - start
         return self._models[threads]
 
