@@ -495,12 +495,12 @@ def test_a_model_actor_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, 
 
     from hybridvit.inference.cluster import predict_on_ray
 
-    _digits(tmp_path / "in", 400)
+    _digits(tmp_path / "in", 160)
     local = list(Predictor(digits_run, "fp32", backend="onnxruntime", embeddings=True, model_threads=1)
                  .predict_images(iter_inputs([tmp_path / "in"]), k=3))
     result: dict = {}
     run = threading.Thread(target=lambda: result.update(rows=predict_on_ray(
-        _spec(digits_run, batch_size=2), [str(tmp_path / "in")], tmp_path / "out", actors=1)))
+        _spec(digits_run, batch_size=4), [str(tmp_path / "in")], tmp_path / "out", actors=1)))
     run.start()
     deadline = time.monotonic() + 600  # a guard against a hang, not a delay: the loop waits for the condition
     while run.is_alive() and time.monotonic() < deadline:  # some blocks written: the actor is mid-run
@@ -510,5 +510,5 @@ def test_a_model_actor_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, 
     assert run.is_alive(), "the run ended before its model actor could be killed"
     os.kill(pids[0], signal.SIGKILL)
     run.join()
-    assert result["rows"] == (400, 0)
+    assert result["rows"] == (160, 0)
     _assert_same_as_local(_ray_rows(tmp_path / "out"), local)
