@@ -79,9 +79,10 @@ def predict_cmd(
                 console.print(f"  {p:7.2%}  {name}", highlight=False)
 
     summary = predict_collection(predictor, inputs, top, output, resuming, on_row=show if output is None else None)
-    resumed = f" ({summary.resumed:,} from before)" if summary.resumed else ""
-    typer.echo(f"{summary.images:,} image(s){resumed}, {summary.failed:,} failed, {summary.images_per_second:,.1f} "
-               f"images/s; {summary.path_used}, {summary.split}", err=True)
+    if output is not None:  # the rows went to the file: say what was done (printed rows speak for themselves)
+        resumed = f" ({summary.resumed:,} from before)" if summary.resumed else ""
+        typer.echo(f"{summary.images:,} image(s){resumed}, {summary.failed:,} failed, "
+                   f"{summary.images_per_second:,.1f} images/s; {summary.path_used}, {summary.split}; {output}", err=True)
     if summary.failed:
         raise typer.Exit(1)
 
