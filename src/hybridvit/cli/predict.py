@@ -57,6 +57,8 @@ def predict_cmd(
     check_range("batch size", batch_size, 1)
     check_sources(inputs)
     check_range("actors", actors, 1)
+    check_range("decode_workers", decode_workers, 1)
+    check_range("model_threads", model_threads, 1)
     if ray is not None:
         _on_ray(checkpoint, inputs, top, output, ray, actors, resume, precision, backend, batch_size, embeddings, exif,
                 fast_decode, model_threads, pretrained, pretrained_tag)
