@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ def main() -> None:
     import hybridvit
     from hybridvit.api import load_source
     from hybridvit.bench.photos import make_photos
+    from hybridvit.bench.throughput import machine_info
     from hybridvit.data import eval_transform, load_image
     from hybridvit.inference.collection import predict_collection
     from hybridvit.inference.machine import matmul_rates, torch_threads
@@ -102,28 +102,17 @@ def main() -> None:
         for name, run in runs.items():
             rates[name] = max(rates[name], len(paths) / _seconds(run))
     result = {
-        "machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "cores": cores,
-        "torch": torch.__version__, "images": len(paths), "model": args.model,
+        **machine_info(torch.device("cpu"), cores), "images": len(paths), "model": args.model,
         "decode_ms": decode_s * 1e3, "model_ms_1thread": model_s * 1e3, "fp32_gflops_1thread": rate_1t,
         "ideal_images_per_s": ideal, "images_per_s": rates, "split": predictor.last_run and str(predictor.last_run.split),
         "measured_splits": predictor.last_run and predictor.last_run.measured, "path": predictor.path_used,
-        "timm_style_path": f"{timm_model.precision}/{timm_model.backend}", "date": time.strftime("%Y-%m-%d")}
+        "timm_style_path": f"{timm_model.precision}/{timm_model.backend}"}
     result["share_of_ideal"] = rates["hybridvit predict"] / ideal
     result["vs_timm_style"] = rates["hybridvit predict"] / rates["timm-style"]
     if "today" in rates:
         result["vs_today"] = rates["hybridvit predict"] / rates["today"]
     print(json.dumps(result, indent=2))
     (args.output / "result.json").write_text(json.dumps(result, indent=2))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

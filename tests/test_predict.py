@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -172,9 +173,12 @@ def test_resume_cuts_the_line_a_kill_interrupted(tmp_path, suffix):
 # -- pipeline --------------------------------------------------------------------------------------
 
 
-def _fake(classes: int = 4):
+def _fake(classes: int = 4, batch_size: int = 3, reorder: bool = True):
     """A decoder that encodes each item's number in its pixels, and a model whose answer is that
-    number (mod ``classes``); odd-numbered batches run slower, so later batches can finish first."""
+    number (mod ``classes``). With ``reorder``, the first batch finishes only after the second
+    has: rows must still come out in input order."""
+    second_done = threading.Event()
+
     def decode(item: str) -> np.ndarray:
         if item.startswith("bad"):
             raise ValueError(f"cannot read image {item}: corrupt")
@@ -182,9 +186,12 @@ def _fake(classes: int = 4):
 
     def model(x: torch.Tensor) -> torch.Tensor:
         numbers = x[:, 0, 0, 0].long()
-        if int(numbers[0]) % 2:
-            time.sleep(0.02)  # reorders the finishing batches; nothing waits on it
-        return torch.nn.functional.one_hot(numbers % classes, classes).float() * 10
+        if reorder and int(numbers[0]) == 0:
+            second_done.wait(timeout=60)  # a guard, not a delay: the second batch sets it
+        out = torch.nn.functional.one_hot(numbers % classes, classes).float() * 10
+        if int(numbers[0]) == batch_size:
+            second_done.set()
+        return out
 
     return decode, model
 
@@ -201,19 +208,34 @@ def test_rows_come_out_in_input_order_with_errors_in_place():
     assert all(len(r.top) == 2 and r.top[0][1] > 0.99 for r in rows if r.error is None)
 
 
-def test_the_core_split_is_chosen_by_measurement():
-    decode, model = _fake()
+def test_the_core_split_is_chosen_by_measurement(monkeypatch):
+    """The probe's timings decide; a virtual clock, which only the slow model moves, makes them exact."""
+    import types
+
+    import hybridvit.inference.pipeline as pipeline_module
+
+    decode, model = _fake(reorder=False)
+    now = [0.0]
+    clock_lock = threading.Lock()
+    monkeypatch.setattr(pipeline_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def slow(x):
-        time.sleep(0.05)
+        with clock_lock:
+            now[0] += 1.0  # one virtual second per call
         return model(x)
 
+    def fast(x):
+        with clock_lock:
+            now[0] += 0.001
+        return model(x)
+
+    splits = [Split(2, 2, 1), Split(2, 1, 2)]
     for slow_threads, expected in ((1, Split(2, 1, 2)), (2, Split(2, 2, 1))):
-        pipeline = Pipeline(decode, lambda t, s=slow_threads: slow if t == s else model, list("abcd"), 1, 2,
-                            [Split(2, 2, 1), Split(2, 1, 2)], probe_batches=2)
+        pipeline = Pipeline(decode, lambda t, s=slow_threads: slow if t == s else fast, list("abcd"), 1, 3, splits,
+                            probe_batches=2)
         rows = list(pipeline.run(str(i) for i in range(40)))
         assert [r.path for r in rows] == [str(i) for i in range(40)]  # the probe's rows are kept, once
-        assert pipeline.split == expected and set(pipeline.measured) == {str(Split(2, 2, 1)), str(Split(2, 1, 2))}
+        assert pipeline.split == expected and set(pipeline.measured) == {str(s) for s in splits}
 
 
 # -- predictions -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import PATH_COLUMNS, iter_inputs
+from .inputs import iter_inputs, path_column, relative_to
 from .outputs import parquet_table
 from .pipeline import Prediction, decode_batch, predict_batch
 
@@ -91,10 +91,8 @@ def _listing(sources: list[str]) -> Any:
     if len(sources) == 1 and sources[0].lower().endswith((".csv", ".parquet")) and os.path.isfile(sources[0]):
         manifest = sources[0]
         ds = ray.data.read_parquet(manifest) if manifest.lower().endswith(".parquet") else ray.data.read_csv(manifest)
-        column = next((c for c in PATH_COLUMNS if c in ds.columns()), None) or ds.columns()[0]
-        folder = os.path.dirname(manifest)
-        return ds.map_batches(lambda b: {"path": np.array([p if os.path.isabs(p) else os.path.join(folder, p)
-                                                             for p in b[column]], dtype=object)},
+        column, folder = path_column(ds.columns(), manifest), os.path.dirname(manifest)
+        return ds.map_batches(lambda b: {"path": np.array([relative_to(folder, p) for p in b[column]], dtype=object)},
                               batch_format="numpy")
     return ray.data.from_items([{"path": p} for p in iter_inputs(sources)])
 

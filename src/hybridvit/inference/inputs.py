@@ -61,7 +61,8 @@ def _walk(folder: str, extensions: set[str]) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def _relative_to(folder: str | None, path: str) -> str:
+def relative_to(folder: str | None, path: str) -> str:
+    """A manifest's ``path`` read from ``folder`` (absolute paths and standard input as they are)."""
     return path if folder is None or os.path.isabs(path) else os.path.join(folder, path)
 
 
@@ -69,10 +70,11 @@ def _lines(f: TextIO, folder: str | None) -> Iterator[str]:
     for line in f:
         path = line.rstrip("\r\n")
         if path.strip() and not path.lstrip().startswith("#"):
-            yield _relative_to(folder, path)
+            yield relative_to(folder, path)
 
 
-def _path_column(columns: list[str], manifest: str) -> str:
+def path_column(columns: list[str], manifest: str) -> str:
+    """The manifest column that holds the image paths; ``ValueError`` naming the columns if none."""
     for name in PATH_COLUMNS:
         if name in columns:
             return name
@@ -88,21 +90,21 @@ def _table(manifest: str) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         table = pq.ParquetFile(manifest)
-        column = _path_column(table.schema_arrow.names, manifest)
+        column = path_column(table.schema_arrow.names, manifest)
         for batch in table.iter_batches(columns=[column], batch_size=65536):
             for path in batch.column(0).to_pylist():
                 if path:
-                    yield _relative_to(folder, path)
+                    yield relative_to(folder, path)
         return
     with open(manifest, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t" if manifest.lower().endswith(".tsv") else ",")
         header = next(reader, None)
         if header is None:
             return
-        index = header.index(_path_column(header, manifest))
+        index = header.index(path_column(header, manifest))
         for row in reader:
             if len(row) > index and row[index]:
-                yield _relative_to(folder, row[index])
+                yield relative_to(folder, row[index])
 
 
 def check_sources(sources: Iterable[str | Path]) -> None:

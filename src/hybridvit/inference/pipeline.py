@@ -3,10 +3,9 @@
 Decoding (Pillow's JPEG decoder and resize release the GIL) runs in ``decode_workers`` threads,
 each turning a batch of paths into one uint8 array; up to ``lanes`` batches run through the
 model at once, each call on ``model_threads`` threads. With as many lanes as cores and one
-thread each, every core alternates between decoding a batch and running one, which comes
-closest to the machine's ideal of ``cores / (decode time + model time)`` per image; one lane on
-every core is the other choice, and ``measure_split`` picks between them on the run's own first
-images. Rows come out in input order; a bounded number of batches is in flight, so memory does
+thread each, every core alternates between decoding a batch and running one, aiming at the
+machine's ideal of ``cores / (decode time + model time)`` per image; one lane on every core is
+the other choice, and ``Pipeline`` times both on the run's own first batches. Rows come out in input order; a bounded number of batches is in flight, so memory does
 not grow with the collection.
 """
 
@@ -115,6 +114,7 @@ class Pipeline:
             finally:
                 for future in in_flight:
                     future.cancel()
+
 
 def _names(chunk: list[object]) -> list[str]:
     return [item if isinstance(item, str) else f"<image {n}>" for n, item in enumerate(chunk)]

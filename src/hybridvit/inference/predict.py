@@ -93,8 +93,9 @@ class Predictor:
 
     ``exif``: turn photos as their EXIF orientation says, as a viewer shows them (training reads
     pixels as stored). ``fast_decode``: let large JPEGs decode at 1/2-1/8 scale in the DCT domain,
-    keeping twice the resize target; off by default, since it changes answers (docs/benchmarks.md). ``decode_workers``/``model_threads`` fix how the cores
-    are shared; by default both ways are timed on the first batches of each run.
+    keeping twice the resize target; off by default, since it changes answers (docs/benchmarks.md).
+    ``decode_workers``/``model_threads`` fix how the cores are shared; by default both ways are
+    timed on the first batches of each run.
     """
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", pretrained: bool = False,
