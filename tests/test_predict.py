@@ -200,12 +200,30 @@ def test_rows_come_out_in_input_order_with_errors_in_place():
     decode, model = _fake()
     items = [str(i) for i in range(50)]
     items[7] = "bad7"
-    pipeline = Pipeline(decode, lambda threads: model, ["a", "b", "c", "d"], 2, 3, [Split(3, 3, 1)])
+    pipeline = Pipeline(decode, lambda threads, lane: model, ["a", "b", "c", "d"], 2, 3, [Split(3, 3, 1)])
     rows = list(pipeline.run(items))
     assert [r.path for r in rows] == items
     assert rows[7].error == "cannot read image bad7: corrupt" and rows[7].top == []
     assert all(r.top[0][0] == "abcd"[int(r.path) % 4] for r in rows if r.error is None)
     assert all(len(r.top) == 2 and r.top[0][1] > 0.99 for r in rows if r.error is None)
+
+
+def test_each_lane_runs_a_model_of_its_own():
+    """One compiled OpenVINO model runs one call at a time: lanes sharing it would not overlap."""
+    decode, model = _fake(reorder=False)
+    callers: dict[int, set[str]] = {0: set(), 1: set(), 2: set()}
+
+    def model_for(threads: int, lane: int):
+        def run(x):
+            callers[lane].add(threading.current_thread().name)
+            return model(x)
+        return run
+
+    rows = list(Pipeline(decode, model_for, list("abcd"), 1, 2, [Split(3, 3, 1)]).run(str(i) for i in range(60)))
+    assert len(rows) == 60 and all(r.error is None for r in rows)
+    used = [names for names in callers.values() if names]
+    assert all(len(names) == 1 for names in used)  # a model is only ever called by its own lane
+    assert len(set().union(*used)) == len(used) >= 2
 
 
 def test_the_core_split_is_chosen_by_measurement(monkeypatch):
@@ -219,23 +237,28 @@ def test_the_core_split_is_chosen_by_measurement(monkeypatch):
     clock_lock = threading.Lock()
     monkeypatch.setattr(pipeline_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
-    def slow(x):
-        with clock_lock:
-            now[0] += 1.0  # one virtual second per call
-        return model(x)
+    ran: dict[str, list[int]] = {"slow": [], "fast": []}
 
-    def fast(x):
-        with clock_lock:
-            now[0] += 0.001
-        return model(x)
+    def timed(name, cost):
+        def run(x):
+            with clock_lock:
+                now[0] += cost  # virtual seconds per call
+                ran[name].extend(x.flatten(1)[:, 0].tolist())
+            return model(x)
+        return run
 
+    slow, fast = timed("slow", 1.0), timed("fast", 0.001)
     splits = [Split(2, 2, 1), Split(2, 1, 2)]
     for slow_threads, expected in ((1, Split(2, 1, 2)), (2, Split(2, 2, 1))):
-        pipeline = Pipeline(decode, lambda t, s=slow_threads: slow if t == s else fast, list("abcd"), 1, 3, splits,
+        ran["slow"].clear(), ran["fast"].clear()
+        pipeline = Pipeline(decode, lambda t, lane, s=slow_threads: slow if t == s else fast, list("abcd"), 1, 3, splits,
                             probe_batches=2)
-        rows = list(pipeline.run(str(i) for i in range(40)))
-        assert [r.path for r in rows] == [str(i) for i in range(40)]  # the probe's rows are kept, once
+        rows = list(pipeline.run(str(i) for i in range(60)))
+        assert [r.path for r in rows] == [str(i) for i in range(60)]  # the probe's rows are kept, once
         assert pipeline.split == expected and set(pipeline.measured) == {str(s) for s in splits}
+        assert pipeline.measured[str(expected)] > 100 * min(pipeline.measured.values())
+        assert set(range(45, 60)) <= set(ran["fast"])  # the run's end went to the faster split
+        assert set(ran["slow"]) & set(range(6, 18))  # a timed probe segment ran on the slow one
 
 
 # -- predictions -----------------------------------------------------------------------------------

@@ -5,16 +5,20 @@ each turning a batch of paths into one uint8 array; up to ``lanes`` batches run 
 model at once, each call on ``model_threads`` threads. With as many lanes as cores and one
 thread each, every core alternates between decoding a batch and running one, aiming at the
 machine's ideal of ``cores / (decode time + model time)`` per image; one lane on every core is
-the other choice, and ``Pipeline`` times both on the run's own first batches. Rows come out in input order; a bounded number of batches is in flight, so memory does
-not grow with the collection.
+the other choice, and ``Pipeline`` times both on the run's own first batches. Rows come out
+in input order; a bounded number of batches is in flight, so memory does not grow with the
+collection.
 """
 
 from __future__ import annotations
 
 import collections
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -55,16 +59,17 @@ def describe_error(e: BaseException) -> str:
 
 class Pipeline:
     """Runs the model over decoded batches; ``classes`` names its first ``len(classes)`` outputs,
-    and the rest of each output row (if any) is the image's embedding.
+    and the rest of each output row (if any) is the image's embedding. ``model_for(threads,
+    lane)`` gives each lane its model.
 
-    Given several candidate ``splits``, the first ``probe_batches`` batches of each run are
-    shared out among them in turn, each timed; the rest of the run takes the fastest, kept in
-    ``split`` (``measured``: images/s per candidate). Probe rows are real rows: nothing is
-    predicted twice.
+    Given several candidate ``splits``, the run's first batches are shared out among them
+    (``_Probe``) without pausing the decoding, each candidate timed on ``probe_batches`` batches;
+    the rest of the run takes the fastest, kept in ``split`` (``measured``: images/s per
+    candidate). Probe rows are real rows: nothing is predicted twice.
     """
 
-    def __init__(self, decode: Decode, model_for: Callable[[int], Model], classes: list[str], k: int,
-                 batch_size: int, splits: list[Split], probe_batches: int = 4) -> None:
+    def __init__(self, decode: Decode, model_for: Callable[[int, int], Model], classes: list[str], k: int,
+                 batch_size: int, splits: list[Split], probe_batches: int = 8) -> None:
         self.decode, self.model_for, self.classes, self.k = decode, model_for, classes, k
         self.batch_size, self.splits, self.probe_batches = batch_size, splits, probe_batches
         self.split = splits[0]
@@ -72,41 +77,44 @@ class Pipeline:
 
     def run(self, items: Iterable[object]) -> Iterator[Prediction]:
         """Predictions for ``items`` (paths or PIL images), in their order, as they are ready."""
-        chunks = _chunks(items, self.batch_size)
-        if len(self.splits) > 1:
-            timings = []
-            for split in self.splits:
-                segment = list(islice(chunks, self.probe_batches * split.lanes))
-                if not segment:
-                    break
-                self._warm(split)
-                start = time.perf_counter()
-                yield from self._run(iter(segment), split)
-                images = sum(len(c) for c in segment)
-                timings.append((images / (time.perf_counter() - start), split))
-                self.measured[str(split)] = timings[-1][0]
-            self.split = max(timings)[1] if len(timings) == len(self.splits) else self.split
-        yield from self._run(chunks, self.split)
+        # a model per lane (a runtime may run one call at a time per model), built before any timing
+        models = {split: [self.model_for(split.model_threads, lane) for lane in range(split.lanes)]
+                  for split in self.splits}
+        probe = _Probe(self.splits, self.probe_batches, self._decide) if len(self.splits) > 1 else None
+        if probe is not None:
+            for lane_models in models.values():
+                for model in lane_models:
+                    self._warm(model)
+        lane = threading.local()
 
-    def _warm(self, split: Split) -> None:
-        """One call before timing: a runtime's first run pays for allocations and kernel picks."""
-        h, w = getattr(self.decode, "size", (224, 224))
-        self.model_for(split.model_threads)(torch.zeros(1, 3, h, w, dtype=torch.uint8))
+        def start_lane(free: queue.SimpleQueue, threads: int) -> None:
+            torch.set_num_threads(threads)
+            lane.model = free.get()
 
-    def _run(self, chunks: Iterator[list[object]], split: Split) -> Iterator[Prediction]:
-        model = self.model_for(split.model_threads)
-        with ThreadPoolExecutor(split.decode_workers, thread_name_prefix="decode") as decoders, \
-                ThreadPoolExecutor(split.lanes, thread_name_prefix="model",
-                                   initializer=torch.set_num_threads, initargs=(split.model_threads,)) as lanes:
-            def decode_then_run(chunk: list[object]) -> Future:
+        def run_batch(*args: object) -> list[Prediction]:
+            return predict_batch(lane.model, *args)
+
+        decode_workers = max(s.decode_workers for s in self.splits)
+        window = decode_workers + max(s.lanes for s in self.splits) + 1
+        with ExitStack() as stack:
+            lanes = {split: stack.enter_context(ThreadPoolExecutor(
+                split.lanes, thread_name_prefix="model", initializer=start_lane,
+                initargs=(_queue_of(models[split]), split.model_threads))) for split in self.splits}
+            # entered last, so shut down first: a batch still decoding can hand over to its lane
+            decoders = stack.enter_context(ThreadPoolExecutor(decode_workers, thread_name_prefix="decode"))
+
+            def decode_then_run(index: int, chunk: list[object]) -> Future:
                 decoded, errors = decode_batch(self.decode, chunk)
-                return lanes.submit(predict_batch, model, self.classes, self.k, _names(chunk), decoded, errors)
+                split = probe.split_for(index) if probe is not None else self.split
+                args = (self.classes, self.k, _names(chunk), decoded, errors)
+                if probe is None or not probe.covers(index):
+                    return lanes[split].submit(run_batch, *args)
+                return lanes[split].submit(probe.record, index, len(chunk), run_batch, *args)
 
             in_flight: collections.deque[Future] = collections.deque()
-            window = split.decode_workers + split.lanes + 1
             try:
-                for chunk in chunks:
-                    in_flight.append(decoders.submit(decode_then_run, chunk))
+                for index, chunk in enumerate(_chunks(items, self.batch_size)):
+                    in_flight.append(decoders.submit(decode_then_run, index, chunk))
                     if len(in_flight) >= window:
                         yield from in_flight.popleft().result().result()
                 while in_flight:
@@ -114,6 +122,96 @@ class Pipeline:
             finally:
                 for future in in_flight:
                     future.cancel()
+                if probe is not None:
+                    probe.abandon()  # decoding threads waiting on a segment that will not finish go on
+
+    def _decide(self, rates: dict[Split, float]) -> None:
+        self.measured = {str(split): rate for split, rate in rates.items()}
+        self.split = max(rates, key=rates.get)
+
+    def _warm(self, model: Model) -> None:
+        """One call before timing: a runtime's first run pays for allocations and kernel picks."""
+        h, w = getattr(self.decode, "size", (224, 224))
+        model(torch.zeros(1, 3, h, w, dtype=torch.uint8))
+
+
+class _Probe:
+    """Which candidate split runs each of a run's first batches, and their timings.
+
+    The batches go in segments: one batch per lane on each candidate (untimed: each lane's
+    first call pays for its runtime's set-up), then ``batches`` on each candidate, ending with
+    ``splits[0]``. A segment's batches reach the model only once the previous segment's have
+    finished, so no two candidates share the cores, while decoding goes on ahead; a timed
+    segment runs from the end of the one before to the end of its own last batch. Once the last
+    segment ends, ``decide`` gets images/s per candidate and later batches go to the split it
+    picks (until then, to ``splits[0]``, the last segment's).
+    """
+
+    def __init__(self, splits: list[Split], batches: int, decide: Callable[[dict[Split, float]], None]) -> None:
+        plan = [(split, split.lanes, False) for split in splits]
+        plan += [(split, batches, True) for split in splits[:0:-1] + splits[:1]]
+        starts = [sum(size for _, size, _ in plan[:i]) for i in range(len(plan) + 1)]
+        self.segments = [(split, starts[i], starts[i + 1]) for i, (split, _, _) in enumerate(plan)]
+        self.is_timed = [is_timed for _, _, is_timed in plan]
+        self.decide, self.chosen = decide, splits[0]
+        self.finished = [threading.Event() for _ in self.segments]
+        self.left = [end - start for _, start, end in self.segments]
+        self.images = [0] * len(self.segments)
+        self.ended: list[float] = [0.0] * len(self.segments)
+        self.lock = threading.Lock()
+
+    def _segment(self, index: int) -> int | None:
+        return next((i for i, (_, start, end) in enumerate(self.segments) if start <= index < end), None)
+
+    def covers(self, index: int) -> bool:
+        return self._segment(index) is not None
+
+    def split_for(self, index: int) -> Split:
+        """The split for batch ``index``; in a segment after the first, once the previous has ended."""
+        segment = self._segment(index)
+        if segment is None:
+            return self.chosen
+        if segment > 0:
+            self.finished[segment - 1].wait()
+        return self.segments[segment][0]
+
+    def record(self, index: int, images: int, run: Callable[..., list[Prediction]], *args: object) -> list[Prediction]:
+        segment = self._segment(index)
+        try:
+            return run(*args)
+        finally:
+            with self.lock:
+                self.images[segment] += images
+                self.left[segment] -= 1
+                if self.left[segment] == 0:
+                    self.ended[segment] = time.perf_counter()
+                    self.finished[segment].set()
+                    if segment == len(self.segments) - 1:
+                        self._decide()
+
+    def _decide(self) -> None:
+        images: dict[Split, float] = collections.defaultdict(float)
+        seconds: dict[Split, float] = collections.defaultdict(float)
+        for i in range(1, len(self.segments)):
+            if not self.is_timed[i]:
+                continue
+            split = self.segments[i][0]
+            images[split] += self.images[i]
+            seconds[split] += self.ended[i] - self.ended[i - 1]
+        rates = {split: images[split] / max(seconds[split], 1e-9) for split in images}
+        self.chosen = max(rates, key=rates.get)
+        self.decide(rates)
+
+    def abandon(self) -> None:
+        for event in self.finished:
+            event.set()
+
+
+def _queue_of(items: list[object]) -> queue.SimpleQueue:
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        free.put(item)
+    return free
 
 
 def _names(chunk: list[object]) -> list[str]:

@@ -95,7 +95,7 @@ class Predictor:
     pixels as stored). ``fast_decode``: let large JPEGs decode at 1/2-1/8 scale in the DCT domain,
     keeping twice the resize target; off by default, since it changes answers (docs/benchmarks.md).
     ``decode_workers``/``model_threads`` fix how the cores are shared; by default both ways are
-    timed on the first batches of each run.
+    timed on the first batches of the first run long enough to tell, and later runs keep the faster.
     """
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", pretrained: bool = False,
@@ -129,27 +129,34 @@ class Predictor:
             self.embedding_dim = probe.shape[1] - model.num_classes
         self.precision, self.backend, self.batch_size = precision, backend, batch_size
         self.splits = default_splits(torch.get_num_threads(), decode_workers, model_threads)
-        self._models: dict[int, InferenceModel | OnnxFileModel] = {}
+        self._models: dict[tuple[int, int], InferenceModel | OnnxFileModel] = {}  # (threads, lane)
         self.build_seconds = 0.0  # spent building (and with "auto", measuring) models
         self.last_run: Pipeline | None = None
 
-    def model_for(self, threads: int) -> InferenceModel | OnnxFileModel:
-        """The optimized model for calls on ``threads`` threads, built on first use."""
-        if threads not in self._models:
+    def model_for(self, threads: int, lane: int = 0) -> InferenceModel | OnnxFileModel:
+        """The optimized model for calls on ``threads`` threads, built on first use. Lanes after
+        the first get their own copy of an OpenVINO model, on the path the first one took: one
+        compiled model runs one call at a time (its one stream), so lanes sharing one did not
+        overlap (656 against 1,112 images/s for two one-thread lanes, docs/benchmarks.md)."""
+        if lane > 0 and self.model_for(threads).backend != "openvino":
+            return self.model_for(threads)  # ONNX Runtime sessions and TorchScript graphs run calls at once
+        if (threads, lane) not in self._models:
             start = time.perf_counter()
             example = torch.zeros(self.batch_size, self._deployed.in_chans, *self.preprocess.size)
+            first = self._models.get((threads, 0))
             with torch_threads(threads):
-                self._models[threads] = (
+                self._models[threads, lane] = (
                     OnnxFileModel(self.onnx_file, self._deployed.scale, self._deployed.shift) if self.onnx_file
-                    else optimize(self._deployed, self.precision, example, self.backend))
+                    else optimize(self._deployed, first.precision if first else self.precision, example,
+                                  first.backend if first else self.backend))
             self.build_seconds += time.perf_counter() - start
-        return self._models[threads]
+        return self._models[threads, lane]
 
     @property
     def path_used(self) -> str:
         """``precision/backend`` of the model the last run used ('' before one is built)."""
         split = self.last_run.split if self.last_run else self.splits[0]
-        model = self._models.get(split.model_threads)
+        model = self._models.get((split.model_threads, 0))
         return f"{model.precision}/{model.backend}" if model is not None else ""
 
     def predict_images(self, images: Iterable[str | Path | Image.Image], k: int = 5) -> Iterator[Prediction]:
@@ -160,6 +167,8 @@ class Predictor:
         self.last_run = pipeline
         with torch_threads(None):  # model lanes set their own thread count: give the caller's back
             yield from pipeline.run(str(i) if isinstance(i, Path) else i for i in images)
+        if pipeline.measured:  # measured once: later runs of this predictor take that split at once
+            self.splits = [pipeline.split]
 
     def predict(self, paths: list[str | Path], k: int = 5) -> list[Prediction]:
         """Rows for a few images; raises ``ValueError`` naming the file for anything Pillow cannot read."""

@@ -98,7 +98,9 @@ def keep_signal_stack() -> Iterator[None]:
 class OpenVinoRunner:
     """The same ONNX export compiled by OpenVINO's CPU plugin: one stream, latency hint,
     PyTorch's thread count, and fp32 or bf16 arithmetic as asked (no silent down-cast).
-    Each calling thread gets an infer request of its own, so it may be called from several."""
+    Each calling thread gets an infer request of its own, so it may be called from several.
+    Threads are not pinned: pinned, every one-thread model took the same core, and two of them
+    in lanes beside decoding threads ran no faster than one (docs/benchmarks.md)."""
 
     def __init__(self, fused: nn.Module, example: torch.Tensor, precision: str = "fp32") -> None:
         import openvino as ov
@@ -109,6 +111,7 @@ class OpenVinoRunner:
         with keep_signal_stack():
             self.compiled = core.compile_model(core.read_model(onnx_bytes(fused, example), b""), "CPU", {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                "ENABLE_CPU_PINNING": False,
                 "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
         self._local = threading.local()
         self._request()  # the calling thread's, now: a first request costs the first call nothing
