@@ -15,6 +15,7 @@ this run. Each pipeline runs ``--rounds`` times, interleaved; the best round cou
 kept (``predict``'s first round measures the core split; later rounds reuse it).
 
     python scripts/benchmark_predict.py --images 2000 --output runs/predict_bench
+    taskset -c 0 python scripts/benchmark_predict.py --skip-today   # one core
 """
 
 from __future__ import annotations
@@ -41,10 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/predict_bench"))
     parser.add_argument("--skip-today", action="store_true", help="leave out the slow one-image loop")
-    parser.add_argument("--threads", type=int, default=None, help="cores to use (default: all)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     import hybridvit
     from hybridvit.api import load_source
