@@ -16,7 +16,7 @@ try:  # newer typer carries its own copy of click
 except ImportError:
     import click
 
-from . import bench, deploy, models, plot, predict, training
+from . import bench, deploy, models, plot, predict, serve, training
 from .common import print_error
 
 # The exit code of each kind of error (README, "Exit codes"), the first match wins. 1 is a run
@@ -33,7 +33,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 for _name, _command in (("models", models.models_cmd), ("info", models.info_cmd), ("forward", models.forward_cmd),
                         ("train", training.train_cmd), ("eval", training.eval_cmd),
-                        ("predict", predict.predict_cmd), ("export", deploy.export_cmd),
+                        ("predict", predict.predict_cmd), ("serve", serve.serve_cmd), ("export", deploy.export_cmd),
                         ("quantize", deploy.quantize_cmd), ("benchmark", bench.benchmark_cmd),
                         ("push", deploy.push_cmd), ("experiment", training.experiment_cmd), ("plot", plot.plot_cmd)):
     app.command(_name)(_command)

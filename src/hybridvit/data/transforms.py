@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
@@ -39,8 +39,9 @@ def train_transform(info: ModelInfo, input_size: tuple[int, int], *, auto_augmen
                             interpolation=info.interpolation, mean=info.mean, std=info.std)
 
 
-def load_image(path: str | Path, exif: bool = False, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Open any image Pillow reads as 8-bit RGB (grayscale, palette, CMYK and RGBA are converted).
+def load_image(path: str | Path | BinaryIO, exif: bool = False, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open any image Pillow reads (a path or a binary file) as 8-bit RGB (grayscale, palette, CMYK
+    and RGBA are converted).
 
     Pillow's own conversion clips wider pixels to 0-255, which turns a 16-bit image almost white
     and a float image almost black, so those are scaled to 8 bits first (``_to_8bit``). An
@@ -56,7 +57,7 @@ def load_image(path: str | Path, exif: bool = False, draft: tuple[int, int] | No
             rgb = to_rgb(img, path)
             return ImageOps.exif_transpose(rgb) if exif else rgb
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise ValueError(f"cannot read image {getattr(path, 'name', path)}: {e}") from e
 
 
 def to_rgb(img: Image.Image, path: str | Path = "<image>") -> Image.Image:

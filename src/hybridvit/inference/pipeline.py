@@ -235,7 +235,13 @@ def predict_batch(model: Model, classes: list[str], k: int, names: list[str], de
     """Rows for one batch: ``decoded`` holds the images of ``names`` not in ``errors``, in order."""
     if decoded is None:
         return [Prediction(name, error=errors[i]) for i, name in enumerate(names)]
-    out = model(torch.from_numpy(decoded)).float()
+    return rows_for(model(torch.from_numpy(decoded)).float(), classes, k, names, errors)
+
+
+def rows_for(out: torch.Tensor, classes: list[str], k: int, names: list[str],
+             errors: dict[int, str] | None = None) -> list[Prediction]:
+    """Rows from the model's outputs (logits, then any embedding) for the ``names`` not in ``errors``."""
+    errors = errors or {}
     logits, features = out[:, :len(classes)], out[:, len(classes):]
     top = logits.softmax(dim=-1).topk(min(k, len(classes)), dim=-1)
     values, indices = iter(top.values.tolist()), iter(top.indices.tolist())

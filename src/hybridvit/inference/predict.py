@@ -122,6 +122,11 @@ class Predictor:
         self.classes: list[str] = (extra.get("class_names") or extra.get("classes")
                                    or (imagenet[1] if imagenet else None) or [str(i) for i in range(model.num_classes)])
         self.embedding_dim: int | None = None
+        self.model_name: str = model.model_name
+        resize = geometry.transforms[0]
+        self.preprocessing = {"resize_short_side": resize.size, "interpolation": resize.interpolation.value,
+                              "center_crop": list(size), "mean": list(info.mean), "std": list(info.std),
+                              "exif_orientation": exif}
         self._deployed = Deployed(model, info.mean, info.std, size, embeddings)
         if embeddings:
             with torch.inference_mode():

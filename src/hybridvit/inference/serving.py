@@ -1,0 +1,278 @@
+"""``hybridvit serve``: a ``Predictor`` behind HTTP (FastAPI on uvicorn), with dynamic batching
+and Prometheus metrics.
+
+Clients send image bytes (a raw body, or multipart with several images), never paths on the
+server. Bodies and decoded pixel counts are capped; every bad upload gets a 4xx JSON error naming
+the problem and the server goes on. Decoding runs in a thread pool, off the event loop; the
+model runs in batches (``batcher.Batcher``). The numbers are those ``hybridvit predict`` gives
+for the same file: the same preprocessing, model path and row format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .batcher import Batcher
+from .outputs import as_dict
+from .pipeline import describe_error, rows_for
+from .predict import Predictor
+
+LOCAL_HOSTS = ("localhost",)
+
+
+class UploadError(Exception):
+    """A request the server refuses: HTTP ``status`` and a message naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Batching, limits and access for one server."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    decode_workers: int | None = None  # default: the machine's cores
+    max_body_mb: float = 20.0
+    max_images: int = 64  # per request
+    max_pixels: int = 40_000_000  # per decoded image (a 100,000 x 100,000 header is refused before decoding)
+    api_key: str | None = None
+
+
+def is_local(host: str) -> bool:
+    """``host`` binds the loopback interface only."""
+    if host in LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """A server other machines can reach needs an API key, unless ``insecure`` says otherwise."""
+    if not is_local(host) and not api_key and not insecure:
+        raise ValueError(f"--host {host} is reachable from other machines: give --api-key (or HYBRIDVIT_API_KEY), "
+                         "or --insecure to serve without one")
+
+
+def decode_upload(predictor: Predictor, data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Image bytes to the model's uint8 input, as ``predict`` decodes a file; ``UploadError`` if not."""
+    if not data:
+        raise UploadError(422, f"{name}: empty upload (zero bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+    except Image.DecompressionBombError as e:
+        raise UploadError(413, f"{name}: too many pixels: {e}") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise UploadError(415, f"{name}: not an image Pillow can read") from e
+    if width * height > max_pixels:
+        raise UploadError(413, f"{name}: {width}x{height} is {width * height:,} pixels, over the server's "
+                          f"limit of {max_pixels:,}")
+    buffer = io.BytesIO(data)
+    buffer.name = name  # named in decoding errors
+    try:
+        return predictor.preprocess(buffer)
+    except ValueError as e:
+        raise UploadError(422, describe_error(e)) from e
+
+
+class ModelServer:
+    """The state one app serves: the predictor, its batcher, metrics and readiness."""
+
+    def __init__(self, predictor: Predictor, config: ServeConfig) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.predictor, self.config = predictor, config
+        self.threads = torch.get_num_threads()
+        self.model = predictor.model_for(self.threads)
+        self.ready = False
+        self.rate = 0.0  # images/s at --max-batch-size, measured at warm-up
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hybridvit_requests", "Prediction requests by HTTP status", ["status"],
+                                registry=self.registry)
+        self.latency = Histogram("hybridvit_request_seconds", "Prediction request latency", registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.batch_sizes = Histogram("hybridvit_batch_size", "Images per model call", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.queue_depth = Gauge("hybridvit_queue_depth", "Images waiting for a batch", registry=self.registry)
+        self.batcher: Batcher | None = None
+        self.decoders: ThreadPoolExecutor | None = None
+        self.on_ready: Callable[[ModelServer], None] | None = None  # told once warmed up
+
+    def _run(self, images: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(images)).float()
+
+    async def start(self) -> None:
+        """Warm up on a full batch (and time it), then start batching."""
+        size = self.predictor.preprocess.size
+        zeros = np.zeros((self.config.max_batch_size, 3, *size), dtype=np.uint8)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._run, zeros)
+        start = time.perf_counter()
+        await loop.run_in_executor(None, self._run, zeros)
+        self.rate = len(zeros) / (time.perf_counter() - start)
+        self.decoders = ThreadPoolExecutor(self.config.decode_workers or self.threads, thread_name_prefix="decode")
+        self.batcher = Batcher(self._run, self.config.max_batch_size, self.config.max_wait_ms / 1e3,
+                               self.batch_sizes.observe)
+        self.batcher.start()
+        self.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
+        self.ready = True
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.decoders is not None:
+            self.decoders.shutdown(wait=True)
+
+    async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, embeddings: bool) -> list[dict[str, Any]]:
+        """Rows for the uploads, in their order (all decoded before any reaches the model)."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(*(loop.run_in_executor(
+            self.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
+            for name, data in uploads), return_exceptions=True)
+        for result in decoded:
+            if isinstance(result, BaseException):
+                raise result
+        outputs = await asyncio.gather(*(self.batcher.submit(image) for image in decoded))
+        rows = rows_for(torch.stack(outputs), self.predictor.classes, top_k, [name for name, _ in uploads])
+        answers = [as_dict(row) for row in rows]
+        if not embeddings:
+            for answer in answers:
+                answer.pop("embedding", None)
+        return answers
+
+    def info(self) -> dict[str, Any]:
+        p = self.predictor
+        return {"model": p.model_name, "classes": p.classes, "input_size": list(p.preprocess.size),
+                "preprocessing": p.preprocessing, "precision": self.model.precision,
+                "backend": self.model.backend, "threads": self.threads, "embedding_dim": p.embedding_dim,
+                "max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms,
+                "images_per_second_at_warm_up": round(self.rate, 1)}
+
+
+def create_app(server: ModelServer) -> FastAPI:
+    """The FastAPI app for ``server`` (its OpenAPI documentation at ``/docs``)."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.start()
+        yield
+        await server.stop()
+
+    app = FastAPI(title="hybridvit", version="1", lifespan=lifespan,
+                  description=f"Image classification with {server.predictor.model_name}")
+    config = server.config
+
+    @app.exception_handler(UploadError)
+    async def refused(request: Request, e: UploadError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    def check_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+            raise UploadError(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)")
+
+    @app.post("/v1/predict", summary="Top classes (and embeddings) for one or more images",
+              description="A raw image body (image/* or application/octet-stream), or multipart/form-data "
+                          "with one or more image files.")
+    async def predict(request: Request, top_k: int = Query(5, ge=1), embeddings: bool = Query(False)) -> Any:
+        start = time.perf_counter()
+        try:
+            check_key(request)
+            uploads = await _read_uploads(request, config)
+            answers = await server.predict(uploads, top_k, embeddings)
+            response = JSONResponse({"predictions": answers})
+        except UploadError as e:
+            response = JSONResponse({"error": str(e)}, status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
+            response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
+        server.requests.labels(str(response.status_code)).inc()
+        server.latency.observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/v1/model", summary="The model, its classes, preprocessing and the path it runs on")
+    async def model(request: Request) -> dict[str, Any]:
+        check_key(request)
+        return server.info()
+
+    @app.get("/health", summary="Live")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Warmed up and batching")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _read_uploads(request: Request, config: ServeConfig) -> list[tuple[str, bytes]]:
+    """The request's images as (name, bytes): a raw body, or the files of a multipart form."""
+    limit = int(config.max_body_mb * 2**20)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise UploadError(413, f"body of {int(declared):,} bytes is over the server's limit of {limit:,} "
+                          f"(--max-body-mb {config.max_body_mb:g})")
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it comes: a missing or false length cannot get past
+        body += chunk
+        if len(body) > limit:
+            raise UploadError(413, f"body is over the server's limit of {limit:,} bytes "
+                              f"(--max-body-mb {config.max_body_mb:g})")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        uploads = await _multipart(request, bytes(body), config.max_images)
+    elif kind.startswith("image/") or kind == "application/octet-stream":
+        uploads = [("image", bytes(body))]
+    else:
+        raise UploadError(415, f"content type {kind or '(none)'!r}: send an image (image/*, "
+                          "application/octet-stream) or multipart/form-data with image files")
+    if not uploads:
+        raise UploadError(400, "no image in the request")
+    return uploads
+
+
+async def _multipart(request: Request, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        # the body is capped already; the image count is checked below, with its own message
+        form = await MultiPartParser(request.headers, stream(), max_files=len(body), max_fields=len(body)).parse()
+    except MultiPartException as e:
+        raise UploadError(400, f"multipart: {e}") from e
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if len(files) > max_images:
+        raise UploadError(400, f"{len(files)} images in one request, over the server's limit of {max_images}")
+    return [(f.filename or f"image {i}", await f.read()) for i, f in enumerate(files)]

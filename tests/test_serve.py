@@ -1,0 +1,220 @@
+"""``hybridvit serve``: the answers equal ``predict``'s, concurrent requests share batches, bad
+uploads get named 4xx errors and the server goes on, a model error fails one batch only, and
+non-local binds need an API key. Requests go through httpx's ASGI transport (no sockets), with
+the app's own start-up and shut-down."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from hybridvit.inference.batcher import Batcher  # noqa: E402
+from hybridvit.inference.predict import Predictor  # noqa: E402
+from hybridvit.inference.serving import ModelServer, ServeConfig, check_bind, create_app  # noqa: E402
+
+
+def _digit_files(folder, count: int) -> list[bytes]:
+    from hybridvit.data.datasets import digits_split
+
+    images, _, _, val = digits_split()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in range(count):
+        pixels = (images[val[n]] * (255 / 16)).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).convert("RGB").save(buffer, ["PNG", "JPEG"][n % 2])
+        (folder / f"{n:03d}.{['png', 'jpg'][n % 2]}").write_bytes(buffer.getvalue())
+        out.append(buffer.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor(digits_run):
+    return Predictor(digits_run / "model", "fp32", backend="onnxruntime", batch_size=8, embeddings=True)
+
+
+def _serve(predictor, test, **config):
+    """Run ``test(client, server)`` against a started app."""
+    server = ModelServer(predictor, ServeConfig(**config))
+    app = create_app(server)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await test(client, server)
+
+    return asyncio.run(main())
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_answers_equal_predict_and_concurrent_requests_share_one_batch(tmp_path, predictor):
+    files = _digit_files(tmp_path / "digits", 16)
+    expected = predictor.predict(sorted(str(p) for p in (tmp_path / "digits").iterdir()), k=3)
+
+    async def test(client, server):
+        assert (await client.get("/ready")).json() == {"ready": True}
+        # 16 requests at once, a batch of at most 16 that waits up to 30 s for them: exactly one model call
+        answers = await asyncio.gather(*(client.post("/v1/predict?top_k=3&embeddings=true", content=data,
+                                                     headers={"content-type": "image/png"}) for data in files))
+        metrics = (await client.get("/metrics")).text
+        several = await client.post("/v1/predict?top_k=3", files=[(f"f{i}", (f"{i:03d}.png", files[i], "image/png"))
+                                                                  for i in range(3)])
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        return [a.json()["predictions"][0] for a in answers], metrics, several.json()["predictions"]
+
+    rows, metrics, several = _serve(predictor, test, max_batch_size=16, max_wait_ms=30_000)
+    for row, want in zip(rows, expected):
+        assert [c["class"] for c in row["top"]] == [c for c, _ in want.top]
+        assert np.allclose([c["probability"] for c in row["top"]], [p for _, p in want.top], atol=1e-5)
+        assert np.allclose(row["embedding"], want.embedding, atol=1e-4)
+    assert _metric(metrics, "hybridvit_batch_size_count") == 1  # the warm-up is not counted
+    assert _metric(metrics, "hybridvit_batch_size_sum") == 16
+    assert _metric(metrics, 'hybridvit_requests_total{status="200"}') == 16
+    assert [r["path"] for r in several] == ["000.png", "001.png", "002.png"] and "embedding" not in several[0]
+    assert [c["class"] for c in several[1]["top"]] == [c for c, _ in expected[1].top]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (the pixel data never comes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bad_uploads_get_named_4xx_errors_and_the_server_goes_on(tmp_path, predictor):
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+    jpeg = buffer.getvalue()  # large enough that half of it still has a whole header
+
+    async def test(client, server):
+        async def post(body, kind="image/jpeg", **kw):
+            return await client.post("/v1/predict", content=body, headers={"content-type": kind}, **kw)
+
+        answers = {
+            "not an image": await post(b"hello, not an image"),
+            "truncated": await post(jpeg[: len(jpeg) // 2]),
+            "bomb": await post(_png_header(100_000, 100_000), "image/png"),
+            "over the pixel limit": await post(_png_header(5_000, 5_000), "image/png"),
+            "zero bytes": await post(b""),
+            "wrong type": await post(jpeg, "text/plain"),
+            "too big": await post(b"\xff" * (2 * 2**20)),
+            "too many": await client.post("/v1/predict", files=[(f"f{i}", (f"{i}.jpg", jpeg, "image/jpeg"))
+                                                                for i in range(5)]),
+        }
+        after = await post(jpeg)
+        return answers, after
+
+    answers, after = _serve(predictor, test, max_body_mb=1, max_images=4, max_pixels=1_000_000)
+    status = {name: (r.status_code, r.json()["error"]) for name, r in answers.items()}
+    assert status["not an image"][0] == 415 and "not an image" in status["not an image"][1]
+    assert status["truncated"][0] == 422 and "truncated" in status["truncated"][1]
+    assert status["bomb"][0] == 413 and "pixels" in status["bomb"][1]
+    assert status["over the pixel limit"][0] == 413 and "25,000,000 pixels" in status["over the pixel limit"][1]
+    assert status["zero bytes"][0] == 422 and "zero bytes" in status["zero bytes"][1]
+    assert status["wrong type"][0] == 415 and "text/plain" in status["wrong type"][1]
+    assert status["too big"][0] == 413 and "limit" in status["too big"][1]
+    assert status["too many"][0] == 400 and "images" in status["too many"][1]
+    assert after.status_code == 200 and after.json()["predictions"][0]["top"]
+
+
+def test_a_model_error_fails_its_batch_with_500_and_the_next_batch_works(tmp_path, predictor):
+    image = _digit_files(tmp_path / "digits", 1)[0]
+
+    async def test(client, server):
+        model, calls = server.model, []
+
+        def failing_once(x):
+            calls.append(len(x))
+            if len(calls) == 1:
+                raise RuntimeError("out of memory (on purpose)")
+            return model(x)
+
+        server.model = failing_once
+        first = await client.post("/v1/predict", content=image, headers={"content-type": "image/png"})
+        second = await client.post("/v1/predict", content=image, headers={"content-type": "image/png"})
+        return first, second
+
+    first, second = _serve(predictor, test, max_wait_ms=0)
+    assert first.status_code == 500 and "out of memory (on purpose)" in first.json()["error"]
+    assert second.status_code == 200
+
+
+def test_the_model_endpoint_docs_health_and_the_api_key(predictor):
+    async def test(client, server):
+        return {path: await client.get(path, headers=headers) for path, headers in (
+            ("/health", {}), ("/docs", {}), ("/openapi.json", {}), ("/v1/model", {}),
+            ("/v1/model?key", {"x-api-key": "s3cret"}), ("/v1/model?bearer", {"authorization": "Bearer s3cret"}))}
+
+    got = _serve(predictor, test, api_key="s3cret")
+    assert got["/health"].json() == {"status": "ok"} and got["/docs"].status_code == 200
+    assert "/v1/predict" in got["/openapi.json"].json()["paths"]
+    assert got["/v1/model"].status_code == 401
+    info = got["/v1/model?key"].json()
+    assert got["/v1/model?bearer"].json() == info
+    assert info["model"] == "levit_128s" and info["classes"] == [str(i) for i in range(10)]
+    assert info["precision"] == "fp32" and info["backend"] == "onnxruntime"
+    assert info["preprocessing"]["center_crop"] == [32, 32] and info["embedding_dim"] > 0
+
+
+def test_a_non_local_bind_needs_an_api_key():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_bind(host, None, False)
+    with pytest.raises(ValueError, match="--api-key"):
+        check_bind("0.0.0.0", None, False)
+    check_bind("0.0.0.0", "key", False)
+    check_bind("0.0.0.0", None, True)
+
+
+def test_the_serve_command_refuses_a_public_bind_without_a_key(digits_run):
+    from typer.testing import CliRunner
+
+    from hybridvit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(digits_run / "model"), "--host", "0.0.0.0"], env={})
+    assert result.exit_code != 0 and "--api-key" in str(result.exception or result.output)
+
+
+# -- the batcher alone -----------------------------------------------------------------------------
+
+
+def test_the_batcher_drops_requests_whose_client_left_and_serves_the_rest():
+    calls: list[list[int]] = []
+
+    def run(images):
+        calls.append(images[:, 0, 0, 0].tolist())
+        return torch.from_numpy(images[:, 0, 0, :1].astype(np.float32))
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=4, max_wait_s=60.0)
+        tasks = [asyncio.create_task(batcher.submit(np.full((1, 1, 1), n, dtype=np.uint8))) for n in range(4)]
+        while batcher.depth < 4:  # all four waiting for a batch (an observable condition)
+            await asyncio.sleep(0)
+        tasks[1].cancel()  # its client went away before the batch ran
+        await asyncio.sleep(0)  # the cancellation reaches the waiting request
+        batcher.start()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [float(r[0]) for i, r in enumerate(results) if i != 1] == [0.0, 2.0, 3.0]
+    assert calls == [[0, 2, 3]]  # one batch, without the request that left
