@@ -218,3 +218,62 @@ def test_the_batcher_drops_requests_whose_client_left_and_serves_the_rest():
     assert isinstance(results[1], asyncio.CancelledError)
     assert [float(r[0]) for i, r in enumerate(results) if i != 1] == [0.0, 2.0, 3.0]
     assert calls == [[0, 2, 3]]  # one batch, without the request that left
+
+
+# -- a real server process ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_requests_in_flight(tmp_path, digits_run):
+    """Two requests wait in a batch that would wait 10 minutes for more; SIGTERM runs it at once,
+    both get their answers, and then the process ends."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import wait_for
+
+    image = _digit_files(tmp_path / "digits", 1)[0]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "hybridvit", "serve", str(digits_run / "model"), "--port", str(port),
+                             "--max-batch-size", "8", "--max-wait-ms", "600000", "--precision", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def get(path: str) -> httpx.Response | None:
+        try:
+            return httpx.get(url + path, timeout=30)
+        except httpx.TransportError:
+            return None
+
+    try:
+        wait_for(lambda: (r := get("/ready")) is not None and r.status_code == 200, proc)
+        answers: list[httpx.Response] = []
+
+        def post() -> None:
+            answers.append(httpx.post(url + "/v1/predict", content=image, headers={"content-type": "image/png"},
+                                      timeout=600))
+
+        clients = [threading.Thread(target=post) for _ in range(2)]
+        for client in clients:
+            client.start()
+        wait_for(lambda: "hybridvit_queue_depth 2.0" in get("/metrics").text, proc)
+        proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            client.join(timeout=600)
+        # after draining, uvicorn re-raises the signal: the exit status says SIGTERM ended it
+        assert proc.wait(timeout=600) == -signal.SIGTERM, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json()

@@ -34,7 +34,7 @@ def serve_cmd(
     /metrics (Prometheus), /docs (OpenAPI). Concurrent requests share batches."""
     from ..checks import check_range
     from ..inference.predict import Predictor
-    from ..inference.serving import ModelServer, ServeConfig, check_bind, create_app
+    from ..inference.serving import ModelServer, ServeConfig, check_bind, run
 
     check_range("max batch size", max_batch_size, 1)
     check_range("max wait ms", max_wait_ms, 0)
@@ -44,8 +44,6 @@ def serve_cmd(
     check_range("workers", workers, 1)
     check_range("port", port, 0, 65535)
     check_bind(host, api_key, insecure)
-    import uvicorn
-
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend,
                           batch_size=max_batch_size, embeddings=not checkpoint.lower().endswith(".onnx"), exif=exif)
     config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key)
@@ -57,4 +55,4 @@ def serve_cmd(
                    f"of {max_batch_size}); docs at /docs", err=True)
 
     server.on_ready = announce
-    uvicorn.run(create_app(server), host=host, port=port, log_level=os.environ.get("HYBRIDVIT_LOG_LEVEL", "warning"))
+    run(server, host, port, os.environ.get("HYBRIDVIT_LOG_LEVEL", "warning"))

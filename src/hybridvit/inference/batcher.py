@@ -4,7 +4,8 @@ Requests ``submit`` decoded images; one worker task takes the first waiting imag
 until ``max_batch_size`` or until ``max_wait_s`` has passed since the first, and runs the batch
 in a thread of its own (one batch at a time per model replica, on the threads the model was
 built for), so the event loop keeps serving. A request whose client went away is dropped from
-its batch before the call; a model error fails that batch's requests only.
+its batch before the call; a model error fails that batch's requests only. ``hurry`` (on
+shutdown) runs whatever is waiting at once.
 """
 
 from __future__ import annotations
@@ -25,14 +26,20 @@ class Batcher:
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
                  on_batch: Callable[[int], None] = lambda size: None) -> None:
         self.run, self.max_batch_size, self.max_wait_s, self.on_batch = run, max_batch_size, max_wait_s, on_batch
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future] | None] = asyncio.Queue()  # None: hurry
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._worker: asyncio.Task | None = None
+        self._waiting = 0
 
     @property
     def depth(self) -> int:
-        """Images waiting for a batch."""
-        return self.queue.qsize()
+        """Images submitted and not yet in a running batch."""
+        return self._waiting
+
+    def hurry(self) -> None:
+        """From now on, batches run as soon as they have an image (the server is draining)."""
+        self.max_wait_s = 0.0
+        self.queue.put_nowait(None)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._serve())
@@ -46,26 +53,35 @@ class Batcher:
     async def submit(self, image: np.ndarray) -> torch.Tensor:
         """The model's output row for one decoded image, computed in some batch."""
         future = asyncio.get_running_loop().create_future()
+        self._waiting += 1
         await self.queue.put((image, future))
         return await future
 
     async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        batch = [await self.queue.get()]
+        batch = []
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        deadline = None
         while len(batch) < self.max_batch_size:
-            try:
-                batch.append(self.queue.get_nowait())
+            if not self.queue.empty():
+                item = self.queue.get_nowait()
+            elif not batch:
+                item = await self.queue.get()
+            else:
+                left = (deadline or 0.0) - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if item is None:  # hurry: run what is here
+                if batch:
+                    break
                 continue
-            except asyncio.QueueEmpty:
-                pass
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except asyncio.TimeoutError:
-                break
+            batch.append(item)
+            if deadline is None:
+                deadline = loop.time() + self.max_wait_s
+        self._waiting -= len(batch)
         return batch
 
     async def _serve(self) -> None:

@@ -117,6 +117,7 @@ class ModelServer:
         self.batcher: Batcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
         self.on_ready: Callable[[ModelServer], None] | None = None  # told once warmed up
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self, images: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
@@ -135,10 +136,17 @@ class ModelServer:
         self.batcher = Batcher(self._run, self.config.max_batch_size, self.config.max_wait_ms / 1e3,
                                self.batch_sizes.observe)
         self.batcher.start()
+        self._loop = asyncio.get_running_loop()
         self.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.ready = True
         if self.on_ready is not None:
             self.on_ready(self)
+
+    def drain(self) -> None:
+        """Shutting down: batches waiting for more images run now (safe from a signal handler)."""
+        self.ready = False
+        if self.batcher is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.batcher.hurry)
 
     async def stop(self) -> None:
         self.ready = False
@@ -276,3 +284,16 @@ async def _multipart(request: Request, body: bytes, max_images: int) -> list[tup
     if len(files) > max_images:
         raise UploadError(400, f"{len(files)} images in one request, over the server's limit of {max_images}")
     return [(f.filename or f"image {i}", await f.read()) for i, f in enumerate(files)]
+
+
+def run(server: ModelServer, host: str, port: int, log_level: str = "warning") -> None:
+    """Serve until SIGINT or SIGTERM; then requests in flight finish (their batches at once), and
+    the process exits."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.drain()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level)).run()
