@@ -1,0 +1,163 @@
+"""Load test of ``hybridvit serve``: throughput and latency at several concurrencies, against the
+same server with batching off, a minimal FastAPI app around timm's eager LeViT-128S (one
+request at a time; carried here, ``--reference-app``), and bulk ``predict`` on the same images.
+
+Each server runs in its own process on the machine's cores; the client is an asyncio httpx
+client in this process, sending every image once per concurrency level (raw JPEG bodies).
+
+    python scripts/benchmark_serve.py --images 2000 --output runs/serve_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def reference_app(port: int) -> None:
+    """The app a user would write first: timm's LeViT-128S, eager, torchvision transforms, one
+    request at a time (random weights: speed does not depend on them)."""
+    import io
+    import threading
+
+    import timm
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from PIL import Image
+    from torchvision import transforms as T
+
+    model = timm.create_model("levit_128s").eval()
+    transform = T.Compose([T.Resize(248, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/ready")
+    def ready() -> dict:
+        return {"ready": True}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict:
+        body = await request.body()
+
+        def run() -> dict:
+            with lock, torch.inference_mode():
+                x = transform(Image.open(io.BytesIO(body)).convert("RGB"))[None]
+                top = model(x).softmax(-1).topk(5)
+            return {"top": top.indices[0].tolist()}
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def _start(command: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:  # ready when /ready says so (the server warms up first)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command} ended: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+async def _load(port: int, bodies: list[bytes], concurrency: int) -> dict:
+    latencies: list[float] = []
+    failures = 0
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=300) as client:
+        async def worker() -> None:
+            nonlocal failures
+            while not queue.empty():
+                body = queue.get_nowait()
+                start = time.perf_counter()
+                r = await client.post("/v1/predict", content=body, headers={"content-type": "image/jpeg"})
+                latencies.append(time.perf_counter() - start)
+                failures += r.status_code != 200
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100)
+    return {"images_per_s": len(bodies) / seconds, "p50_ms": q[49] * 1e3, "p95_ms": q[94] * 1e3,
+            "p99_ms": q[98] * 1e3, "failures": failures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--model", default="levit_128s")
+    parser.add_argument("--output", type=Path, default=Path("runs/serve_bench"))
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--reference-app", action="store_true", help="run the reference app on --port (internal)")
+    args = parser.parse_args()
+    if args.reference_app:
+        reference_app(args.port)
+        return
+
+    import torch
+
+    import hybridvit
+    from hybridvit.bench.photos import make_photos
+    from hybridvit.bench.throughput import machine_info
+    from hybridvit.inference.collection import predict_collection
+    from hybridvit.inference.predict import Predictor
+
+    paths = make_photos(args.output / "photos", args.images)
+    model_dir = args.output / "model"
+    if not model_dir.exists():
+        hybridvit.save_model(hybridvit.create_model(args.model).eval(), model_dir)
+    bodies = [Path(p).read_bytes() for p in paths]
+    predictor = Predictor(model_dir)
+    predict_collection(predictor, paths[:200], progress=False)  # measures the split once
+    bulk = predict_collection(predictor, paths, progress=False).images_per_second
+
+    serve = [sys.executable, "-m", "hybridvit", "serve", str(model_dir), "--port", str(args.port)]
+    servers = {
+        "hybridvit serve": serve + ["--max-wait-ms", str(args.max_wait_ms)],
+        "hybridvit serve, batching off (--max-batch-size 1)": serve + ["--max-batch-size", "1"],
+        "FastAPI + timm eager, one request at a time": [sys.executable, __file__, "--reference-app", "--port",
+                                                         str(args.port)],
+    }
+    results: dict[str, dict[int, dict]] = {}
+    for name, command in servers.items():
+        proc = _start(command, args.port)
+        try:
+            results[name] = {c: asyncio.run(_load(args.port, bodies, c)) for c in CONCURRENCY}
+        finally:
+            proc.terminate()
+            proc.wait()
+        print(name, json.dumps(results[name]), flush=True)
+    ours = results["hybridvit serve"]
+    saturation = max(r["images_per_s"] for r in ours.values())
+    result = {**machine_info(torch.device("cpu"), torch.get_num_threads()), "images": len(paths),
+              "model": args.model, "max_wait_ms": args.max_wait_ms, "bulk_predict_images_per_s": bulk,
+              "results": results, "saturation_vs_bulk": saturation / bulk,
+              "c16_vs_batching_off": ours[16]["images_per_s"]
+              / results["hybridvit serve, batching off (--max-batch-size 1)"][16]["images_per_s"],
+              "c16_vs_reference_app": ours[16]["images_per_s"]
+              / results["FastAPI + timm eager, one request at a time"][16]["images_per_s"]}
+    print(json.dumps(result, indent=2))
+    (args.output / "result.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
