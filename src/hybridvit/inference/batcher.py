@@ -21,11 +21,14 @@ RunBatch = Callable[[np.ndarray], torch.Tensor]  # uint8 (N, 3, H, W) -> (N, out
 
 
 class Batcher:
-    """Gathers ``submit`` calls into batches for ``run``; ``on_batch(size)`` is told each batch's size."""
+    """Gathers ``submit`` calls into batches for ``run``; ``on_batch(size)`` is told each batch's size.
+    A batch stops waiting early when ``incoming()`` says no other image is on its way, so a lone
+    request does not pay ``max_wait_s``."""
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
-                 on_batch: Callable[[int], None] = lambda size: None) -> None:
+                 on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1) -> None:
         self.run, self.max_batch_size, self.max_wait_s, self.on_batch = run, max_batch_size, max_wait_s, on_batch
+        self.incoming = incoming  # images on their way (decoding): with none, a batch need not wait
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future] | None] = asyncio.Queue()  # None: hurry
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._worker: asyncio.Task | None = None
@@ -68,7 +71,7 @@ class Batcher:
                 item = await self.queue.get()
             else:
                 left = (deadline or 0.0) - loop.time()
-                if left <= 0:
+                if left <= 0 or self.incoming() == 0:
                     break
                 try:
                     item = await asyncio.wait_for(self.queue.get(), left)

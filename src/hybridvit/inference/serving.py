@@ -114,10 +114,13 @@ class ModelServer:
         self.batch_sizes = Histogram("hybridvit_batch_size", "Images per model call", registry=self.registry,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_depth = Gauge("hybridvit_queue_depth", "Images waiting for a batch", registry=self.registry)
+        self.in_flight = Gauge("hybridvit_requests_in_flight", "Prediction requests being served",
+                               registry=self.registry)
         self.batcher: Batcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
         self.on_ready: Callable[[ModelServer], None] | None = None  # told once warmed up
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.decoding = 0  # images of requests being decoded (on their way to a batch)
 
     def _run(self, images: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
@@ -134,7 +137,7 @@ class ModelServer:
         self.rate = len(zeros) / (time.perf_counter() - start)
         self.decoders = ThreadPoolExecutor(self.config.decode_workers or self.threads, thread_name_prefix="decode")
         self.batcher = Batcher(self._run, self.config.max_batch_size, self.config.max_wait_ms / 1e3,
-                               self.batch_sizes.observe)
+                               self.batch_sizes.observe, incoming=lambda: self.decoding)
         self.batcher.start()
         self._loop = asyncio.get_running_loop()
         self.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
@@ -158,9 +161,13 @@ class ModelServer:
     async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, embeddings: bool) -> list[dict[str, Any]]:
         """Rows for the uploads, in their order (all decoded before any reaches the model)."""
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(
-            self.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
-            for name, data in uploads), return_exceptions=True)
+        self.decoding += len(uploads)
+        try:
+            decoded = await asyncio.gather(*(loop.run_in_executor(
+                self.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
+                for name, data in uploads), return_exceptions=True)
+        finally:
+            self.decoding -= len(uploads)
         for result in decoded:
             if isinstance(result, BaseException):
                 raise result
@@ -209,6 +216,7 @@ def create_app(server: ModelServer) -> FastAPI:
                           "with one or more image files.")
     async def predict(request: Request, top_k: int = Query(5, ge=1), embeddings: bool = Query(False)) -> Any:
         start = time.perf_counter()
+        server.in_flight.inc()
         try:
             check_key(request)
             uploads = await _read_uploads(request, config)
@@ -218,6 +226,7 @@ def create_app(server: ModelServer) -> FastAPI:
             response = JSONResponse({"error": str(e)}, status_code=e.status)
         except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
             response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
+        server.in_flight.dec()
         server.requests.labels(str(response.status_code)).inc()
         server.latency.observe(time.perf_counter() - start)
         return response
