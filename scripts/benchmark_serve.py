@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+from fastapi import Request  # at module level: the reference app's annotations are strings
 
 CONCURRENCY = (1, 4, 16, 64)
 
@@ -33,7 +34,7 @@ def reference_app(port: int) -> None:
     import timm
     import torch
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from PIL import Image
     from torchvision import transforms as T
 
