@@ -33,6 +33,11 @@ def serve_cmd(
     """Serve a model over HTTP: POST /v1/predict (image bytes), GET /v1/model, /health, /ready,
     /metrics (Prometheus), /docs (OpenAPI). Concurrent requests share batches."""
     from ..checks import check_range
+    from ..inference.runners import installed
+
+    if not installed("fastapi", "uvicorn", "multipart", "prometheus_client"):
+        raise ImportError('serving needs FastAPI, uvicorn, python-multipart and prometheus_client: '
+                          'pip install "hybridvit[serve]"')
     from ..inference.predict import Predictor
     from ..inference.serving import ModelServer, ServeConfig, check_bind, run
 
