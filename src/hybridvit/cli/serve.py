@@ -35,7 +35,7 @@ def serve_cmd(
     from ..checks import check_range
     from ..inference.runners import installed
 
-    if not installed("fastapi", "uvicorn", "multipart", "prometheus_client"):
+    if not installed("fastapi", "uvicorn", "python_multipart", "prometheus_client"):
         raise ImportError('serving needs FastAPI, uvicorn, python-multipart and prometheus_client: '
                           'pip install "hybridvit[serve]"')
     from ..inference.predict import Predictor
