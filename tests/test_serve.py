@@ -204,11 +204,10 @@ def test_the_batcher_drops_requests_whose_client_left_and_serves_the_rest():
 
     async def main():
         batcher = Batcher(run, max_batch_size=4, max_wait_s=60.0)
-        tasks = [asyncio.create_task(batcher.submit(np.full((1, 1, 1), n, dtype=np.uint8))) for n in range(4)]
+        tasks = [asyncio.ensure_future(batcher.submit(np.full((1, 1, 1), n, dtype=np.uint8))) for n in range(4)]
         while batcher.depth < 4:  # all four waiting for a batch (an observable condition)
             await asyncio.sleep(0)
         tasks[1].cancel()  # its client went away before the batch ran
-        await asyncio.sleep(0)  # the cancellation reaches the waiting request
         batcher.start()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.stop()
@@ -294,7 +293,7 @@ def test_a_lone_request_does_not_wait_for_a_batch_that_no_one_will_join():
         batcher.start()
         lone = await asyncio.wait_for(batcher.submit(np.full((1, 1, 1), 7, dtype=np.uint8)), 60)  # a guard
         waiting[0] = 1  # another image is decoding: the next batch waits for it
-        first = asyncio.create_task(batcher.submit(np.full((1, 1, 1), 8, dtype=np.uint8)))
+        first = asyncio.ensure_future(batcher.submit(np.full((1, 1, 1), 8, dtype=np.uint8)))
         while batcher.depth < 1:
             await asyncio.sleep(0)
         await asyncio.sleep(0)

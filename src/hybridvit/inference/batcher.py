@@ -53,12 +53,13 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def submit(self, image: np.ndarray) -> torch.Tensor:
-        """The model's output row for one decoded image, computed in some batch."""
+    def submit(self, image: np.ndarray) -> asyncio.Future:
+        """Queue one decoded image at once; the future gets its output row, computed in some batch
+        (cancel it to leave the batch)."""
         future = asyncio.get_running_loop().create_future()
         self._waiting += 1
-        await self.queue.put((image, future))
-        return await future
+        self.queue.put_nowait((image, future))  # unbounded: never waits
+        return future
 
     async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         batch = []

@@ -25,7 +25,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .batcher import Batcher
 from .outputs import as_dict
@@ -99,8 +99,6 @@ class ModelServer:
     """The state one app serves: the predictor, its batcher, metrics and readiness."""
 
     def __init__(self, predictor: Predictor, config: ServeConfig) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.predictor, self.config = predictor, config
         self.threads = torch.get_num_threads()
         self.model = predictor.model_for(self.threads)
@@ -139,7 +137,7 @@ class ModelServer:
         self.batcher = Batcher(self._run, self.config.max_batch_size, self.config.max_wait_ms / 1e3,
                                self.batch_sizes.observe, incoming=lambda: self.decoding)
         self.batcher.start()
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.ready = True
         if self.on_ready is not None:
@@ -166,12 +164,13 @@ class ModelServer:
             decoded = await asyncio.gather(*(loop.run_in_executor(
                 self.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
                 for name, data in uploads), return_exceptions=True)
+            for result in decoded:
+                if isinstance(result, BaseException):
+                    raise result
+            queued = [self.batcher.submit(image) for image in decoded]
         finally:
-            self.decoding -= len(uploads)
-        for result in decoded:
-            if isinstance(result, BaseException):
-                raise result
-        outputs = await asyncio.gather(*(self.batcher.submit(image) for image in decoded))
+            self.decoding -= len(uploads)  # only once queued: a batch never misses an image on its way
+        outputs = await asyncio.gather(*queued)
         rows = rows_for(torch.stack(outputs), self.predictor.classes, top_k, [name for name, _ in uploads])
         answers = [as_dict(row) for row in rows]
         if not embeddings:
