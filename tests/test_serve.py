@@ -305,3 +305,169 @@ def test_a_lone_request_does_not_wait_for_a_batch_that_no_one_will_join():
         return float(lone[0]), float(result[0]), float(second[0])
 
     assert asyncio.run(main()) == (7.0, 8.0, 9.0)
+
+
+def test_attention_maps_are_those_plot_attention_draws(tmp_path, digits_run, predictor):
+    from hybridvit.api import load_source
+    from hybridvit.figures import model_input
+    from hybridvit.layers import attention_view, capture_maps
+
+    image = _digit_files(tmp_path / "digits", 1)[0]
+    (tmp_path / "one.png").write_bytes(image)
+    model, extra = load_source(digits_run / "model")
+    wanted = [attention_view(capture_maps(model.eval(), model_input(model, tmp_path / "one.png", extra)), layer,
+                             (20.0, 9.0), (32, 32)) for layer in (-1, 0)]
+
+    async def test(client, server):
+        def post(query):
+            return client.post(f"/v1/attention?{query}", content=image, headers={"content-type": "image/png"})
+
+        return [await post("y=20&x=9"), await post("y=20&x=9&layer=0"), await post("y=40&x=9"),
+                await post("y=1&x=1&layer=99")]
+
+    last, first, outside, no_layer = _serve(predictor, test)
+    for answer, want in zip((last, first), wanted):
+        got = answer.json()
+        assert (got["layer"], got["layers"], tuple(got["query_cell"])) == (want.layer, want.layers, want.query_cell)
+        assert got["key_grid"] == list(want.maps.shape[1:])
+        assert np.allclose(got["heads"], want.maps.numpy(), atol=1e-5)
+    assert first.json()["layer"] == 0 and last.json()["layer"] == last.json()["layers"] - 1
+    assert outside.status_code == 422 and "outside the 32x32 input" in outside.json()["error"]
+    assert no_layer.status_code == 422 and "layer 99 does not exist" in no_layer.json()["error"]
+
+
+def test_a_client_that_leaves_mid_batch_does_not_disturb_the_others(tmp_path, predictor):
+    import threading
+
+    files = _digit_files(tmp_path / "digits", 3)
+    expected = predictor.predict(sorted(str(p) for p in (tmp_path / "digits").iterdir()), k=2)
+    running, release = threading.Event(), threading.Event()
+
+    async def test(client, server):
+        model = server.model
+
+        def held(x):  # the batch runs until the test lets it go
+            running.set()
+            assert release.wait(timeout=600)  # a guard: set once the client has left
+            return model(x)
+
+        server.model = held
+        requests = [asyncio.ensure_future(client.post("/v1/predict?top_k=2", content=data,
+                                                      headers={"content-type": "image/png"})) for data in files]
+        while not running.is_set():  # all three in the one batch, now running
+            await asyncio.sleep(0.001)
+        requests[1].cancel()  # that client disconnects mid-batch
+        await asyncio.gather(requests[1], return_exceptions=True)
+        release.set()
+        answers = [await requests[0], await requests[2]]
+        server.model = model
+        after = await client.post("/v1/predict?top_k=2", content=files[1], headers={"content-type": "image/png"})
+        metrics = (await client.get("/metrics")).text
+        return answers, after, metrics
+
+    answers, after, metrics = _serve(predictor, test, max_batch_size=3, max_wait_ms=60_000)
+    for answer, want in zip([*answers, after], [expected[0], expected[2], expected[1]]):
+        assert answer.status_code == 200
+        assert [c["class"] for c in answer.json()["predictions"][0]["top"]] == [c for c, _ in want.top]
+    assert _metric(metrics, "hybridvit_requests_in_flight") == 0
+    assert _metric(metrics, "hybridvit_batch_size_sum") == 4  # 3 in the held batch, then 1
+
+
+def test_the_demo_page_is_served_at_the_root(predictor):
+    async def test(client, server):
+        return await client.get("/")
+
+    page = _serve(predictor, test)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/predict" in page.text and "/v1/attention" in page.text
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_a_long_load_with_bad_requests_mixed_in(tmp_path, digits_run):
+    """11,000 requests at concurrency 16 against a real server, one in ten bad (8 kinds): no 5xx,
+    each bad request its named 4xx, each good one its ``predict`` answer, and resident memory grows
+    less than 10% over the last 10,000."""
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    files = _digit_files(tmp_path / "digits", 16)
+    expected = [[c for c, _ in row.top] for row in Predictor(digits_run / "model", "fp32").predict(
+        sorted(str(p) for p in (tmp_path / "digits").iterdir()), k=3)]
+    jpeg = files[1]
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    noise = buffer.getvalue()  # large enough that half of it still has a whole header
+    bad = [  # (body, content type, status, words in the error)
+        (b"not an image at all", "image/jpeg", 415, "not an image"),
+        (noise[: len(noise) // 2], "image/jpeg", 422, "truncated"),
+        (b"", "image/png", 422, "zero bytes"),
+        (_png_header(100_000, 100_000), "image/png", 413, "pixels"),
+        (jpeg, "text/plain", 415, "content type"),
+        (b"\xff" * (2**20 + 1), "image/jpeg", 413, "limit"),
+        (None, None, 400, "images in one request"),  # multipart with 5 images: over --max-images 4
+        (_png_header(3_000, 3_000), "image/png", 413, "over the server's limit"),
+    ]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "hybridvit", "serve", str(digits_run / "model"), "--port", str(port),
+                             "--precision", "fp32", "--max-body-mb", "1", "--max-images", "4", "--max-pixels",
+                             "1000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    async def load(first: int, count: int) -> list[str]:
+        """Requests ``first``..``first + count``; every tenth is bad. Returns what went wrong."""
+        problems: list[str] = []
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for n in range(first, first + count):
+            queue.put_nowait(n)
+
+        async def client_loop(client: httpx.AsyncClient) -> None:
+            while not queue.empty():
+                n = queue.get_nowait()
+                if n % 10 == 9:
+                    body, kind, status, words = bad[(n // 10) % len(bad)]
+                    if body is None:
+                        r = await client.post("/v1/predict", files=[(f"f{i}", (f"{i}.jpg", jpeg, "image/jpeg"))
+                                                                    for i in range(5)])
+                    else:
+                        r = await client.post("/v1/predict", content=body, headers={"content-type": kind})
+                    if r.status_code != status or words not in r.json().get("error", ""):
+                        problems.append(f"bad request {n}: {r.status_code} {r.text[:200]}")
+                else:
+                    i = n % len(files)
+                    r = await client.post("/v1/predict?top_k=3", content=files[i],
+                                          headers={"content-type": "image/png" if i % 2 == 0 else "image/jpeg"})
+                    if r.status_code != 200 or [c["class"] for c in r.json()["predictions"][0]["top"]] != expected[i]:
+                        problems.append(f"request {n}: {r.status_code} {r.text[:200]}")
+
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            await asyncio.gather(*(client_loop(client) for _ in range(16)))
+        return problems
+
+    try:
+        wait_for(lambda: _ready(url), proc)
+        problems = asyncio.run(load(0, 1_000))  # the allocator and caches settle
+        before = _rss_kib(proc.pid)
+        problems += asyncio.run(load(1_000, 10_000))
+        after = _rss_kib(proc.pid)
+        metrics = httpx.get(url + "/metrics", timeout=60).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=600)
+    assert problems == []
+    assert not any(line.startswith('hybridvit_requests_total{status="5') for line in metrics.splitlines())
+    assert _metric(metrics, "hybridvit_requests_total") == 11_000
+    assert after < 1.1 * before, f"resident memory {before / 1024:.0f} MiB -> {after / 1024:.0f} MiB"
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=30).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..checks import check_output_file
+from ..layers import AttentionView, attention_view, capture_maps
 from ..registry import list_models
-from .attention import (AttentionView, attention_view, bias_layers, capture_maps, denormalise, figure_attention,
-                        figure_attention_bias, model_input, plot_attention, plot_attention_bias, preprocessing)
+from .attention import (bias_layers, denormalise, figure_attention, figure_attention_bias, model_input,
+                        plot_attention, plot_attention_bias, preprocessing)
 from .base import DPI, panel_grid, panels, save_figure, wrapped
 from .curves import figure_curves, plot_curves, read_metrics
 from .filters import figure_filters, filter_images, first_conv, plot_filters

@@ -4,7 +4,6 @@ for any model with attention (CvT too)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import AttentionBias, AttentionMap, FixedAttentionBias, capture_attention
+from ..layers import AttentionBias, FixedAttentionBias, attention_view, capture_maps
 from ..registry import ModelInfo, get_model_info, list_models
 from .base import describe, first_param, panel_grid, save_figure, select, wrapped
 
@@ -87,37 +86,6 @@ def denormalise(x: torch.Tensor, info: ModelInfo) -> np.ndarray:
     """A preprocessed ``(C, H, W)`` image back to an ``(H, W, 3)`` array in [0, 1] for display."""
     mean, std = torch.tensor(info.mean).view(-1, 1, 1), torch.tensor(info.std).view(-1, 1, 1)
     return (x.detach().cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-@dataclass
-class AttentionView:
-    """One attention call seen from one query: the per-head maps over the key grid."""
-
-    layer: int  # index among the forward's attention calls (non-negative)
-    layers: int  # attention calls in the forward
-    query_cell: tuple[int, int]  # the query's (row, column) on the query grid
-    maps: torch.Tensor  # (heads, key H, key W) probabilities
-
-
-def capture_maps(model: nn.Module, x: torch.Tensor) -> list[AttentionMap]:
-    """Every attention call's probabilities for input ``x``, with the grids its tokens lie on."""
-    with torch.inference_mode(), capture_attention() as maps:
-        model(x)
-    return maps
-
-
-def attention_view(maps: list[AttentionMap], layer: int, query: tuple[float, float],
-                   image_hw: tuple[int, int]) -> AttentionView:
-    """Each head's probabilities for the query at pixel ``query`` (y, x) of an ``image_hw`` input."""
-    amap = select(maps, [layer], "attention layer")[0]
-    if not all(0 <= p < s for p, s in zip(query, image_hw)):
-        raise ValueError(f"query (y, x) = {tuple(query)} lies outside the {image_hw[0]}x{image_hw[1]} input")
-    (qh, qw), (kh, kw) = amap.query_grid, amap.key_grid
-    cell = tuple(min(max(int(p * g / s), 0), g - 1) for p, g, s in zip(query, (qh, qw), image_hw))
-    probs = amap.probs[0].float().cpu()  # (heads, Nq, Nk)
-    q_index = probs.shape[1] - qh * qw + cell[0] * qw + cell[1]  # extra tokens (a class token) come first
-    rows = probs[:, q_index, probs.shape[2] - kh * kw:]
-    return AttentionView(layer % len(maps), len(maps), cell, rows.reshape(-1, kh, kw))
 
 
 def figure_attention(model: nn.Module, image: str | Path | Image.Image | None = None,

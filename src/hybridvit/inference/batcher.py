@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -52,6 +53,10 @@ class Batcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the batch thread, between two batches: one model call at a time."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def submit(self, image: np.ndarray) -> asyncio.Future:
         """Queue one decoded image at once; the future gets its output row, computed in some batch

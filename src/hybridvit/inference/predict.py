@@ -16,6 +16,7 @@ from torch import nn
 from ..api import load_source
 from ..checks import check_range
 from ..data import eval_geometry, imagenet_labels, load_image, to_rgb
+from ..layers import AttentionView, attention_view, capture_maps
 from ..registry import get_model_info
 from .machine import torch_threads
 from .optimize import InferenceModel, optimize
@@ -174,6 +175,13 @@ class Predictor:
             yield from pipeline.run(str(i) if isinstance(i, Path) else i for i in images)
         if pipeline.measured:  # measured once: later runs of this predictor take that split at once
             self.splits = [pipeline.split]
+
+    def attention(self, image: np.ndarray, query: tuple[float, float], layer: int = -1) -> AttentionView:
+        """Where each head of attention call ``layer`` looks from ``query`` ((y, x) in input pixels)
+        for one image as ``preprocess`` gives it: the capture ``hybridvit plot attention`` draws,
+        on the eager float32 model (an optimized graph records no maps)."""
+        x = torch.tensor(image).unsqueeze(0).float()
+        return attention_view(capture_maps(self._deployed.eval(), x), layer, query, self.preprocess.size)
 
     def predict(self, paths: list[str | Path], k: int = 5) -> list[Prediction]:
         """Rows for a few images; raises ``ValueError`` naming the file for anything Pillow cannot read."""

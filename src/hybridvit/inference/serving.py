@@ -18,12 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -33,6 +34,7 @@ from .pipeline import describe_error, rows_for
 from .predict import Predictor
 
 LOCAL_HOSTS = ("localhost",)
+DEMO_PAGE = Path(__file__).with_name("demo.html")  # the page at /: drag an image, see its top 5 and attention
 
 
 class UploadError(Exception):
@@ -98,8 +100,8 @@ def decode_upload(predictor: Predictor, data: bytes, name: str, max_pixels: int)
 class ModelServer:
     """The state one app serves: the predictor, its batcher, metrics and readiness."""
 
-    def __init__(self, predictor: Predictor, config: ServeConfig) -> None:
-        self.predictor, self.config = predictor, config
+    def __init__(self, predictor: Predictor, config: ServeConfig, batching: type = Batcher) -> None:
+        self.predictor, self.config, self.batching = predictor, config, batching  # Batcher, or Ray Serve's
         self.threads = torch.get_num_threads()
         self.model = predictor.model_for(self.threads)
         self.ready = False
@@ -114,7 +116,7 @@ class ModelServer:
         self.queue_depth = Gauge("hybridvit_queue_depth", "Images waiting for a batch", registry=self.registry)
         self.in_flight = Gauge("hybridvit_requests_in_flight", "Prediction requests being served",
                                registry=self.registry)
-        self.batcher: Batcher | None = None
+        self.batcher: Any = None  # a Batcher, or its interface on Ray Serve's batcher
         self.decoders: ThreadPoolExecutor | None = None
         self.on_ready: Callable[[ModelServer], None] | None = None  # told once warmed up
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,7 +136,7 @@ class ModelServer:
         await loop.run_in_executor(None, self._run, zeros)
         self.rate = len(zeros) / (time.perf_counter() - start)
         self.decoders = ThreadPoolExecutor(self.config.decode_workers or self.threads, thread_name_prefix="decode")
-        self.batcher = Batcher(self._run, self.config.max_batch_size, self.config.max_wait_ms / 1e3,
+        self.batcher = self.batching(self._run, self.config.max_batch_size, self.config.max_wait_ms / 1e3,
                                self.batch_sizes.observe, incoming=lambda: self.decoding)
         self.batcher.start()
         self._loop = loop
@@ -156,18 +158,22 @@ class ModelServer:
         if self.decoders is not None:
             self.decoders.shutdown(wait=True)
 
+    async def decode(self, uploads: list[tuple[str, bytes]]) -> list[np.ndarray]:
+        """The uploads decoded in the decoding threads, in their order (``UploadError`` for the first bad one)."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(*(loop.run_in_executor(
+            self.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
+            for name, data in uploads), return_exceptions=True)
+        for result in decoded:
+            if isinstance(result, BaseException):
+                raise result
+        return decoded
+
     async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, embeddings: bool) -> list[dict[str, Any]]:
         """Rows for the uploads, in their order (all decoded before any reaches the model)."""
-        loop = asyncio.get_running_loop()
         self.decoding += len(uploads)
         try:
-            decoded = await asyncio.gather(*(loop.run_in_executor(
-                self.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
-                for name, data in uploads), return_exceptions=True)
-            for result in decoded:
-                if isinstance(result, BaseException):
-                    raise result
-            queued = [self.batcher.submit(image) for image in decoded]
+            queued = [self.batcher.submit(image) for image in await self.decode(uploads)]
         finally:
             self.decoding -= len(uploads)  # only once queued: a batch never misses an image on its way
         outputs = await asyncio.gather(*queued)
@@ -177,6 +183,16 @@ class ModelServer:
             for answer in answers:
                 answer.pop("embedding", None)
         return answers
+
+    async def attention(self, upload: tuple[str, bytes], query: tuple[float, float], layer: int) -> dict[str, Any]:
+        """One query's attention maps for one image (``Predictor.attention``), run between batches."""
+        image, = await self.decode([upload])
+        try:
+            view = await self.batcher.call(self.predictor.attention, image, query, layer)
+        except ValueError as e:  # a query outside the input, a layer that does not exist
+            raise UploadError(422, str(e)) from e
+        return {"layer": view.layer, "layers": view.layers, "query": list(query), "query_cell": list(view.query_cell),
+                "key_grid": list(view.maps.shape[1:]), "heads": view.maps.numpy().round(6).tolist()}
 
     def info(self) -> dict[str, Any]:
         p = self.predictor
@@ -225,10 +241,27 @@ def create_app(server: ModelServer) -> FastAPI:
             response = JSONResponse({"error": str(e)}, status_code=e.status)
         except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
             response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
-        server.in_flight.dec()
+        finally:  # a client that went away (cancelled) leaves the gauge too
+            server.in_flight.dec()
         server.requests.labels(str(response.status_code)).inc()
         server.latency.observe(time.perf_counter() - start)
         return response
+
+    @app.post("/v1/attention", summary="Where each head looks from one query point of an image",
+              description="The image as for /v1/predict (one image); y and x in the model input's pixels "
+                          "(input_size of /v1/model, after the resize and centre crop). The maps are those "
+                          "`hybridvit plot attention` draws: one (key rows x key columns) grid per head.")
+    async def attention(request: Request, y: float = Query(..., ge=0), x: float = Query(..., ge=0),
+                        layer: int = Query(-1, description="attention call, in forward order (-1: the last)")) -> Any:
+        check_key(request)  # refusals (UploadError) become JSON errors in the app's handler
+        uploads = await _read_uploads(request, config)
+        if len(uploads) != 1:
+            raise UploadError(400, f"send one image for attention maps, not {len(uploads)}")
+        return await server.attention(uploads[0], (y, x), layer)
+
+    @app.get("/", include_in_schema=False)
+    async def demo() -> HTMLResponse:
+        return HTMLResponse(DEMO_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/v1/model", summary="The model, its classes, preprocessing and the path it runs on")
     async def model(request: Request) -> dict[str, Any]:

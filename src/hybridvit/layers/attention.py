@@ -94,3 +94,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         scores.add_(bias.to(scores.dtype))
     torch.softmax(scores, dim=-1, out=scores)
     return torch.matmul(scores, v)
+
+
+@dataclass
+class AttentionView:
+    """One attention call seen from one query: the per-head maps over the key grid."""
+
+    layer: int  # index among the forward's attention calls (non-negative)
+    layers: int  # attention calls in the forward
+    query_cell: tuple[int, int]  # the query's (row, column) on the query grid
+    maps: torch.Tensor  # (heads, key H, key W) probabilities
+
+
+def capture_maps(model: torch.nn.Module, x: torch.Tensor) -> list[AttentionMap]:
+    """Every attention call's probabilities for input ``x``, with the grids its tokens lie on."""
+    with torch.inference_mode(), capture_attention() as maps:
+        model(x)
+    return maps
+
+
+def attention_view(maps: list[AttentionMap], layer: int, query: tuple[float, float],
+                   image_hw: tuple[int, int]) -> AttentionView:
+    """Each head's probabilities for the query at pixel ``query`` (y, x) of an ``image_hw`` input."""
+    if not -len(maps) <= layer < len(maps):
+        raise ValueError(f"attention layer {layer} does not exist: there are {len(maps)} (0..{len(maps) - 1})")
+    amap = maps[layer]
+    if not all(0 <= p < s for p, s in zip(query, image_hw)):
+        raise ValueError(f"query (y, x) = {tuple(query)} lies outside the {image_hw[0]}x{image_hw[1]} input")
+    (qh, qw), (kh, kw) = amap.query_grid, amap.key_grid
+    cell = tuple(min(max(int(p * g / s), 0), g - 1) for p, g, s in zip(query, (qh, qw), image_hw))
+    probs = amap.probs[0].float().cpu()  # (heads, Nq, Nk)
+    q_index = probs.shape[1] - qh * qw + cell[0] * qw + cell[1]  # extra tokens (a class token) come first
+    rows = probs[:, q_index, probs.shape[2] - kh * kw:]
+    return AttentionView(layer % len(maps), len(maps), cell, rows.reshape(-1, kh, kw))
