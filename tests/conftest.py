@@ -117,6 +117,15 @@ def images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance of 2 CPUs for one test module (started before any test's state check)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """A 3-epoch levit_128s digits run (32x32): trained weights for resume, export and agreement tests."""

@@ -471,14 +471,6 @@ def test_sigkill_twice_then_resume_gives_the_uninterrupted_rows(tmp_path, digits
 # -- Ray -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 def _spec(digits_run, **changes):
     from hybridvit.inference.cluster import ModelSpec
 

@@ -29,9 +29,20 @@ def serve_cmd(
     exif: bool = typer.Option(True, "--exif/--no-exif", help="turn photos as their EXIF orientation says"),
     pretrained: bool = PRETRAINED,
     pretrained_tag: Optional[str] = PRETRAINED_TAG,
+    ray: Optional[str] = typer.Option(None, help="replicas on Ray Serve at ADDRESS (bare --ray: the running "
+                                      "cluster, else a local one), batching with Ray Serve's batcher"),
+    replicas: int = typer.Option(1, help="with --ray: model replicas (without --max-replicas)"),
+    replica_cpus: int = typer.Option(1, help="with --ray: CPUs (and model threads) per replica"),
+    min_replicas: Optional[int] = typer.Option(None, help="with --ray: autoscale from this many replicas"),
+    max_replicas: Optional[int] = typer.Option(None, help="with --ray: autoscale up to this many replicas"),
+    target_ongoing_requests: Optional[float] = typer.Option(None, help="with --ray: autoscaling's requests "
+                                                            "per replica to aim for"),
+    max_ongoing_requests: Optional[int] = typer.Option(None, help="with --ray: requests one replica takes at "
+                                                       "once (default: 4 x --max-batch-size)"),
 ) -> None:
-    """Serve a model over HTTP: POST /v1/predict (image bytes), GET /v1/model, /health, /ready,
-    /metrics (Prometheus), /docs (OpenAPI). Concurrent requests share batches."""
+    """Serve a model over HTTP: POST /v1/predict (image bytes), POST /v1/attention, GET /v1/model,
+    /health, /ready, /metrics (Prometheus), /docs (OpenAPI) and a demo page at /. Concurrent
+    requests share batches. With --ray, the same app runs as replicas on Ray Serve."""
     from ..checks import check_range
     from ..inference.runners import installed
 
@@ -40,6 +51,7 @@ def serve_cmd(
                           'pip install "hybridvit[serve]"')
     from ..inference.predict import Predictor
     from ..inference.serving import ModelServer, ServeConfig, check_bind, run
+    from ..inference.serving_ray import Scaling
 
     check_range("max batch size", max_batch_size, 1)
     check_range("max wait ms", max_wait_ms, 0)
@@ -48,10 +60,18 @@ def serve_cmd(
     check_range("max body mb", max_body_mb, 0.001)
     check_range("workers", workers, 1)
     check_range("port", port, 0, 65535)
+    for name, value in (("replicas", replicas), ("replica cpus", replica_cpus), ("min replicas", min_replicas),
+                        ("max replicas", max_replicas), ("max ongoing requests", max_ongoing_requests)):
+        check_range(name, value, 1)
     check_bind(host, api_key, insecure)
+    config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key)
+    if ray is not None:
+        _serve_on_ray(checkpoint, config, host, port, precision, backend, exif, pretrained, pretrained_tag,
+                      ray, replica_cpus, Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests,
+                                                         max_ongoing_requests))
+        return
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend,
                           batch_size=max_batch_size, embeddings=not checkpoint.lower().endswith(".onnx"), exif=exif)
-    config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key)
     server = ModelServer(predictor, config)
 
     def announce(server: ModelServer) -> None:
@@ -61,3 +81,28 @@ def serve_cmd(
 
     server.on_ready = announce
     run(server, host, port, os.environ.get("HYBRIDVIT_LOG_LEVEL", "warning"))
+
+
+def _serve_on_ray(checkpoint: str, config, host: str, port: int, precision: str, backend: str, exif: bool,
+                  pretrained: bool, pretrained_tag: Optional[str], address: Optional[str], cpus: int, scaling) -> None:
+    """Deploy on Ray Serve, then wait for SIGINT or SIGTERM and take the app down."""
+    import signal
+    import threading
+
+    try:
+        from ray import serve
+    except ImportError as e:
+        raise ImportError(f'--ray needs Ray Serve: pip install "hybridvit[ray]" ({e})') from e
+    from ..inference.cluster import ModelSpec
+    from ..inference.serving_ray import deploy_on_ray
+
+    spec = ModelSpec(checkpoint, precision, backend, config.max_batch_size, not checkpoint.lower().endswith(".onnx"),
+                     exif, False, cpus, 5, pretrained, pretrained_tag)
+    url = deploy_on_ray(spec, config, host, port, scaling, address)
+    typer.echo(f"serving {checkpoint} on Ray Serve at {url} ({scaling.describe()}, {cpus} CPU(s) each); "
+               "docs at /docs", err=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()

@@ -97,6 +97,14 @@ def _listing(sources: list[str]) -> Any:
     return ray.data.from_items([{"path": p} for p in iter_inputs(sources)])
 
 
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None or ``auto``: the running one, else a local instance)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=None if address in (None, "auto") else address, log_to_driver=False)
+
+
 def predict_on_ray(spec: ModelSpec, sources: Iterable[str | Path], output: str | Path, address: str | None = None,
                    actors: int | None = None) -> tuple[int, int]:
     """Predict every image ``sources`` name on the Ray cluster at ``address`` (None or ``auto``:
@@ -108,8 +116,7 @@ def predict_on_ray(spec: ModelSpec, sources: Iterable[str | Path], output: str |
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init(address=None if address in (None, "auto") else address, log_to_driver=False)
+    connect(address)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = actors or max(1, cpus // (2 * spec.threads))  # the rest of the CPUs decode
     ds = _listing([str(s) for s in sources])
