@@ -16,6 +16,8 @@ SOURCE_HELP = "model folder, training run folder, checkpoint.pt, hf-hub:ORG/NAME
 PRETRAINED = typer.Option(False, "--pretrained", help="a model name: use its published weights")
 PRETRAINED_TAG = typer.Option(None, "--pretrained-tag", help="which published weights (see `hybridvit models`; "
                               "default: the first)")
+FAST_DECODE = typer.Option(False, "--fast-decode", help="JPEG: decode at 1/2-1/8 scale where the resize "
+                           "shrinks that much anyway (faster; not the same pixels)")
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, print_error
+from .common import FAST_DECODE, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, print_error
 
 INPUTS_HELP = ("image files, folders (recursive), glob patterns ('photos/**/*.jpg'), manifests (.txt: a path per "
                "line; .csv/.tsv/.parquet: a path column) or - for paths on standard input")
@@ -32,8 +32,7 @@ def predict_cmd(
     model_threads: Optional[int] = typer.Option(None, help="threads per model call (default: measured)"),
     exif: bool = typer.Option(True, "--exif/--no-exif", help="turn photos as their EXIF orientation says "
                               "(--no-exif: pixels as stored, as training reads them)"),
-    fast_decode: bool = typer.Option(False, "--fast-decode", help="JPEG: decode at 1/2-1/8 scale where the "
-                                     "resize shrinks that much anyway (faster; not the same pixels)"),
+    fast_decode: bool = FAST_DECODE,
     json_output: bool = typer.Option(False, "--json", help="without --output: print JSON lines"),
     ray: Optional[str] = typer.Option(None, help="run on Ray Data at ADDRESS (bare --ray: the running cluster, else "
                                       "a local one); --output is then a folder of Parquet files, one per block"),

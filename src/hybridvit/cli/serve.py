@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP
+from .common import FAST_DECODE, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP
 
 
 def serve_cmd(
@@ -27,6 +27,7 @@ def serve_cmd(
     max_images: int = typer.Option(64, help="most images in one request"),
     max_pixels: int = typer.Option(40_000_000, help="most pixels in one decoded image"),
     exif: bool = typer.Option(True, "--exif/--no-exif", help="turn photos as their EXIF orientation says"),
+    fast_decode: bool = FAST_DECODE,
     pretrained: bool = PRETRAINED,
     pretrained_tag: Optional[str] = PRETRAINED_TAG,
     ray: Optional[str] = typer.Option(None, help="replicas on Ray Serve at ADDRESS (bare --ray: the running "
@@ -66,12 +67,13 @@ def serve_cmd(
     check_bind(host, api_key, insecure)
     config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key)
     if ray is not None:
-        _serve_on_ray(checkpoint, config, host, port, precision, backend, exif, pretrained, pretrained_tag,
+        _serve_on_ray(checkpoint, config, host, port, precision, backend, exif, fast_decode, pretrained, pretrained_tag,
                       ray, replica_cpus, Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests,
-                                                         max_ongoing_requests))
+                                                 max_ongoing_requests))
         return
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend,
-                          batch_size=max_batch_size, embeddings=not checkpoint.lower().endswith(".onnx"), exif=exif)
+                          batch_size=max_batch_size, embeddings=not checkpoint.lower().endswith(".onnx"), exif=exif,
+                          fast_decode=fast_decode)
     server = ModelServer(predictor, config)
 
     def announce(server: ModelServer) -> None:
@@ -84,7 +86,7 @@ def serve_cmd(
 
 
 def _serve_on_ray(checkpoint: str, config, host: str, port: int, precision: str, backend: str, exif: bool,
-                  pretrained: bool, pretrained_tag: Optional[str], address: Optional[str], cpus: int, scaling) -> None:
+                  fast_decode: bool, pretrained: bool, pretrained_tag: Optional[str], address: Optional[str], cpus: int, scaling) -> None:
     """Deploy on Ray Serve, then wait for SIGINT or SIGTERM and take the app down."""
     import signal
     import threading
@@ -97,7 +99,7 @@ def _serve_on_ray(checkpoint: str, config, host: str, port: int, precision: str,
     from ..inference.serving_ray import deploy_on_ray
 
     spec = ModelSpec(checkpoint, precision, backend, config.max_batch_size, not checkpoint.lower().endswith(".onnx"),
-                     exif, False, cpus, 5, pretrained, pretrained_tag)
+                     exif, fast_decode, cpus, 5, pretrained, pretrained_tag)
     url = deploy_on_ray(spec, config, host, port, scaling, address)
     typer.echo(f"serving {checkpoint} on Ray Serve at {url} ({scaling.describe()}, {cpus} CPU(s) each); "
                "docs at /docs", err=True)
