@@ -99,6 +99,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def test_bad_uploads_get_named_4xx_errors_and_the_server_goes_on(tmp_path, predictor):
+    (tmp_path / "on_the_server.jpg").write_bytes(_digit_files(tmp_path / "digits", 2)[1])
     buffer = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     Image.fromarray(noise).save(buffer, "JPEG", quality=90)
@@ -118,6 +119,11 @@ def test_bad_uploads_get_named_4xx_errors_and_the_server_goes_on(tmp_path, predi
             "too big": await post(b"\xff" * (2 * 2**20)),
             "too many": await client.post("/v1/predict", files=[(f"f{i}", (f"{i}.jpg", jpeg, "image/jpeg"))
                                                                 for i in range(5)]),
+            # bytes only: a path on the server, as a body or a form field, is not read
+            "a path as the body": await post(str(tmp_path / "on_the_server.jpg").encode()),
+            "a path as a form field": await post(b'--b\r\ncontent-disposition: form-data; name="path"\r\n\r\n'
+                                                 + str(tmp_path / "on_the_server.jpg").encode() + b"\r\n--b--\r\n",
+                                                 "multipart/form-data; boundary=b"),
         }
         after = await post(jpeg)
         return answers, after
@@ -132,6 +138,8 @@ def test_bad_uploads_get_named_4xx_errors_and_the_server_goes_on(tmp_path, predi
     assert status["wrong type"][0] == 415 and "text/plain" in status["wrong type"][1]
     assert status["too big"][0] == 413 and "limit" in status["too big"][1]
     assert status["too many"][0] == 400 and "images" in status["too many"][1]
+    assert status["a path as the body"][0] == 415
+    assert status["a path as a form field"] == (400, "no image in the request")
     assert after.status_code == 200 and after.json()["predictions"][0]["top"]
 
 
