@@ -121,3 +121,21 @@ def test_two_ray_serve_replicas_answer_as_the_embedded_server_and_survive_a_kill
     assert proc.returncode == 0, output
     assert "on Ray Serve at " + url in output
     assert _replicas() == []
+
+
+def test_replica_and_autoscaling_settings_reach_ray_serves_deployment_config():
+    from ray import serve
+
+    from hybridvit.inference.serving_ray import Replica, Scaling
+
+    def config(scaling: Scaling):
+        deployment = serve.deployment(serve.ingress()(Replica), **scaling.options(max_batch_size=16, cpus=2))
+        return deployment._deployment_config, deployment.ray_actor_options
+
+    fixed, actor = config(Scaling(replicas=3))
+    assert fixed.num_replicas == 3 and fixed.autoscaling_config is None and actor["num_cpus"] == 2
+    assert fixed.max_ongoing_requests == 64  # 4 batches' worth: Ray Serve's default (5) would cap batches at 5
+    scaled, _ = config(Scaling(min_replicas=2, max_replicas=6, target_ongoing_requests=24, max_ongoing_requests=40))
+    auto = scaled.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 6, 24)
+    assert scaled.max_ongoing_requests == 40
