@@ -139,3 +139,5 @@ def test_replica_and_autoscaling_settings_reach_ray_serves_deployment_config():
     auto = scaled.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 6, 24)
     assert scaled.max_ongoing_requests == 40
+    with pytest.raises(ValueError, match="--max-replicas"):
+        Scaling(min_replicas=2)  # autoscaling settings without a ceiling are refused, not dropped

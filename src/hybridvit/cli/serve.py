@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .common import FAST_DECODE, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP
+
+if TYPE_CHECKING:
+    from ..inference.cluster import ModelSpec
+    from ..inference.serving import ServeConfig
+    from ..inference.serving_ray import Scaling
 
 
 def serve_cmd(
@@ -52,6 +57,7 @@ def serve_cmd(
                           'pip install "hybridvit[serve]"')
     from ..inference.predict import Predictor
     from ..inference.serving import ModelServer, ServeConfig, check_bind, run
+    from ..inference.cluster import ModelSpec
     from ..inference.serving_ray import Scaling
 
     check_range("max batch size", max_batch_size, 1)
@@ -66,14 +72,15 @@ def serve_cmd(
         check_range(name, value, 1)
     check_bind(host, api_key, insecure)
     config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key)
+    embeddings = not checkpoint.lower().endswith(".onnx")  # an ONNX file gives logits only
     if ray is not None:
-        _serve_on_ray(checkpoint, config, host, port, precision, backend, exif, fast_decode, pretrained, pretrained_tag,
-                      ray, replica_cpus, Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests,
-                                                 max_ongoing_requests))
+        scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests)
+        spec = ModelSpec(checkpoint, precision, backend, max_batch_size, embeddings, exif, fast_decode, replica_cpus,
+                         5, pretrained, pretrained_tag)
+        _serve_on_ray(spec, config, host, port, scaling, ray)
         return
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend,
-                          batch_size=max_batch_size, embeddings=not checkpoint.lower().endswith(".onnx"), exif=exif,
-                          fast_decode=fast_decode)
+                          batch_size=max_batch_size, embeddings=embeddings, exif=exif, fast_decode=fast_decode)
     server = ModelServer(predictor, config)
 
     def announce(server: ModelServer) -> None:
@@ -85,8 +92,8 @@ def serve_cmd(
     run(server, host, port, os.environ.get("HYBRIDVIT_LOG_LEVEL", "warning"))
 
 
-def _serve_on_ray(checkpoint: str, config, host: str, port: int, precision: str, backend: str, exif: bool,
-                  fast_decode: bool, pretrained: bool, pretrained_tag: Optional[str], address: Optional[str], cpus: int, scaling) -> None:
+def _serve_on_ray(spec: ModelSpec, config: ServeConfig, host: str, port: int, scaling: Scaling,
+                  address: str) -> None:
     """Deploy on Ray Serve, then wait for SIGINT or SIGTERM and take the app down."""
     import signal
     import threading
@@ -95,13 +102,10 @@ def _serve_on_ray(checkpoint: str, config, host: str, port: int, precision: str,
         from ray import serve
     except ImportError as e:
         raise ImportError(f'--ray needs Ray Serve: pip install "hybridvit[ray]" ({e})') from e
-    from ..inference.cluster import ModelSpec
     from ..inference.serving_ray import deploy_on_ray
 
-    spec = ModelSpec(checkpoint, precision, backend, config.max_batch_size, not checkpoint.lower().endswith(".onnx"),
-                     exif, fast_decode, cpus, 5, pretrained, pretrained_tag)
     url = deploy_on_ray(spec, config, host, port, scaling, address)
-    typer.echo(f"serving {checkpoint} on Ray Serve at {url} ({scaling.describe()}, {cpus} CPU(s) each); "
+    typer.echo(f"serving {spec.source} on Ray Serve at {url} ({scaling.describe()}, {spec.threads} CPU(s) each); "
                "docs at /docs", err=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -100,8 +100,8 @@ def decode_upload(predictor: Predictor, data: bytes, name: str, max_pixels: int)
 class ModelServer:
     """The state one app serves: the predictor, its batcher, metrics and readiness."""
 
-    def __init__(self, predictor: Predictor, config: ServeConfig, batching: type = Batcher) -> None:
-        self.predictor, self.config, self.batching = predictor, config, batching  # Batcher, or Ray Serve's
+    def __init__(self, predictor: Predictor, config: ServeConfig, batching: type[Batcher] = Batcher) -> None:
+        self.predictor, self.config, self.batching = predictor, config, batching  # Batcher, or Ray Serve's (RayBatcher)
         self.threads = torch.get_num_threads()
         self.model = predictor.model_for(self.threads)
         self.ready = False
@@ -116,7 +116,7 @@ class ModelServer:
         self.queue_depth = Gauge("hybridvit_queue_depth", "Images waiting for a batch", registry=self.registry)
         self.in_flight = Gauge("hybridvit_requests_in_flight", "Prediction requests being served",
                                registry=self.registry)
-        self.batcher: Any = None  # a Batcher, or its interface on Ray Serve's batcher
+        self.batcher: Batcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
         self.on_ready: Callable[[ModelServer], None] | None = None  # told once warmed up
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,9 +259,11 @@ def create_app(server: ModelServer) -> FastAPI:
             raise UploadError(400, f"send one image for attention maps, not {len(uploads)}")
         return await server.attention(uploads[0], (y, x), layer)
 
+    page = DEMO_PAGE.read_text(encoding="utf-8")
+
     @app.get("/", include_in_schema=False)
     async def demo() -> HTMLResponse:
-        return HTMLResponse(DEMO_PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page)
 
     @app.get("/v1/model", summary="The model, its classes, preprocessing and the path it runs on")
     async def model(request: Request) -> dict[str, Any]:

@@ -11,30 +11,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .batcher import RunBatch
+from .batcher import Batcher, RunBatch
 from .cluster import ModelSpec, connect
+
+if TYPE_CHECKING:
+    from .serving import ServeConfig
 
 APP_NAME = "hybridvit"
 
 
-class RayBatcher:
-    """``Batcher``'s interface on ``ray.serve.batch``: one batch at a time, of at most
+class RayBatcher(Batcher):
+    """``Batcher`` with ``ray.serve.batch`` gathering the batches: one batch at a time, of at most
     ``max_batch_size`` images, each waiting at most ``max_wait_s`` for others to join it."""
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
                  on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1) -> None:
         from ray import serve
 
-        self.run, self.on_batch = run, on_batch
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
-        self._waiting = 0
+        super().__init__(run, max_batch_size, max_wait_s, on_batch, incoming)
 
         async def batch(images: list[np.ndarray]) -> list[torch.Tensor]:
             self._waiting -= len(images)
@@ -44,32 +44,22 @@ class RayBatcher:
 
         self._batched = serve.batch(batch, max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_s)
 
-    @property
-    def depth(self) -> int:
-        return self._waiting
-
     def start(self) -> None:
         pass  # Ray Serve's batcher starts with the first call
 
     def hurry(self) -> None:
         pass  # Ray Serve drains a replica itself (graceful_shutdown_timeout_s)
 
-    async def stop(self) -> None:
-        self._executor.shutdown(wait=True)
-
     def submit(self, image: np.ndarray) -> asyncio.Future:
         self._waiting += 1
         return asyncio.ensure_future(self._batched(image))
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
 class Replica:
     """One Ray Serve replica: the app around a model it loads itself (``__serve_build_asgi_app__``
     is Ray Serve's hook for an app built on the replica)."""
 
-    def __init__(self, spec: ModelSpec, config: Any) -> None:
+    def __init__(self, spec: ModelSpec, config: ServeConfig) -> None:
         self.spec, self.config = spec, config
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -90,6 +80,10 @@ class Scaling:
     target_ongoing_requests: float | None = None
     max_ongoing_requests: int | None = None  # per replica; default: 4 batches' worth, so batches can fill
 
+    def __post_init__(self) -> None:
+        if self.max_replicas is None and (self.min_replicas is not None or self.target_ongoing_requests is not None):
+            raise ValueError("--min-replicas and --target-ongoing-requests autoscale: give --max-replicas too")
+
     def describe(self) -> str:
         if self.max_replicas is None:
             return f"{self.replicas} replica(s)"
@@ -108,7 +102,7 @@ class Scaling:
         return options
 
 
-def deploy_on_ray(spec: ModelSpec, config: Any, host: str, port: int, scaling: Scaling,
+def deploy_on_ray(spec: ModelSpec, config: ServeConfig, host: str, port: int, scaling: Scaling,
                   address: str | None = None) -> str:
     """Start the app on the Ray cluster at ``address`` (None or ``auto``: the running one, else a
     local instance) behind Ray Serve's proxy on ``host:port``; returns once every replica is
