@@ -20,97 +20,67 @@ import ctypes.util
 import statistics
 import time
 import warnings
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .export import onnx_bytes
 from ..fusion import fuse
+from .export import onnx_bytes
 from .machine import matmul_rates
-from .runners import (OnnxRuntimeRunner, OpenVinoRunner, onnxruntime_available, openvino_available,
-                      torchscript_runner)
+from .model import InferenceModel, Runner
+from .quantize import QUANTIZED_BACKENDS, calibration_batches, quantize_static, quantized_backend_available
+from .runners import OnnxRuntimeRunner, OpenVinoRunner, onnxruntime_available, openvino_available, torchscript_runner
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-BACKENDS = ("auto", "onnxruntime", "openvino", "torchscript")
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8-static")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torchscript", "nncf")
 # Largest relative difference from the eager fp32 model that counts as the same outputs.
 AGREEMENT = {"fp32": 1e-4, "bf16": 5e-2}
-
-
-Runner = Callable[[torch.Tensor], torch.Tensor]
-_SIZES_KEPT = 8  # captured graphs per input size (a server sees a handful of sizes)
-
-
-class InferenceModel(nn.Module):
-    """A captured, fused model: checks inputs like the original and returns float32 logits.
-
-    A graph is captured for one input size. Given ``rebuild`` (input example -> runner), a new
-    size captures another graph on its first call (about a second; the last few sizes are
-    kept), so the model serves every size its source serves; without it other sizes are refused.
-    ``measured`` holds images/s per ``precision/backend`` candidate when ``precision="auto"``
-    chose this one (nan where a candidate's outputs disagreed with fp32).
-    """
-
-    def __init__(self, runner: Runner, source: nn.Module, dtype: torch.dtype, precision: str, backend: str,
-                 input_hw: tuple[int, int], rebuild: Callable[[torch.Tensor], Runner] | None = None) -> None:
-        super().__init__()
-        self.runners: dict[tuple[int, int], Runner] = {tuple(input_hw): runner}
-        self.rebuild = rebuild
-        self.dtype = dtype
-        self.precision = precision
-        self.backend = backend
-        self.model_name = getattr(source, "model_name", None)
-        self._check_input = getattr(source, "check_input", None)
-        self.measured: dict[str, float] = {}
-
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._check_input is not None:
-            self._check_input(x)
-        return self._runner_for(x)(x.to(self.dtype)).float()
-
-    def _runner_for(self, x: torch.Tensor) -> Runner:
-        hw = (int(x.shape[-2]), int(x.shape[-1]))
-        runner = self.runners.get(hw)
-        if runner is not None:
-            return runner
-        if self.rebuild is None:
-            h, w = next(iter(self.runners))
-            raise ValueError(f"this {self.precision} {self.backend} model was captured for {h}x{w} inputs; got "
-                             f"{hw[0]}x{hw[1]} (build it again at the size you serve)")
-        if len(self.runners) >= _SIZES_KEPT:
-            del self.runners[list(self.runners)[1]]  # the oldest extra size; the first is the one asked for
-        runner = self.runners[hw] = self.rebuild(torch.zeros(1, *x.shape[1:], dtype=torch.float32, device=x.device))
-        return runner
+# int8 changes outputs: it counts as the same model when the top-1 class agrees with fp32 on at
+# least this share of the validation images.
+TOP1_AGREEMENT = 0.99
+Images = Iterable[torch.Tensor] | torch.Tensor  # image batches, or one tensor of images
 
 
 def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Tensor | None = None,
-             backend: str = "auto") -> InferenceModel:
+             backend: str = "auto", calibration: Images | None = None,
+             validation: Images | None = None) -> InferenceModel:
     """Return the fastest inference version of ``model`` (left untouched) on its current device.
 
     ``fp32`` stays within 1e-4 of the eager model. ``bf16`` runs in bfloat16 (fast on CPUs with
     AVX512-BF16/AMX, and on the GPU; a warning says when this CPU's bf16 products are slower
-    than fp32). ``int8`` applies dynamic int8 quantization to the linear maps (CPU; for
-    calibrated static int8 see ``hybridvit.quantize``). ``auto`` builds every precision and
-    backend that can run here, times them on ``example_input`` for a few seconds, and keeps
-    the fastest whose outputs agree with fp32 (bf16 is skipped where this CPU's bf16 matrix
-    products are slower than fp32). ``example_input`` fixes the captured input size (default:
-    the model's own, batch 1); any batch size works afterwards. ``backend``: ``onnxruntime``
-    or ``openvino`` (CPU: an in-memory ONNX export, PyTorch's thread count), ``torchscript``
-    (a frozen trace), or ``auto``: ONNX Runtime for fp32 on the CPU when installed,
-    TorchScript otherwise (with ``precision="auto"``: measured).
+    than fp32). ``int8`` applies dynamic int8 quantization to the linear maps (CPU, TorchScript).
+    ``int8-static`` is ``quantize_static`` calibrated on ``calibration`` (CPU; ONNX Runtime,
+    OpenVINO, or NNCF's quantization in OpenVINO). ``auto`` builds every precision and backend
+    that can run here, times them on ``example_input`` for a few seconds, and keeps the fastest
+    whose outputs agree with fp32 (bf16 is skipped where this CPU's bf16 matrix products are
+    slower than fp32). int8 enters ``auto`` only with ``validation`` images (static int8 also
+    needs ``calibration``): an int8 candidate counts only if its top-1 class agrees with fp32's
+    on at least ``TOP1_AGREEMENT`` of them; the result's ``agreement`` reports what was measured.
+    ``example_input`` fixes the captured input size (default: the model's own, batch 1); any
+    batch size works afterwards. ``backend``: ``onnxruntime`` or ``openvino`` (CPU: an in-memory
+    ONNX export, PyTorch's thread count), ``torchscript`` (a frozen trace), ``nncf`` (static int8
+    only), or ``auto``: ONNX Runtime for fp32 on the CPU when installed, TorchScript otherwise;
+    with ``precision="auto"`` or ``"int8-static"``: measured.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision == "int8-static" and calibration is None:
+        raise ValueError("int8-static needs calibration images (a folder of them: hybridvit.calibration_set)")
     device = next(model.parameters()).device
     if example_input is None:
         example_input = torch.zeros(1, model.in_chans, *model.input_hw, device=device)  # type: ignore[attr-defined]
     getattr(model, "check_input", lambda x: None)(example_input)
     fused = fuse(model).requires_grad_(False)
+    data = _Int8Data(model, fused, calibration, validation)
     if precision == "auto":
-        return _fastest(model, fused, example_input, backend)
+        return _fastest(model, fused, example_input, _candidates(device, backend, data), data, gate=True)
+    if precision == "int8-static" and backend == "auto":  # the int8 runtimes, measured (not gated: asked for)
+        pairs = [("int8-static", b) for b in _backends("auto") if supports(b, "int8-static", device)]
+        return _fastest(model, fused, example_input, pairs, data, gate=False)
     if backend == "auto":
         backend = "onnxruntime" if device.type == "cpu" and precision == "fp32" and onnxruntime_available() \
             else "torchscript"
@@ -118,21 +88,53 @@ def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Ten
         raise ValueError(f"the {backend} backend does not run {precision} on {device.type}")
     if precision == "bf16" and device.type == "cpu":
         _warn_if_slow_bf16()
-    return _build(model, fused, example_input, precision, backend)
+    built = _build(model, fused, example_input, precision, backend, data)
+    if data.validation is not None and precision.startswith("int8"):
+        built.agreement = {f"{precision}/{backend}": data.agreement(built)}
+    return built
 
 
 def supports(backend: str, precision: str, device: torch.device) -> bool:
-    """Whether ``backend`` can run ``precision`` on ``device``."""
+    """Whether ``backend`` can run ``precision`` on ``device`` (with what is installed, for static int8)."""
+    if precision == "int8-static":
+        return device.type == "cpu" and backend in QUANTIZED_BACKENDS and quantized_backend_available(backend)
     if backend == "torchscript":
         return precision != "int8" or device.type == "cpu"
     if device.type != "cpu":
         return False
     if backend == "onnxruntime":
         return precision == "fp32"
-    return precision in ("fp32", "bf16")  # openvino
+    return backend == "openvino" and precision in ("fp32", "bf16")
 
 
-def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision: str, backend: str) -> InferenceModel:
+class _Int8Data:
+    """Calibration and validation images for int8 candidates, with fp32's top-1 on the latter."""
+
+    def __init__(self, model: nn.Module, fused: nn.Module, calibration: Images | None,
+                 validation: Images | None) -> None:
+        self.fused = fused
+        self.calibration = calibration_batches(model, calibration) if calibration is not None else None
+        self.validation = calibration_batches(model, validation) if validation is not None else None
+        self.classes: int | None = getattr(model, "num_classes", None)  # logits first, then any embeddings
+        self._expected: torch.Tensor | None = None
+
+    def top1(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        assert self.validation is not None
+        with torch.inference_mode():
+            return torch.cat([fn(batch)[:, :self.classes].argmax(1) for batch in self.validation])
+
+    def agreement(self, candidate: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Share of the validation images whose top-1 class ``candidate`` shares with fp32."""
+        if self._expected is None:
+            self._expected = self.top1(lambda x: self.fused(x).float())
+        return (self.top1(candidate) == self._expected).float().mean().item()
+
+
+def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision: str, backend: str,
+           data: _Int8Data | None = None) -> InferenceModel:
+    if precision == "int8-static":
+        assert data is not None and data.calibration is not None
+        return quantize_static(model, data.calibration, backend=backend)
     dtype = torch.bfloat16 if precision == "bf16" and backend == "torchscript" else torch.float32
     graph_model = fused
     if backend == "torchscript" and precision == "bf16":
@@ -161,32 +163,53 @@ def _warn_if_slow_bf16() -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def _candidates(device: torch.device, backend: str) -> list[tuple[str, str]]:
-    """(precision, backend) pairs worth timing here; int8 changes outputs too much to be picked blindly."""
+def _backends(backend: str) -> list[str]:
+    """The backends ``auto`` weighs: those installed here."""
+    if backend != "auto":
+        return [backend]
+    available = {"onnxruntime": onnxruntime_available(), "openvino": openvino_available(), "torchscript": True,
+                 "nncf": quantized_backend_available("nncf")}
+    return [b for b in BACKENDS[1:] if available[b]]
+
+
+def _candidates(device: torch.device, backend: str, data: _Int8Data) -> list[tuple[str, str]]:
+    """(precision, backend) pairs worth timing here; int8 only with validation images to check it on."""
     precisions = ["fp32"]
     if device.type != "cpu" or matmul_rates()["bf16"] >= matmul_rates()["fp32"]:
         precisions.append("bf16")
-    available = {"onnxruntime": onnxruntime_available(), "openvino": openvino_available(), "torchscript": True}
-    backends = [b for b in BACKENDS[1:] if available[b]] if backend == "auto" else [backend]
-    return [(p, b) for p in precisions for b in backends if supports(b, p, device)]
+    if data.validation is not None:
+        precisions.append("int8")
+        if data.calibration is not None:
+            precisions.append("int8-static")
+    return [(p, b) for p in precisions for b in _backends(backend) if supports(b, p, device)]
 
 
-def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, backend: str, rounds: int = 3,
-             round_s: float = 0.3) -> InferenceModel:
-    """Build each candidate, drop those whose outputs disagree with the eager fp32 model, time
-    the rest in interleaved rounds on ``example`` and keep the fastest."""
+def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, pairs: list[tuple[str, str]],
+             data: _Int8Data, gate: bool, rounds: int = 3, round_s: float = 0.3) -> InferenceModel:
+    """Build each candidate, drop those whose outputs disagree with the eager fp32 model (int8:
+    with ``gate``, top-1 on fewer than ``TOP1_AGREEMENT`` of the validation images), time the
+    rest in interleaved rounds on ``example`` and keep the fastest."""
+    if not pairs:
+        raise ValueError(f"no backend installed here runs {example.device.type} inference of this kind")
     x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
     with torch.inference_mode():
         reference = fused(x).float()
     built: dict[str, InferenceModel] = {}
     measured: dict[str, float] = {}  # nan: outputs disagreed
-    for precision, b in _candidates(example.device, backend):
-        candidate = _build(model, fused, example, precision, b)
-        error = ((candidate(x) - reference).abs().max() / reference.abs().max()).item()
-        if error <= AGREEMENT[precision]:
-            built[f"{precision}/{b}"] = candidate
+    agreement: dict[str, float] = {}
+    for precision, b in pairs:
+        key = f"{precision}/{b}"
+        candidate = _build(model, fused, example, precision, b, data)
+        if precision.startswith("int8"):
+            if data.validation is not None:
+                agreement[key] = data.agreement(candidate)
+            agrees = not gate or agreement[key] >= TOP1_AGREEMENT
         else:
-            measured[f"{precision}/{b}"] = float("nan")
+            agrees = ((candidate(x) - reference).abs().max() / reference.abs().max()).item() <= AGREEMENT[precision]
+        if agrees:
+            built[key] = candidate
+        else:
+            measured[key] = float("nan")
     if not built:
         raise RuntimeError("no inference path reproduced the model's fp32 outputs")
     speeds: dict[str, list[float]] = {key: [] for key in built}
@@ -196,6 +219,7 @@ def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, backend:
     fastest = max(speeds, key=lambda key: statistics.median(speeds[key]))
     best = built[fastest]
     best.measured = {key: statistics.median(v) for key, v in speeds.items()} | measured
+    best.agreement = agreement
     return best
 
 

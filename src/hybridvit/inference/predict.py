@@ -54,7 +54,7 @@ class Deployed(nn.Module):
         self.net, self.embeddings, self._input_hw = net, embeddings, tuple(input_hw)
         self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, -1, 1, 1)))
         self.register_buffer("shift", torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1))
-        self.in_chans = net.in_chans
+        self.in_chans, self.num_classes = net.in_chans, net.num_classes
         self.model_name = net.model_name
         self.cpu_graph_rewrite = getattr(net, "cpu_graph_rewrite", False)
 

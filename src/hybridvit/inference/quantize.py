@@ -38,26 +38,29 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ..checks import check_output_file
 from ..data import DataError, eval_transform, load_image
 from ..data.datasets import image_files
-from .export import onnx_bytes
 from ..fusion import fuse
-from .optimize import InferenceModel
 from ..registry import get_model_info
-from .runners import OnnxRuntimeRunner, onnxruntime_available
+from .export import onnx_bytes
+from .model import InferenceModel, Runner
+from .runners import OnnxRuntimeRunner, OpenVinoRunner, installed, onnxruntime_available, openvino_available
 
 if TYPE_CHECKING:
     import onnx
 
 CALIBRATION_IMAGES = 256
+QUANTIZED_BACKENDS = ("onnxruntime", "openvino", "nncf")
 # An attention-score MatMul and the arithmetic (scale, bias) between it and its Softmax.
 _SCORE_PATH = {"MatMul", "Add", "Sub", "Mul", "Div"}
+_PREPROCESSING = {"Add", "Sub", "Mul", "Div"}
 
 
 @dataclass
@@ -76,26 +79,29 @@ class CalibrationSet:
 
 
 def calibration_set(data: str | Path, model: nn.Module, images: int = CALIBRATION_IMAGES, batch_size: int = 32,
-                    seed: int = 0, crop_pct: float | None = None) -> CalibrationSet:
+                    seed: int = 0, crop_pct: float | None = None, split: str = "train",
+                    transform: Callable[[Image.Image], torch.Tensor] | None = None) -> CalibrationSet:
     """``images`` images drawn at random (seeded) from a folder, preprocessed as for evaluation.
 
-    ``data``: an ImageNet-layout root (its ``train`` split, so that ``val`` still measures the
-    quantized model), a class folder or any folder of images, searched recursively. As in
-    training and evaluation, files that cannot be decoded are skipped (and listed), and the
-    next files drawn take their place. ``crop_pct``: the model's own (stored with trained
-    models), default its variant's.
+    ``data``: an ImageNet-layout root (its ``split``: ``train`` to calibrate, so that ``val``
+    still measures the quantized model), a class folder or any folder of images, searched
+    recursively. As in training and evaluation, files that cannot be decoded are skipped (and
+    listed), and the next files drawn take their place. ``crop_pct``: the model's own (stored
+    with trained models), default its variant's. ``transform``: another preprocessing (such as
+    ``predict``'s raw pixels) in place of the model's evaluation transform.
     """
     root = Path(data)
     if not root.is_dir():
-        raise DataError(f"calibration data {root} is not a folder of images")
-    if (root / "train").is_dir():
-        root = root / "train"
+        raise DataError(f"image data {root} is not a folder of images")
+    if (root / split).is_dir():
+        root = root / split
     files = image_files(root)
     if not files:
         raise DataError(f"no image files in {root} or its subfolders")
-    if getattr(model, "model_name", None) is None:
-        raise ValueError("unknown model variant, cannot pick its preprocessing")
-    transform = eval_transform(get_model_info(model.model_name), model.input_hw, crop_pct)
+    if transform is None:
+        if getattr(model, "model_name", None) is None:
+            raise ValueError("unknown model variant, cannot pick its preprocessing")
+        transform = eval_transform(get_model_info(model.model_name), model.input_hw, crop_pct)
     random.Random(seed).shuffle(files)
     tensors, skipped = [], []
     for path in files:
@@ -114,23 +120,53 @@ def calibration_set(data: str | Path, model: nn.Module, images: int = CALIBRATIO
 
 def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torch.Tensor,
                     output: str | Path | None = None, per_channel: bool = True,
-                    reduce_range: bool = True) -> InferenceModel:
+                    reduce_range: bool = True, backend: str = "onnxruntime") -> InferenceModel:
     """Static int8 version of ``model`` (left untouched), calibrated on ``calibration``.
 
     ``calibration``: preprocessed image batches (e.g. a ``calibration_set``) or one tensor of
     images (split into batches of 32); their height and width are the model's from now on, the
-    batch size stays free. ``output``: also write the quantized ONNX file there. Returns float
-    logits from ONNX Runtime on the CPU with PyTorch's thread count. ``reduce_range`` (7-bit
+    batch size stays free. ``backend``: where the int8 model runs, with PyTorch's thread count:
+    ``onnxruntime`` or ``openvino`` run our QDQ model; ``nncf`` runs NNCF's default
+    post-training quantization of the fused model's export in OpenVINO (the peer, on our graph).
+    ``output``: also write the QDQ ONNX file there (not for ``nncf``). ``reduce_range`` (7-bit
     weights) avoids overflow on CPUs without VNNI; without it, VNNI CPUs gain one bit of
-    weight precision.
+    weight precision. Returns float logits.
     """
-    if not onnxruntime_available():
-        raise ImportError("static int8 quantization needs onnx and onnxruntime: pip install hybridvit[export]")
-    import onnx
-    from onnxruntime import quantization as ortq
-
+    if backend not in QUANTIZED_BACKENDS:
+        raise ValueError(f"static int8 backend must be one of {', '.join(QUANTIZED_BACKENDS)}, got {backend!r}")
+    if not quantized_backend_available(backend):
+        extra = {"onnxruntime": "onnx onnxruntime", "openvino": "onnx onnxruntime openvino",
+                 "nncf": "onnx openvino nncf"}[backend]
+        raise ImportError(f"static int8 in {backend} needs {extra}: pip install {extra}")
     if output is not None:
+        if backend == "nncf":
+            raise ValueError("the nncf backend makes an OpenVINO model, not a QDQ ONNX file: leave output unset")
         check_output_file(output)
+    batches = calibration_batches(model, calibration)
+    fused = fuse(model).cpu().requires_grad_(False)
+    source = onnx_bytes(fused, torch.zeros(2, *batches[0].shape[1:]))
+    quantized = nncf_openvino(source, batches) if backend == "nncf" else qdq_onnx(source, batches, per_channel,
+                                                                                     reduce_range)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_bytes(quantized)
+    hw = tuple(batches[0].shape[-2:])
+
+    def capture(example: torch.Tensor) -> Runner:  # at the calibrated size only (fixed_size)
+        return OnnxRuntimeRunner(quantized) if backend == "onnxruntime" else OpenVinoRunner(quantized)
+
+    return InferenceModel(capture(torch.zeros(1, *batches[0].shape[1:])), model, torch.float32, "int8-static",
+                          backend, hw, capture, fixed_size=True)
+
+
+def quantized_backend_available(backend: str) -> bool:
+    """Whether static int8 can run in ``backend`` here (ONNX Runtime's quantizer makes the QDQ model)."""
+    return {"onnxruntime": onnxruntime_available(), "openvino": onnxruntime_available() and openvino_available(),
+            "nncf": openvino_available() and installed("nncf")}[backend]
+
+
+def calibration_batches(model: nn.Module, calibration: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """``calibration`` as a list of float batches of one size that ``model`` accepts."""
     batches = list(calibration.split(32) if isinstance(calibration, torch.Tensor) else calibration)
     if not batches or not sum(len(b) for b in batches):
         raise ValueError("no calibration images")
@@ -139,6 +175,14 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
         check(batch)
         if batch.shape[1:] != batches[0].shape[1:]:
             raise ValueError(f"calibration batches differ in size: {tuple(batches[0].shape)}, {tuple(batch.shape)}")
+    return [b.detach().cpu().float().contiguous() for b in batches]
+
+
+def qdq_onnx(model: bytes, batches: list[torch.Tensor], per_channel: bool = True, reduce_range: bool = True) -> bytes:
+    """ONNX Runtime's static quantization (QDQ) of an ONNX model with our choices of what stays
+    float (see the module docstring), min/max-calibrated on ``batches``."""
+    import onnx
+    from onnxruntime import quantization as ortq
 
     class Reader(ortq.CalibrationDataReader):
         def __init__(self) -> None:
@@ -146,22 +190,49 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
 
         def get_next(self) -> dict | None:
             batch = next(self.batches, None)
-            return None if batch is None else {"images": batch.detach().cpu().float().contiguous().numpy()}
+            return None if batch is None else {"images": batch.numpy()}
 
-    fused = fuse(model).cpu().requires_grad_(False)
-    source = onnx.load_from_string(onnx_bytes(fused, torch.zeros(2, *batches[0].shape[1:])))
+    source = onnx.load_from_string(model)
     _unshare_weights(source)
     with tempfile.TemporaryDirectory() as tmp, _without_preprocessing_advice():
         target = Path(tmp) / "int8.onnx"
         ortq.quantize_static(source, target, Reader(), quant_format=ortq.QuantFormat.QDQ,
                              activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
                              per_channel=per_channel, reduce_range=reduce_range, nodes_to_exclude=_float_nodes(source))
-        quantized = target.read_bytes()
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_bytes(quantized)
-    return InferenceModel(OnnxRuntimeRunner(quantized), model, torch.float32, "int8-static", "onnxruntime",
-                          batches[0].shape[-2:])
+        return target.read_bytes()
+
+
+def nncf_openvino(model: bytes, batches: list[torch.Tensor]) -> Any:
+    """NNCF's default post-training quantization (``nncf.quantize``, its own choices of what stays
+    float) of an ONNX model read by OpenVINO, calibrated on every image of ``batches``: what a
+    user who wants int8 in OpenVINO does. Returns an ``openvino.Model``."""
+    import openvino as ov
+
+    images = [image[None].numpy() for batch in batches for image in batch]
+    with _quiet_nncf() as nncf:
+        return nncf.quantize(ov.Core().read_model(model, b""), nncf.Dataset(images), subset_size=len(images))
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[Any]:
+    """NNCF, imported and run without its progress bars (on rich's global console), INFO lines
+    and the CUDA notice its import has PyTorch log: they are for NNCF's own users."""
+    import rich
+
+    extension, logger, console = logging.getLogger("torch.utils.cpp_extension"), logging.getLogger("nncf"), \
+        rich.get_console()
+    saved = extension.level, logger.level, console.quiet
+    extension.setLevel(logging.ERROR)
+    console.quiet = True
+    try:
+        logger.setLevel(logging.WARNING)
+        import nncf
+
+        yield nncf
+    finally:
+        extension.setLevel(saved[0])
+        logger.setLevel(saved[1])
+        console.quiet = saved[2]
 
 
 def _unshare_weights(model: onnx.ModelProto) -> None:
@@ -194,13 +265,19 @@ def _copy(graph: onnx.GraphProto, tensor: onnx.TensorProto, name: str) -> onnx.T
 
 def _float_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes kept in float: each Softmax with the score arithmetic and MatMul
-    before it, convolutions of the graph input (see the module docstring) and LayerNorms
+    before it, convolutions of the graph input, or of its scaled version (see the module
+    docstring), and LayerNorms
     (ONNX Runtime has no int8 kernel for them, and its per-channel rule misfits their 1-D scales)."""
     graph = model.graph
     producer = {name: node for node in graph.node for name in node.output}
     inputs = {i.name for i in graph.input}
-    names = [n.name for n in graph.node if n.op_type == "LayerNormalization"
-             or n.op_type == "Conv" and n.input[0] in inputs]
+    names = []
+    for node in graph.node:  # in graph order: elementwise steps on the images (predict's scaling) count as input
+        if node.op_type in _PREPROCESSING and node.input[0] in inputs:
+            inputs.add(node.output[0])
+            names.append(node.name)
+    names += [n.name for n in graph.node if n.op_type == "LayerNormalization"
+              or n.op_type == "Conv" and n.input[0] in inputs]
     for softmax in (n for n in graph.node if n.op_type == "Softmax"):
         names.append(softmax.name)
         node = producer.get(softmax.input[0])

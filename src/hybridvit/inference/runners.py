@@ -96,20 +96,29 @@ def keep_signal_stack() -> Iterator[None]:
 
 
 class OpenVinoRunner:
-    """The same ONNX export compiled by OpenVINO's CPU plugin: one stream, latency hint,
-    PyTorch's thread count, and fp32 or bf16 arithmetic as asked (no silent down-cast).
+    """A model compiled by OpenVINO's CPU plugin: one stream, latency hint, PyTorch's thread
+    count, and fp32 or bf16 arithmetic as asked (no silent down-cast; int8 where the graph says
+    so). ``model``: a fused module (exported to ONNX on ``example``), ONNX bytes (such as a QDQ
+    int8 model) or an ``openvino.Model`` (such as NNCF's int8 model).
     Each calling thread gets an infer request of its own, so it may be called from several.
     Threads are not pinned: pinned, every one-thread model took the same core, and two of them
     in lanes beside decoding threads ran no faster than one (docs/benchmarks.md)."""
 
-    def __init__(self, fused: nn.Module, example: torch.Tensor, precision: str = "fp32") -> None:
+    def __init__(self, model: nn.Module | bytes | Any, example: torch.Tensor | None = None,
+                 precision: str = "fp32") -> None:
         import openvino as ov
 
         from .export import onnx_bytes
 
         core = ov.Core()
+        if isinstance(model, nn.Module):
+            if example is None:
+                raise ValueError("an example input is needed to export a module for OpenVINO")
+            model = onnx_bytes(model, example)
+        if isinstance(model, bytes):
+            model = core.read_model(model, b"")
         with keep_signal_stack():
-            self.compiled = core.compile_model(core.read_model(onnx_bytes(fused, example), b""), "CPU", {
+            self.compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                 "ENABLE_CPU_PINNING": False,
                 "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
