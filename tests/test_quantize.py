@@ -3,6 +3,8 @@ the choices the graph makes (what stays float, one quantized copy per weight), t
 
 from __future__ import annotations
 
+import importlib
+import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +26,7 @@ from hybridvit.data.datasets import digits_split
 from hybridvit.inference.export import onnxruntime_session
 from hybridvit.layers import capture_attention
 from hybridvit.inference.machine import torch_threads
+from hybridvit.inference.optimize import TOP1_AGREEMENT, optimize
 from hybridvit.inference.quantize import calibration_set, quantize_static
 
 runner = CliRunner()
@@ -300,3 +303,77 @@ def test_bad_calibration_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("hybridvit.inference.quantize.onnxruntime_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install hybridvit\[export\]"):
         quantize_static(model, torch.zeros(1, 3, 32, 32))
+
+
+def _digits_auto(quantized, digits, monkeypatch, int8_output=None, slow_float=False):
+    """``optimize("auto")`` on the digits run with int8 allowed (ONNX Runtime only, to keep it
+    short): ``int8_output`` changes what the static int8 model answers; ``slow_float`` makes every
+    float candidate run its graph four times per call."""
+    opt = importlib.import_module("hybridvit.inference.optimize")  # the package attribute is the function
+
+    model, *_ = quantized
+    train, _, val, _ = digits
+    real_quantize, real_build = opt.quantize_static, opt._build
+
+    def quantize(*args, **kwargs):
+        q = real_quantize(*args, **kwargs)
+        if int8_output is not None:
+            runner = q.runners[q.input_hw]
+            q.runners[q.input_hw] = lambda x: int8_output(runner(x))
+        return q
+
+    def build(model, fused, example, precision, backend, data=None):
+        built = real_build(model, fused, example, precision, backend, data)
+        if slow_float and not precision.startswith("int8"):
+            runner = built.runners[built.input_hw]
+
+            def four_times(x):
+                for _ in range(3):
+                    runner(x)
+                return runner(x)
+            built.runners[built.input_hw] = four_times
+        return built
+
+    monkeypatch.setattr(opt, "quantize_static", quantize)
+    monkeypatch.setattr(opt, "_build", build)
+    return optimize(model, "auto", torch.zeros(16, 3, *SIZE), backend="onnxruntime", calibration=train[:128],
+                    validation=val)
+
+
+def test_auto_refuses_int8_that_disagrees_with_fp32(quantized, digits, monkeypatch):
+    # the int8 model made to disagree: its logits reversed; it is also the fastest candidate
+    chosen = _digits_auto(quantized, digits, monkeypatch, int8_output=lambda logits: -logits, slow_float=True)
+    assert chosen.precision == "fp32"
+    assert chosen.agreement["int8-static/onnxruntime"] < TOP1_AGREEMENT
+    assert math.isnan(chosen.measured["int8-static/onnxruntime"])
+
+
+def test_auto_picks_int8_when_it_agrees_and_is_faster(quantized, digits, monkeypatch):
+    chosen = _digits_auto(quantized, digits, monkeypatch, slow_float=True)
+    assert (chosen.precision, chosen.backend) == ("int8-static", "onnxruntime")
+    assert chosen.agreement["int8-static/onnxruntime"] >= TOP1_AGREEMENT
+    assert chosen.measured["int8-static/onnxruntime"] > chosen.measured["fp32/onnxruntime"]
+    val = digits[2]
+    assert (chosen(val).argmax(1) == quantized[0].eval()(val).argmax(1)).float().mean() >= TOP1_AGREEMENT
+
+
+def test_auto_without_validation_stays_in_float(quantized, digits):
+    model, *_ = quantized
+    chosen = optimize(model, "auto", torch.zeros(16, 3, *SIZE), backend="onnxruntime", calibration=digits[0][:64])
+    assert chosen.precision == "fp32" and not chosen.agreement
+    assert not any(key.startswith("int8") for key in chosen.measured)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "nncf"])
+def test_static_int8_in_openvino_keeps_the_digits_accuracy(quantized, digits, backend):
+    model, _, _, x, y = quantized
+    train = digits[0]
+    int8 = quantize_static(model, train[:256], backend=backend)
+    assert (int8.precision, int8.backend) == ("int8-static", backend)
+    with torch.inference_mode():
+        fp32 = model.eval()(x).argmax(1)
+    got = int8(x).argmax(1)
+    assert (got == fp32).float().mean() >= TOP1_AGREEMENT
+    assert (got == y).float().mean() >= (fp32 == y).float().mean() - 0.005
+    with pytest.raises(ValueError, match="captured for 32x32"):
+        int8(torch.zeros(1, 3, 48, 48))

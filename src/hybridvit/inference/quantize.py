@@ -135,9 +135,9 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     if backend not in QUANTIZED_BACKENDS:
         raise ValueError(f"static int8 backend must be one of {', '.join(QUANTIZED_BACKENDS)}, got {backend!r}")
     if not quantized_backend_available(backend):
-        extra = {"onnxruntime": "onnx onnxruntime", "openvino": "onnx onnxruntime openvino",
-                 "nncf": "onnx openvino nncf"}[backend]
-        raise ImportError(f"static int8 in {backend} needs {extra}: pip install {extra}")
+        extra = {"onnxruntime": "export", "openvino": "export,openvino", "nncf": "openvino"}[backend]
+        raise ImportError(f"static int8 in {backend} needs onnx, onnxruntime, openvino or nncf as its extra says: "
+                          f"pip install hybridvit[{extra}]")
     if output is not None:
         if backend == "nncf":
             raise ValueError("the nncf backend makes an OpenVINO model, not a QDQ ONNX file: leave output unset")
