@@ -309,7 +309,9 @@ def test_optimize_auto_picks_the_fastest_path_whose_outputs_agree(monkeypatch):
 
     monkeypatch.setattr(opt, "_build", fake_build)
     assert ("bf16", "torchscript") in opt._candidates(torch.device("cpu"), "auto")
-    best = opt._fastest(model, fused, torch.zeros(2, 3, 64, 64), "auto", rounds=2, round_s=0.02)
+    data = opt._Int8Data(model, fused, None, None)
+    pairs = opt._candidates(torch.device("cpu"), "auto", data)
+    best = opt._fastest(model, fused, torch.zeros(2, 3, 64, 64), pairs, data, gate=True, rounds=2, round_s=0.02)
     assert (best.precision, best.backend) == ("fp32", "torchscript")
     assert {k: v for k, v in best.measured.items() if k.startswith("fp32")} == pytest.approx(
         {"fp32/onnxruntime": 250.0, "fp32/openvino": 500.0, "fp32/torchscript": 1000.0})  # 2 images / seconds

@@ -172,12 +172,12 @@ def _backends(backend: str) -> list[str]:
     return [b for b in BACKENDS[1:] if available[b]]
 
 
-def _candidates(device: torch.device, backend: str, data: _Int8Data) -> list[tuple[str, str]]:
+def _candidates(device: torch.device, backend: str, data: _Int8Data | None = None) -> list[tuple[str, str]]:
     """(precision, backend) pairs worth timing here; int8 only with validation images to check it on."""
     precisions = ["fp32"]
     if device.type != "cpu" or matmul_rates()["bf16"] >= matmul_rates()["fp32"]:
         precisions.append("bf16")
-    if data.validation is not None:
+    if data is not None and data.validation is not None:
         precisions.append("int8")
         if data.calibration is not None:
             precisions.append("int8-static")
@@ -199,7 +199,8 @@ def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, pairs: l
     agreement: dict[str, float] = {}
     for precision, b in pairs:
         key = f"{precision}/{b}"
-        candidate = _build(model, fused, example, precision, b, data)
+        candidate = _build(model, fused, example, precision, b, data) if precision == "int8-static" \
+            else _build(model, fused, example, precision, b)
         if precision.startswith("int8"):
             if data.validation is not None:
                 agreement[key] = data.agreement(candidate)
