@@ -300,7 +300,7 @@ def test_optimize_auto_picks_the_fastest_path_whose_outputs_agree(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(opt, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
-    def fake_build(source, fused_model, example, precision, backend):
+    def fake_build(source, fused_model, example, precision, backend, data=None):
         def run(x):
             now[0] += seconds.get(f"{precision}/{backend}", 0.001)
             out = fused_model(x.float())

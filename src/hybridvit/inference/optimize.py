@@ -52,7 +52,7 @@ def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Ten
     AVX512-BF16/AMX, and on the GPU; a warning says when this CPU's bf16 products are slower
     than fp32). ``int8`` applies dynamic int8 quantization to the linear maps (CPU, TorchScript).
     ``int8-static`` is ``quantize_static`` calibrated on ``calibration`` (CPU; ONNX Runtime,
-    OpenVINO, or NNCF's quantization in OpenVINO). ``auto`` builds every precision and backend
+    or NNCF's quantization in OpenVINO). ``auto`` builds every precision and backend
     that can run here, times them on ``example_input`` for a few seconds, and keeps the fastest
     whose outputs agree with fp32 (bf16 is skipped where this CPU's bf16 matrix products are
     slower than fp32). int8 enters ``auto`` only with ``validation`` images (static int8 also
@@ -199,8 +199,7 @@ def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, pairs: l
     agreement: dict[str, float] = {}
     for precision, b in pairs:
         key = f"{precision}/{b}"
-        candidate = _build(model, fused, example, precision, b, data) if precision == "int8-static" \
-            else _build(model, fused, example, precision, b)
+        candidate = _build(model, fused, example, precision, b, data)
         if precision.startswith("int8"):
             if data.validation is not None:
                 agreement[key] = data.agreement(candidate)

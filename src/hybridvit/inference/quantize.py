@@ -57,7 +57,9 @@ if TYPE_CHECKING:
     import onnx
 
 CALIBRATION_IMAGES = 256
-QUANTIZED_BACKENDS = ("onnxruntime", "openvino", "nncf")
+# Our QDQ model also reads into OpenVINO 2026.4, but there it agreed with fp32 on 19% of the digits
+# (top-1): not offered until that is understood.
+QUANTIZED_BACKENDS = ("onnxruntime", "nncf")
 # An attention-score MatMul and the arithmetic (scale, bias) between it and its Softmax.
 _SCORE_PATH = {"MatMul", "Add", "Sub", "Mul", "Div"}
 _PREPROCESSING = {"Add", "Sub", "Mul", "Div"}
@@ -126,7 +128,7 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     ``calibration``: preprocessed image batches (e.g. a ``calibration_set``) or one tensor of
     images (split into batches of 32); their height and width are the model's from now on, the
     batch size stays free. ``backend``: where the int8 model runs, with PyTorch's thread count:
-    ``onnxruntime`` or ``openvino`` run our QDQ model; ``nncf`` runs NNCF's default
+    ``onnxruntime`` runs our QDQ model; ``nncf`` runs NNCF's default
     post-training quantization of the fused model's export in OpenVINO (the peer, on our graph).
     ``output``: also write the QDQ ONNX file there (not for ``nncf``). ``reduce_range`` (7-bit
     weights) avoids overflow on CPUs without VNNI; without it, VNNI CPUs gain one bit of
@@ -135,7 +137,7 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     if backend not in QUANTIZED_BACKENDS:
         raise ValueError(f"static int8 backend must be one of {', '.join(QUANTIZED_BACKENDS)}, got {backend!r}")
     if not quantized_backend_available(backend):
-        extra = {"onnxruntime": "export", "openvino": "export,openvino", "nncf": "openvino"}[backend]
+        extra = {"onnxruntime": "export", "nncf": "openvino"}[backend]
         raise ImportError(f"static int8 in {backend} needs onnx, onnxruntime, openvino or nncf as its extra says: "
                           f"pip install hybridvit[{extra}]")
     if output is not None:
@@ -161,8 +163,7 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
 
 def quantized_backend_available(backend: str) -> bool:
     """Whether static int8 can run in ``backend`` here (ONNX Runtime's quantizer makes the QDQ model)."""
-    return {"onnxruntime": onnxruntime_available(), "openvino": onnxruntime_available() and openvino_available(),
-            "nncf": openvino_available() and installed("nncf")}[backend]
+    return {"onnxruntime": onnxruntime_available(), "nncf": openvino_available() and installed("nncf")}[backend]
 
 
 def calibration_batches(model: nn.Module, calibration: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
