@@ -228,24 +228,69 @@ def test_benchmark_int8_static_rows_run_the_int8_model_of_the_published_weights(
     real = hybridvit.inference.quantize.quantize_static
 
     def quantize_static(model, calibration, *args, **kwargs):
-        quantized.append((model.state_dict(), list(calibration)))
+        quantized.append((model.state_dict(), list(calibration), kwargs["backend"]))
         int8 = real(model, calibration, *args, **kwargs)
-        assert (int8.precision, int8.backend) == ("int8-static", "onnxruntime")
+        assert (int8.precision, int8.backend) == ("int8-static", kwargs["backend"])
         return lambda x: calls.append(len(x)) or int8(x)
 
     monkeypatch.setattr(hybridvit.inference.quantize, "quantize_static", quantize_static)
     report = _report(["levit_128s", "--precision", "int8-static", "--pretrained"])
-    (row,) = report["results"]
-    assert (row["name"], row["source"], row["precision"]) == ("levit_128s (int8-static)", "hybridvit", "int8-static")
+    rows = {r["name"]: r for r in report["results"]}
+    assert set(rows) == {"levit_128s (int8-static, onnxruntime)", "levit_128s (int8-static, nncf)"}  # one per backend
     rate = report["machine"]["matmul_gflops"]["int8"] * 1e9  # the bound of an int8 row is the int8 rate
-    assert row["bound_share"] == pytest.approx(row["images_per_second"] * 2 * row["macs"] / rate)
-    assert len(quantized) == 1, "the int8-static row is not quantize_static's model"
-    ((state, calibration),) = quantized
-    assert all(torch.equal(state[k], v) for k, v in weights.items())  # the published weights, not a fresh init
-    assert [tuple(b.shape) for b in calibration] == [(8, 3, 224, 224)] * 4
+    for row in rows.values():
+        assert (row["source"], row["precision"]) == ("hybridvit", "int8-static")
+        assert row["bound_share"] == pytest.approx(row["images_per_second"] * 2 * row["macs"] / rate)
+    assert sorted(backend for *_, backend in quantized) == ["nncf", "onnxruntime"], "rows not quantize_static's"
+    for state, calibration, _ in quantized:
+        assert all(torch.equal(state[k], v) for k, v in weights.items())  # the published weights, not a fresh init
+        # by default 256 photos, preprocessed as the model's evaluation does (ImageNet's mean and std)
+        assert [tuple(b.shape) for b in calibration] == [(32, 3, 224, 224)] * 8
+        assert all(torch.equal(a, b) for a, b in zip(calibration, quantized[0][1]))  # both rows: the same set
     assert (torch_hub_dir / "checkpoints" / "weights.pth").is_file()  # fetched into torch.hub's cache
-    # warm-up, one timed round and 30 batch-1 latency runs, all on the int8 model
-    assert calls.count(2) >= 2 and calls.count(1) == 30
+    # per row: warm-up, one timed round and 30 batch-1 latency runs, all on the int8 model
+    assert calls.count(2) >= 4 and calls.count(1) == 60
+
+
+@pytest.mark.slow
+def test_benchmark_nncf_rows_and_ours_are_calibrated_on_the_same_images(official_clone, monkeypatch, tmp_path):
+    """``--compare --precision int8-static``: NNCF's int8 of the official fused LeViT (and of
+    transformers' CvT) runs beside ours, every one calibrated on the user's images."""
+    import numpy as np
+    from PIL import Image
+
+    import hybridvit
+    from hybridvit.inference import quantize
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (260, 300, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    seen = []
+
+    def recorder(real):
+        def record(model, batches, *args):
+            seen.append([b.clone() for b in batches])
+            return real(model, batches, *args)
+        return record
+
+    monkeypatch.setattr(quantize, "qdq_onnx", recorder(quantize.qdq_onnx))
+    monkeypatch.setattr(quantize, "nncf_openvino", recorder(quantize.nncf_openvino))
+    report = _report(["levit_128s", "--precision", "int8-static", "--compare", "--official", str(official_clone),
+                      "--calibration", str(folder)])
+    rows = {r["name"]: r for r in report["results"] if r["precision"] == "int8-static"}
+    peer = "official levit_128s (fused, NNCF int8, OpenVINO)"
+    assert set(rows) == {"levit_128s (int8-static, onnxruntime)", "levit_128s (int8-static, nncf)", peer}
+    assert rows[peer]["source"] == "official"
+    assert ("levit_128s (int8-static, nncf)", "official levit_128s (fused, NNCF int8, OpenVINO)") in {
+        (q["ours"], q["reference"]) for q in report["ratios"]}
+    with torch.device("meta"):
+        model = hybridvit.create_model("levit_128s")
+    (expected,) = quantize.calibration_set(folder, model).batches  # the folder's 5 images, preprocessed
+    assert len(seen) == 3 and all(len(s) == 1 and torch.equal(s[0], expected) for s in seen)
+    assert [c.name for c in reference_candidates("cvt_13", "cpu", precision="int8-static")] == [
+        "transformers cvt_13 (NNCF int8, OpenVINO)"]
 
 
 def test_tuned_allocator_is_applied_before_any_row_is_built(monkeypatch):

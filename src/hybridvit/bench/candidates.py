@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import tempfile
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,9 +17,12 @@ from torch import nn
 
 from ..api import create_model
 from ..flops import count_macs
+from ..inference import quantize
+from ..inference.export import onnx_bytes
 from ..inference.optimize import optimize
-from ..registry import get_model_info, list_models
 from ..inference.runners import OnnxRuntimeRunner, OpenVinoRunner, installed, onnxruntime_available, openvino_available
+from ..registry import get_model_info, list_models
+from .photos import make_photos
 from .throughput import Candidate
 
 CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8-static")
@@ -101,16 +105,53 @@ def in_openvino(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build
 def in_onnxruntime(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build:
     """A model's plain ONNX export run by ONNX Runtime with the settings ``optimize`` uses."""
     def build():
-        from ..inference.export import onnx_bytes
-
         return OnnxRuntimeRunner(onnx_bytes(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw)))
     return build
 
 
-def hybridvit_candidates(name: str, precision: str, device: str, pretrained: bool = False) -> list[Candidate]:
-    """Our model through ``optimize``: on CPU in fp32 one row per installed backend, in
-    ``auto`` the path it measured fastest; on GPU the fused model under the precision's autocast.
-    ``pretrained``: with the published weights (speed does not depend on them; int8 accuracy does)."""
+def in_nncf(model_fn: Callable[[], nn.Module], hw: tuple[int, int], calibration: Callable[[], list[torch.Tensor]]
+            ) -> Build:
+    """A model's plain ONNX export quantized by NNCF's default post-training quantization on
+    ``calibration`` and run in OpenVINO: the int8 model a user of OpenVINO makes."""
+    def build():
+        source = onnx_bytes(model_fn().eval().requires_grad_(False), torch.zeros(2, 3, *hw))
+        return OpenVinoRunner(quantize.nncf_openvino(source, calibration()))
+    return build
+
+
+class Calibration:
+    """One calibration set per model for every int8-static row of a benchmark, ours and the
+    peers': the same images, preprocessed once as the model's evaluation does. ``folder``: the
+    user's images (an ImageNet-layout root gives its train split); by default JPEGs made from
+    scikit-learn's bundled photos (``make_photos``)."""
+
+    def __init__(self, folder: Path | None = None, images: int = quantize.CALIBRATION_IMAGES) -> None:
+        self.folder, self.images = folder, images
+        self._sets: dict[str, list[torch.Tensor]] = {}
+
+    def batches(self, name: str) -> list[torch.Tensor]:
+        if name not in self._sets:
+            with torch.device("meta"):  # its name and input size pick the preprocessing
+                model = create_model(name)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self.folder
+                if folder is None:
+                    folder = Path(tmp)
+                    make_photos(folder, self.images)
+                self._sets[name] = quantize.calibration_set(folder, model, self.images).batches
+        return self._sets[name]
+
+    def of(self, name: str) -> Callable[[], list[torch.Tensor]]:
+        """``name``'s set, made when a row first needs it."""
+        return lambda: self.batches(name)
+
+
+def hybridvit_candidates(name: str, precision: str, device: str, pretrained: bool = False,
+                         calibration: Calibration | None = None) -> list[Candidate]:
+    """Our model through ``optimize``: on CPU in fp32 and int8-static one row per installed
+    backend, in ``auto`` the path it measured fastest; on GPU the fused model under the
+    precision's autocast. ``pretrained``: with the published weights (speed does not depend on
+    them; int8 accuracy does). ``calibration``: the images static int8 is calibrated on."""
     info = get_model_info(name)
 
     def build() -> torch.nn.Module:
@@ -130,15 +171,15 @@ def hybridvit_candidates(name: str, precision: str, device: str, pretrained: boo
 
     def ours(p: str, backend: str = "auto"):
         example = torch.zeros(16 if p == "auto" else 1, 3, *hw)
-        if p == "int8-static":
-            from ..inference.quantize import quantize_static
-
-            return lambda: quantize_static(build(), [torch.randn(8, 3, *hw) for _ in range(4)])
         return lambda: optimize(build(), p, example, backend=backend)
 
     if precision == "fp32":
         available = {"onnxruntime": onnxruntime_available(), "openvino": openvino_available(), "torchscript": True}
         return [row(f"{name} ({b})", ours("fp32", b)) for b, ok in available.items() if ok]
+    if precision == "int8-static":
+        images = (calibration or Calibration()).of(name)
+        return [row(f"{name} (int8-static, {b})", lambda b=b: quantize.quantize_static(build(), images(), backend=b))
+                for b in quantize.QUANTIZED_BACKENDS if quantize.quantized_backend_available(b)]
     return [row(f"{name} ({precision})", ours(precision),
                 "fp32" if precision == "auto" else precision)]
 
@@ -173,16 +214,31 @@ def _official_levit(repo: Path, name: str) -> Callable[[], nn.Module]:
 
 
 def reference_candidates(name: str, device: str, official_repo: Path | None = None,
-                         precision: str = "fp32") -> list[Candidate]:
-    """Installed implementations of the same architecture as ``name`` (in OpenVINO too, on CPU)."""
+                         precision: str = "fp32", calibration: Calibration | None = None) -> list[Candidate]:
+    """Installed implementations of the same architecture as ``name`` (in OpenVINO too, on CPU).
+    ``int8-static`` (CPU): the official fused LeViT's and transformers' CvT exports through NNCF's
+    default quantization in OpenVINO, calibrated on the images ours are."""
     info = get_model_info(name)
     hw, top1, count = info.input_size[1:], info.paper_top1, macs(name)
     on_cpu = torch.device(device).type == "cpu"
-    suffix = "" if precision in ("fp32", "fp16") else f" ({precision})"
+    suffix = "" if precision in ("fp32", "fp16", "int8-static") else f" ({precision})"  # NNCF's labels say int8
     rows = []
 
     def add(label: str, source: str, build: Build) -> None:
         rows.append(Candidate(label + suffix, build, hw, source, name, top1, precision, count))
+
+    if precision == "int8-static":
+        if not (on_cpu and quantize.quantized_backend_available("nncf")):
+            return []
+        images = (calibration or Calibration()).of(name)
+        if name.startswith("levit") and official_repo is not None:
+            add(f"official {name} (fused, NNCF int8, OpenVINO)", "official",
+                in_nncf(_official_levit(official_repo, name), hw, images))
+        # NNCF 3.4 cannot quantize transformers' LeViT export (a KeyError at its attention-bias Gather)
+        if installed("transformers") and not name.startswith("levit"):
+            add(f"transformers {name} (NNCF int8, OpenVINO)", "transformers",
+                in_nncf(lambda: _Logits(_hf_model(name)), hw, images))
+        return rows
 
     if name.startswith("levit"):
         import timm

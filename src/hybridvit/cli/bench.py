@@ -30,6 +30,9 @@ def benchmark_cmd(
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, help="write the speed-accuracy figure (PNG)"),
     pretrained: bool = typer.Option(False, "--pretrained", help="measure the models with their published weights"),
+    calibration: Optional[Path] = typer.Option(None, help="int8-static: images to calibrate every int8 row on, ours "
+                                               "and NNCF's (the train split of an ImageNet-layout folder, or a "
+                                               "folder of images; default: 256 photos made offline)"),
 ) -> None:
     """Throughput (images/s), batch-1 latency and share of the machine's matrix-multiply bound, side by side."""
     import dataclasses
@@ -39,8 +42,8 @@ def benchmark_cmd(
     import torch
 
     from ..bench import Plan, benchmark
-    from ..bench.candidates import (CPU_PRECISIONS, GPU_PRECISIONS, hybridvit_candidates, paper_candidates,
-                                    reference_candidates)
+    from ..bench.candidates import (CPU_PRECISIONS, GPU_PRECISIONS, Calibration, hybridvit_candidates,
+                                    paper_candidates, reference_candidates)
     from ..bench.throughput import paired_ratio
     from ..checks import check_output_file, check_range
     from ..figures import plot_speed_accuracy
@@ -56,21 +59,29 @@ def benchmark_cmd(
     for p in precisions:
         if p not in allowed:
             raise ValueError(f"--precision on {device} must be one of {', '.join(allowed)}, got {p!r}")
+    if calibration is not None:
+        if "int8-static" not in precisions:
+            raise ValueError("--calibration is for --precision int8-static")
+        if not calibration.is_dir():
+            raise ValueError(f"--calibration {calibration} is not a folder of images")
     names = models or list_models("levit_*")
     for name in names:
         get_model_info(name)
     if not on_gpu:
         precisions = _drop_slow_bf16(precisions, threads, json_output)
-    # references run as shipped: once on CPU (fp32), at each precision's autocast on GPU
-    reference_precisions = precisions if on_gpu else ["fp32"]
+    # references run as shipped: once on CPU (fp32, and NNCF's int8 beside static int8), at each
+    # precision's autocast on GPU
+    reference_precisions = precisions if on_gpu else ["fp32"] + [p for p in precisions if p == "int8-static"]
+    images = Calibration(calibration)  # one set per model, shared by every int8-static row
     with warnings.catch_warnings(), _progress_bar(json_output) as progress:
         for category in (DeprecationWarning, FutureWarning, UserWarning):  # other libraries' notices
             warnings.simplefilter("ignore", category)
         candidates = []
         for name in names:
-            candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device, pretrained)]
+            candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device, pretrained, images)]
             if compare:
-                candidates += [c for p in reference_precisions for c in reference_candidates(name, device, official, p)]
+                candidates += [c for p in reference_precisions
+                               for c in reference_candidates(name, device, official, p, images)]
         if paper_rows:
             candidates += [c for p in reference_precisions for c in paper_candidates(device, p)]
         rows, machine = benchmark(candidates, device, threads, plan, progress, tuned_allocator)
