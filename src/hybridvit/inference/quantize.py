@@ -58,7 +58,9 @@ if TYPE_CHECKING:
 
 CALIBRATION_IMAGES = 256
 # Our QDQ model also reads into OpenVINO 2026.4, but there it agreed with fp32 on 19% of the digits
-# (top-1): not offered until that is understood.
+# (top-1): OpenVINO misreads ONNX Runtime's quantized Add and ReduceMean (with both left in float
+# it agreed on 100%). It is not offered even so: NNCF's int8 of the same export ran 1.6x faster
+# there (LeViT-128S, 1 thread, Zen 4; docs/benchmarks.md).
 QUANTIZED_BACKENDS = ("onnxruntime", "nncf")
 # An attention-score MatMul and the arithmetic (scale, bias) between it and its Softmax.
 _SCORE_PATH = {"MatMul", "Add", "Sub", "Mul", "Div"}
