@@ -90,6 +90,8 @@ ROWS = [
     ("predict {model} {image} --top -1", 2, ["--top", "got -1"]),
     ("predict {model} {image} --top x", 2, ["--top", "got 'x'"]),  # a usage error (typer's), one line too
     ("predict {model} {tmp}/missing.png", 1, ["missing.png"]),  # the run completes; that input failed
+    ("predict {model} {image} --precision int8-static", 2, ["--precision int8-static needs --calibration"]),
+    ("predict {model} {image} --validation {tmp}/missing", 2, ["--validation {tmp}/missing is not a folder"]),
     ("benchmark --threads 0", 2, ["--threads", "got 0"]),
     ("benchmark --batch 0", 2, ["--batch", "got 0"]),
     ("benchmark levit_128s --plot {tmp}", 2, ["{tmp} is a folder"]),

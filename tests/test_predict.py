@@ -468,6 +468,100 @@ def test_sigkill_twice_then_resume_gives_the_uninterrupted_rows(tmp_path, digits
         assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
 
 
+# -- int8 ------------------------------------------------------------------------------------------
+
+TRAIN_RGB, VAL_RGB = (200, 40, 10), (10, 40, 200)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A saved 32x32, 10-class LeViT-128S (untrained): quick to quantize."""
+    import hybridvit
+
+    folder = tmp_path_factory.mktemp("model") / "levit"
+    hybridvit.save_model(hybridvit.create_model("levit_128s", img_size=32, num_classes=10), folder)
+    return folder
+
+
+def _splits(root):
+    """An ImageNet-layout folder whose splits tell apart by colour: 5 train images, 3 val images."""
+    for split, colour, count in (("train", TRAIN_RGB, 5), ("val", VAL_RGB, 3)):
+        (root / split / "a").mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (40 + 3 * i, 40), colour).save(root / split / "a" / f"{i}.png")
+    return root
+
+
+def test_auto_weighs_static_int8_calibrated_on_train_and_checked_on_val_in_raw_pixels(tmp_path, monkeypatch,
+                                                                                       small_model):
+    import hybridvit.inference.predict as predict_module
+
+    root = _splits(tmp_path / "data")
+    real, received = predict_module.optimize, []
+
+    def recording(model, precision, example, backend, **images):
+        received.append(images)
+        return real(model, precision, example, backend, **images)
+
+    monkeypatch.setattr(predict_module, "optimize", recording)
+    predictor = Predictor(small_model, "auto", backend="onnxruntime", calibration=root, validation=root)
+    model = predictor.model_for(1)
+    (images,) = received
+    for name, colour, count in (("calibration", TRAIN_RGB, 5), ("validation", VAL_RGB, 3)):
+        pixels = torch.cat(list(images[name]))
+        assert pixels.shape == (count, 3, 32, 32), name  # the deployed model's input, every image of its split
+        assert (pixels.mean((0, 2, 3)) - torch.tensor(colour)).abs().max() < 2, name  # 0-255, not normalised
+    assert set(model.agreement) == {"int8-static/onnxruntime"}  # int8 was weighed...
+    assert set(model.measured) == {"fp32/onnxruntime", "int8-static/onnxruntime"}  # ...beside fp32
+    assert predictor.build_seconds > 0
+
+
+def test_other_thread_counts_and_lanes_reuse_the_int8_model_calibrated_once(tmp_path, monkeypatch, small_model):
+    import importlib
+
+    optimize_module = importlib.import_module("hybridvit.inference.optimize")  # the package attribute is the function
+    real, calibrated = optimize_module.quantize_static, []
+
+    def counting(*args, **kwargs):
+        calibrated.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optimize_module, "quantize_static", counting)
+    predictor = Predictor(small_model, "int8-static", backend="nncf", calibration=_splits(tmp_path / "data"))
+    first = predictor.model_for(1)
+    others = {(2, 0): predictor.model_for(2), (1, 1): predictor.model_for(1, lane=1)}
+    assert calibrated == ["nncf"]
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for (threads, _), other in others.items():  # OpenVINO models of their own, on their thread count
+        assert other is not first and (other.precision, other.backend) == ("int8-static", "nncf")
+        assert other.runners[32, 32].compiled.get_property("INFERENCE_NUM_THREADS") == threads
+        assert torch.allclose(other(x), first(x), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_folders_are_checked_before_any_work(tmp_path, small_model):
+    root = _splits(tmp_path / "data")
+    (tmp_path / "int8.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="an ONNX file runs as it was written; --calibration and --validation"):
+        Predictor(tmp_path / "int8.onnx", validation=root)
+    with pytest.raises(FileNotFoundError, match=f"--validation {tmp_path / 'missing'} is not a folder"):
+        Predictor(small_model, validation=tmp_path / "missing")
+    with pytest.raises(ValueError, match="int8-static needs --calibration"):
+        Predictor(small_model, "int8-static", validation=root)
+    with pytest.raises(ValueError, match="--calibration is for --precision auto, int8-static; got fp32"):
+        Predictor(small_model, "fp32", calibration=root)
+    with pytest.raises(ValueError, match="--calibration with --precision auto needs --validation"):
+        Predictor(small_model, calibration=root)  # auto would not weigh int8 unchecked: the folder would go unread
+
+
+def test_predict_command_runs_static_int8_calibrated_on_a_folder(tmp_path, small_model):
+    root = _splits(tmp_path / "data")
+    result = runner.invoke(app, ["predict", str(small_model), str(root / "val"), "-o", str(tmp_path / "o.jsonl"),
+                                 "--precision", "int8-static", "--calibration", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "3 image(s), 0 failed" in result.output and "int8-static/" in result.output
+    assert len(_read(tmp_path / "o.jsonl")) == 3
+
+
 # -- Ray -------------------------------------------------------------------------------------------
 
 
@@ -477,6 +571,14 @@ def _spec(digits_run, **changes):
     fields = dict(source=str(digits_run), precision="fp32", backend="onnxruntime", batch_size=8, embeddings=True,
                   exif=True, fast_decode=False, threads=1, k=3)
     return ModelSpec(**{**fields, **changes})
+
+
+def test_ray_actors_build_their_int8_model_from_the_specs_folders(tmp_path, small_model):
+    root = _splits(tmp_path / "data")
+    spec = _spec(small_model, precision="int8-static", calibration=str(root), validation=str(root), embeddings=False)
+    model = spec.predictor().model_for(spec.threads)  # what each model actor runs
+    assert (model.precision, model.backend, list(model.agreement)) == ("int8-static", "onnxruntime",
+                                                                        ["int8-static/onnxruntime"])
 
 
 def _ray_rows(folder) -> dict[str, dict]:

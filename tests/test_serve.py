@@ -182,6 +182,19 @@ def test_the_model_endpoint_docs_health_and_the_api_key(predictor):
     assert info["preprocessing"]["center_crop"] == [32, 32] and info["embedding_dim"] > 0
 
 
+def test_the_model_endpoint_reports_the_int8_agreement_measured(tmp_path, digits_run):
+    _digit_files(tmp_path / "digits", 40)
+    predictor = Predictor(digits_run / "model", "int8-static", backend="onnxruntime", batch_size=8,
+                          calibration=tmp_path / "digits", validation=tmp_path / "digits")
+
+    async def test(client, server):
+        return (await client.get("/v1/model")).json()
+
+    info = _serve(predictor, test)
+    assert (info["precision"], info["backend"]) == ("int8-static", "onnxruntime")
+    assert list(info["agreement"]) == ["int8-static/onnxruntime"] and info["agreement"]["int8-static/onnxruntime"] > 0.9
+
+
 def test_a_non_local_bind_needs_an_api_key():
     for host in ("127.0.0.1", "localhost", "::1"):
         check_bind(host, None, False)

@@ -18,6 +18,16 @@ PRETRAINED_TAG = typer.Option(None, "--pretrained-tag", help="which published we
                               "default: the first)")
 FAST_DECODE = typer.Option(False, "--fast-decode", help="JPEG: decode at 1/2-1/8 scale where the resize "
                            "shrinks that much anyway (faster; not the same pixels)")
+# predict and serve: the inference path (``optimize``) and the images int8 is calibrated and checked on
+PRECISION = typer.Option("auto", help="auto (the fastest path measured here; int8 too with --validation), fp32, "
+                         "bf16, int8 or int8-static (needs --calibration)")
+BACKEND = typer.Option("auto", help="auto, onnxruntime, openvino, torchscript or nncf (int8-static: NNCF's "
+                       "quantization, in OpenVINO)")
+CALIBRATION = typer.Option(None, metavar="DIR", help="images to calibrate static int8 on (the train split of an "
+                           "ImageNet-layout folder, or a folder of images)")
+VALIDATION = typer.Option(None, metavar="DIR", help="with --precision auto: int8 is also weighed, kept only when its "
+                          "top-1 agrees with fp32 on 99% of these images (the val split of an ImageNet-layout "
+                          "folder, or a folder of images)")
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:

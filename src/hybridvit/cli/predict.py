@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import FAST_DECODE, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, print_error
+from .common import (BACKEND, CALIBRATION, FAST_DECODE, PRECISION, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP,
+                     VALIDATION, console, print_error)
 
 INPUTS_HELP = ("image files, folders (recursive), glob patterns ('photos/**/*.jpg'), manifests (.txt: a path per "
                "line; .csv/.tsv/.parquet: a path column) or - for paths on standard input")
@@ -24,8 +25,10 @@ def predict_cmd(
                                "auto: finish it if it exists, else start"),
     embeddings: bool = typer.Option(False, "--embeddings", help="add the pooled features before the classifier "
                                     "to each row (retrieval, deduplication)"),
-    precision: str = typer.Option("auto", help="auto (the fastest path measured here), fp32, bf16 or int8"),
-    backend: str = typer.Option("auto", help="auto, onnxruntime, openvino or torchscript"),
+    precision: str = PRECISION,
+    backend: str = BACKEND,
+    calibration: Optional[str] = CALIBRATION,
+    validation: Optional[str] = VALIDATION,
     batch_size: int = typer.Option(16, help="images per model call"),
     decode_workers: Optional[int] = typer.Option(None, help="decoding threads (default: measured with "
                                                  "--model-threads on the first batches)"),
@@ -60,14 +63,14 @@ def predict_cmd(
     check_range("model_threads", model_threads, 1)
     if ray is not None:
         _on_ray(checkpoint, inputs, top, output, ray, actors, resume, precision, backend, batch_size, embeddings, exif,
-                fast_decode, model_threads, pretrained, pretrained_tag)
+                fast_decode, model_threads, pretrained, pretrained_tag, calibration, validation)
         return
     if output is None and resume != "no":
         raise ValueError("--resume finishes an --output file: name it with --output")
     resuming = output is not None and check_output(output, resume)
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend, batch_size=batch_size,
                           embeddings=embeddings, exif=exif, fast_decode=fast_decode, decode_workers=decode_workers,
-                          model_threads=model_threads)
+                          model_threads=model_threads, calibration=calibration, validation=validation)
 
     def show(row: Prediction) -> None:
         if row.error is not None:
@@ -90,7 +93,8 @@ def predict_cmd(
 
 def _on_ray(checkpoint: str, inputs: list[str], top: int, output: Path | None, address: str, actors: int | None,
             resume: str, precision: str, backend: str, batch_size: int, embeddings: bool, exif: bool,
-            fast_decode: bool, model_threads: int | None, pretrained: bool, pretrained_tag: str | None) -> None:
+            fast_decode: bool, model_threads: int | None, pretrained: bool, pretrained_tag: str | None,
+            calibration: str | None, validation: str | None) -> None:
     from ..inference.cluster import ModelSpec, predict_on_ray
 
     if output is None:
@@ -98,7 +102,7 @@ def _on_ray(checkpoint: str, inputs: list[str], top: int, output: Path | None, a
     if resume != "no":
         raise ValueError("--resume finishes a local run; a Ray run retries lost work itself")
     spec = ModelSpec(checkpoint, precision, backend, batch_size, embeddings, exif, fast_decode, model_threads or 1, top,
-                     pretrained, pretrained_tag)
+                     pretrained, pretrained_tag, calibration, validation)
     rows, failed = predict_on_ray(spec, inputs, output, address, actors)
     typer.echo(f"{rows:,} image(s), {failed:,} failed, on Ray; Parquet files in {output}", err=True)
     if failed:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .common import FAST_DECODE, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP
+from .common import BACKEND, CALIBRATION, FAST_DECODE, PRECISION, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, VALIDATION
 
 if TYPE_CHECKING:
     from ..inference.cluster import ModelSpec
@@ -22,8 +22,10 @@ def serve_cmd(
     port: int = typer.Option(8000, help="TCP port"),
     max_batch_size: int = typer.Option(16, help="images per model call at most"),
     max_wait_ms: float = typer.Option(5.0, help="how long a first waiting image waits for others to join its batch"),
-    precision: str = typer.Option("auto", help="auto (the fastest path measured here), fp32, bf16 or int8"),
-    backend: str = typer.Option("auto", help="auto, onnxruntime, openvino or torchscript"),
+    precision: str = PRECISION,
+    backend: str = BACKEND,
+    calibration: Optional[str] = CALIBRATION,
+    validation: Optional[str] = VALIDATION,
     workers: Optional[int] = typer.Option(None, help="decoding threads (default: one per core)"),
     api_key: Optional[str] = typer.Option(None, envvar="HYBRIDVIT_API_KEY", help="required in X-API-Key or "
                                           "Authorization: Bearer (env: HYBRIDVIT_API_KEY)"),
@@ -76,11 +78,12 @@ def serve_cmd(
     if ray is not None:
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests)
         spec = ModelSpec(checkpoint, precision, backend, max_batch_size, embeddings, exif, fast_decode, replica_cpus,
-                         5, pretrained, pretrained_tag)
+                         5, pretrained, pretrained_tag, calibration, validation)
         _serve_on_ray(spec, config, host, port, scaling, ray)
         return
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend,
-                          batch_size=max_batch_size, embeddings=embeddings, exif=exif, fast_decode=fast_decode)
+                          batch_size=max_batch_size, embeddings=embeddings, exif=exif, fast_decode=fast_decode,
+                          calibration=calibration, validation=validation)
     server = ModelServer(predictor, config)
 
     def announce(server: ModelServer) -> None:

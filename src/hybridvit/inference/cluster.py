@@ -44,13 +44,16 @@ class ModelSpec:
     k: int
     pretrained: bool = False
     pretrained_tag: str | None = None
+    calibration: str | None = None  # image folders for int8 (``Predictor``), on every node at this path
+    validation: str | None = None
 
     def predictor(self) -> Any:
         from .predict import Predictor
 
         return Predictor(self.source, self.precision, self.pretrained, self.pretrained_tag, backend=self.backend,
                          batch_size=self.batch_size, embeddings=self.embeddings, exif=self.exif,
-                         fast_decode=self.fast_decode, decode_workers=1, model_threads=self.threads)
+                         fast_decode=self.fast_decode, decode_workers=1, model_threads=self.threads,
+                         calibration=self.calibration, validation=self.validation)
 
 
 def _decode(batch: dict[str, np.ndarray], preprocess: Any) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from ..registry import get_model_info
 from .machine import torch_threads
 from .optimize import InferenceModel, optimize
 from .pipeline import Pipeline, Prediction, default_splits
+from .quantize import CalibrationSet, calibration_set
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -97,20 +98,31 @@ class Predictor:
     keeping twice the resize target; off by default, since it changes answers (docs/benchmarks.md).
     ``decode_workers``/``model_threads`` fix how the cores are shared; by default both ways are
     timed on the first batches of the first run long enough to tell, and later runs keep the faster.
+    ``calibration``/``validation``: image folders (ImageNet layout: their train and val splits) for
+    int8, read with the first model built: static int8 is calibrated on the first; with ``auto``,
+    int8 is weighed only given the second, on which its top-1 must agree with fp32's (``optimize``).
     """
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", pretrained: bool = False,
                  pretrained_tag: str | None = None, *, backend: str = "auto", batch_size: int = 16,
                  embeddings: bool = False, exif: bool = True, fast_decode: bool = False,
-                 decode_workers: int | None = None, model_threads: int | None = None) -> None:
+                 decode_workers: int | None = None, model_threads: int | None = None,
+                 calibration: str | Path | None = None, validation: str | Path | None = None) -> None:
         check_range("batch size", batch_size, 1)
         self.onnx_file = Path(checkpoint) if str(checkpoint).lower().endswith(".onnx") else None
         if self.onnx_file is not None:  # e.g. MODEL/levit_128s_int8.onnx: the folder holds the preprocessing
             if embeddings:
                 raise ValueError(f"{checkpoint}: an ONNX file gives logits only; --embeddings needs the model folder")
+            if calibration is not None or validation is not None:
+                raise ValueError(f"{checkpoint}: an ONNX file runs as it was written; --calibration and --validation "
+                                 "need the model folder")
             if not self.onnx_file.is_file():
                 raise FileNotFoundError(f"no such ONNX file: {checkpoint}")
             checkpoint = self.onnx_file.parent
+        else:
+            _check_int8_folders(precision, calibration, validation)
+        self.calibration, self.validation = calibration, validation
+        self._int8_images: dict[str, CalibrationSet | None] | None = None  # read with the first model built
         model, extra = load_source(checkpoint, pretrained, pretrained_tag)
         if model.model_name is None:
             raise ValueError(f"{checkpoint}: unknown model variant, cannot pick its preprocessing")
@@ -140,23 +152,39 @@ class Predictor:
         self.last_run: Pipeline | None = None
 
     def model_for(self, threads: int, lane: int = 0) -> InferenceModel | OnnxFileModel:
-        """The optimized model for calls on ``threads`` threads, built on first use. Lanes after
-        the first get their own copy of an OpenVINO model, on the path the first one took: one
-        compiled model runs one call at a time (its one stream), so lanes sharing one did not
-        overlap (656 against 1,112 images/s for two one-thread lanes, docs/benchmarks.md)."""
-        if lane > 0 and self.model_for(threads).backend != "openvino":
+        """The optimized model for calls on ``threads`` threads, built on first use. ``auto``
+        measures at each thread count (the fastest path depends on it); other precisions build
+        their path once, and later models capture it again for their thread count (``rebuilt``:
+        static int8 is not calibrated again). Lanes after the first get their own copy of a model
+        in OpenVINO (NNCF's int8 runs there too), on the path the first one took: one compiled
+        model runs one call at a time (its one stream), so lanes sharing one did not overlap (656
+        against 1,112 images/s for two one-thread lanes, docs/benchmarks.md)."""
+        if lane > 0 and self.model_for(threads).backend not in ("openvino", "nncf"):
             return self.model_for(threads)  # ONNX Runtime sessions and TorchScript graphs run calls at once
         if (threads, lane) not in self._models:
             start = time.perf_counter()
-            example = torch.zeros(self.batch_size, self._deployed.in_chans, *self.preprocess.size)
-            first = self._models.get((threads, 0))
             with torch_threads(threads):
-                self._models[threads, lane] = (
-                    OnnxFileModel(self.onnx_file, self._deployed.scale, self._deployed.shift) if self.onnx_file
-                    else optimize(self._deployed, first.precision if first else self.precision, example,
-                                  first.backend if first else self.backend))
+                self._models[threads, lane] = self._build(threads)
             self.build_seconds += time.perf_counter() - start
         return self._models[threads, lane]
+
+    def _build(self, threads: int) -> InferenceModel | OnnxFileModel:
+        """A model for ``threads`` threads (PyTorch's count now): a path built before, where one serves it."""
+        if self.onnx_file is not None:
+            return OnnxFileModel(self.onnx_file, self._deployed.scale, self._deployed.shift)
+        taken = [m for (t, _), m in self._models.items() if t == threads or self.precision != "auto"]
+        if taken:
+            return taken[0].rebuilt()
+        if self._int8_images is None:
+            def pixels(image: Image.Image) -> torch.Tensor:  # what the deployed model takes: raw 0-255 pixels
+                return torch.tensor(self.preprocess(image), dtype=torch.float32)
+
+            self._int8_images = {
+                name: None if folder is None else calibration_set(folder, self._deployed, split=split, transform=pixels)
+                for name, folder, split in (("calibration", self.calibration, "train"),
+                                            ("validation", self.validation, "val"))}
+        example = torch.zeros(self.batch_size, self._deployed.in_chans, *self.preprocess.size)
+        return optimize(self._deployed, self.precision, example, self.backend, **self._int8_images)
 
     @property
     def path_used(self) -> str:
@@ -190,3 +218,20 @@ class Predictor:
             if row.error is not None:
                 raise ValueError(row.error)
         return rows
+
+
+def _check_int8_folders(precision: str, calibration: str | Path | None, validation: str | Path | None) -> None:
+    """Refuse, before any work, an image folder that is not there or that ``precision`` would not read."""
+    for option, folder, precisions in (("calibration", calibration, ("auto", "int8-static")),
+                                       ("validation", validation, ("auto", "int8", "int8-static"))):
+        if folder is None:
+            continue
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--{option} {folder} is not a folder of images")
+        if precision not in precisions:
+            raise ValueError(f"--{option} is for --precision {', '.join(precisions)}; got {precision}")
+    if precision == "int8-static" and calibration is None:
+        raise ValueError("--precision int8-static needs --calibration: a folder of images to calibrate on")
+    if precision == "auto" and calibration is not None and validation is None:
+        raise ValueError("--calibration with --precision auto needs --validation: int8 is weighed only where its "
+                         "top-1 agreement with fp32 is measured")

@@ -198,7 +198,8 @@ class ModelServer:
         p = self.predictor
         return {"model": p.model_name, "classes": p.classes, "input_size": list(p.preprocess.size),
                 "preprocessing": p.preprocessing, "precision": self.model.precision,
-                "backend": self.model.backend, "threads": self.threads, "embedding_dim": p.embedding_dim,
+                "backend": self.model.backend, "agreement": getattr(self.model, "agreement", {}),
+                "threads": self.threads, "embedding_dim": p.embedding_dim,
                 "max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms,
                 "images_per_second_at_warm_up": round(self.rate, 1)}
 
