@@ -73,7 +73,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     ``scale`` defaults to ``1 / sqrt(q width)``. The grids the queries and keys lie on are
     only recorded, by ``capture_attention``.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # float(): a constant when traced for export, not a Shape-Gather-Cast-Pow chain run per call
+    scale = float(q.shape[-1]) ** -0.5 if scale is None else scale
     needs_bias_grad = bias is not None and torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
     if _REFERENCE_ONLY or needs_bias_grad or _CAPTURED is not None:
         scores = (q @ k.transpose(-2, -1)) * scale
