@@ -127,18 +127,20 @@ class Calibration:
 
     def __init__(self, folder: Path | None = None, images: int = quantize.CALIBRATION_IMAGES) -> None:
         self.folder, self.images = folder, images
+        self._photos: tempfile.TemporaryDirectory | None = None  # the default images, made once
         self._sets: dict[str, list[torch.Tensor]] = {}
 
     def batches(self, name: str) -> list[torch.Tensor]:
         if name not in self._sets:
+            folder = self.folder
+            if folder is None:
+                if self._photos is None:
+                    self._photos = tempfile.TemporaryDirectory()
+                    make_photos(Path(self._photos.name), self.images)
+                folder = Path(self._photos.name)
             with torch.device("meta"):  # its name and input size pick the preprocessing
                 model = create_model(name)
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = self.folder
-                if folder is None:
-                    folder = Path(tmp)
-                    make_photos(folder, self.images)
-                self._sets[name] = quantize.calibration_set(folder, model, self.images).batches
+            self._sets[name] = quantize.calibration_set(folder, model, self.images).batches
         return self._sets[name]
 
     def of(self, name: str) -> Callable[[], list[torch.Tensor]]:

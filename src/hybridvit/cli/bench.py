@@ -69,9 +69,10 @@ def benchmark_cmd(
         get_model_info(name)
     if not on_gpu:
         precisions = _drop_slow_bf16(precisions, threads, json_output)
-    # references run as shipped: once on CPU (fp32, and NNCF's int8 beside static int8), at each
-    # precision's autocast on GPU
-    reference_precisions = precisions if on_gpu else ["fp32"] + [p for p in precisions if p == "int8-static"]
+    # references run as shipped: once on CPU (fp32), at each precision's autocast on GPU; beside
+    # static int8 also NNCF's int8 of the official and transformers models
+    float_references = precisions if on_gpu else ["fp32"]
+    reference_precisions = float_references + [p for p in precisions if p == "int8-static"]
     images = Calibration(calibration)  # one set per model, shared by every int8-static row
     with warnings.catch_warnings(), _progress_bar(json_output) as progress:
         for category in (DeprecationWarning, FutureWarning, UserWarning):  # other libraries' notices
@@ -83,7 +84,7 @@ def benchmark_cmd(
                 candidates += [c for p in reference_precisions
                                for c in reference_candidates(name, device, official, p, images)]
         if paper_rows:
-            candidates += [c for p in reference_precisions for c in paper_candidates(device, p)]
+            candidates += [c for p in float_references for c in paper_candidates(device, p)]
         rows, machine = benchmark(candidates, device, threads, plan, progress, tuned_allocator)
     ratios = [(ours.name, ref.name, paired_ratio(ours, ref))
               for ours in rows if ours.source == "hybridvit"
