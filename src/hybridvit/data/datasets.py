@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .transforms import load_image
 
@@ -158,9 +158,14 @@ def build_datasets(data: str | Path | None, with_train: bool = True) -> Datasets
 
 
 def collate_skipping_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Stack good samples; return the dataset indices of unreadable ones as the third element."""
+    """Stack good samples; return the dataset indices of unreadable ones as the third element.
+
+    ``default_collate`` stacks a worker's batch straight into shared memory (a plain stack
+    would be copied there again on its way to the training process).
+    """
     good = [(x, t) for x, t in batch if x is not None]
     bad = [t for x, t in batch if x is None]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    return torch.stack([x for x, _ in good]), torch.tensor([t for _, t in good]), bad
+    images, targets = default_collate(good)
+    return images, targets, bad

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+
 import timm.optim
 import timm.scheduler
 import torch
@@ -30,7 +32,7 @@ from ..registry import ModelInfo, get_model_info
 from .config import TrainConfig
 from .distributed import DistInfo
 from .losses import DistillationLoss, SoftTargets
-from .runtime import amp_dtype, make_loader
+from .runtime import PrestartedLoader, amp_dtype, default_workers, make_loader
 from .state import seed_all
 from .teacher import build_teacher
 
@@ -42,7 +44,7 @@ class DataPipeline:
     crop_pct: float  # of the evaluation transform (the digits are not cropped)
     sampler: EpochSampler
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_loader: PrestartedLoader
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainingRun:
     lr: float  # peak learning rate, scaled by the global batch
     targets: SoftTargets
     criterion: DistillationLoss
-    amp_dtype: torch.dtype | None
+    amp_dtype: torch.dtype | None  # for --amp auto set by train() (measured, or as the checkpoint records)
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     extra: dict[str, Any]  # stored with saved models: class names and preprocessing
@@ -82,6 +84,8 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
     """Resolve the recipe from the dataset's size, then the transforms, samplers and loaders."""
     datasets = build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
     cfg = cfg.resolved(len(datasets.train), info.model_class.default_recipe)
+    if cfg.workers is None:
+        cfg = dataclasses.replace(cfg, workers=default_workers(device))
     size = (cfg.input_size, cfg.input_width or cfg.input_size) if cfg.input_size else info.input_size[1:]
     crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
     datasets.prepare(
@@ -102,8 +106,9 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
     if len(train_loader) == 0:
         raise DataError(f"{len(base)} training images per process per epoch make no full batch of {cfg.batch_size}; "
                         f"lower --batch-size")
-    val_loader = make_loader(datasets.val, cfg.batch_size, ShardSampler(len(datasets.val), dist.rank, dist.world_size),
-                             cfg.workers, device, False)
+    val_loader = PrestartedLoader(make_loader(datasets.val, cfg.batch_size,
+                                              ShardSampler(len(datasets.val), dist.rank, dist.world_size),
+                                              cfg.workers, device, False))
     return cfg, DataPipeline(datasets, size, crop_pct, sampler, train_loader, val_loader)
 
 
@@ -137,18 +142,21 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     lr = cfg.lr * cfg.batch_size * dist.world_size / 512
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for every parameter (half the for-loop's time for LeViT-128S on a CPU)
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
         optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=cfg.lr_step == "epoch",
         updates_per_epoch=len(data.train_loader))
     if teacher is not None:
         teacher.to(device)
-    dtype = amp_dtype(cfg.amp, device)
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    dtype = amp_dtype(cfg.amp, device) if cfg.amp != "auto" else None
     return TrainingRun(
-        cfg=cfg, output=run_output(cfg), device=device, data=data, model=model,
-        train_model=DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.enabled else model,
+        cfg=cfg, output=run_output(cfg), device=device, data=data, model=model, train_model=train_model,
         optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, steps_per_epoch=len(data.train_loader), lr=lr,
         targets=SoftTargets(len(classes), cfg.smoothing, cfg.mixup, cfg.cutmix),
         criterion=DistillationLoss(SoftTargetCrossEntropy(), teacher, distillation, tau=cfg.distillation_tau),

@@ -51,7 +51,7 @@ CHOICES = {"amp": ("auto", "bf16", "fp16", "none"), "device": ("auto", "cpu", "c
 RANGES: dict[str, dict[str, Any]] = {
     "epochs": dict(low=1), "cooldown_epochs": dict(low=0), "batch_size": dict(low=1), "lr": dict(low=0, low_open=True),
     "weight_decay": dict(low=0), "warmup_epochs": dict(low=0), "warmup_lr": dict(low=0), "min_lr": dict(low=0),
-    "input_size": dict(low=1), "input_width": dict(low=1), "workers": dict(low=0),
+    "input_size": dict(low=1), "input_width": dict(low=1), "workers": dict(low=0), "progress_interval": dict(low=0),
     "smoothing": dict(low=0, high=1, high_open=True), "color_jitter": dict(low=0), "reprob": dict(low=0, high=1),
     "mixup": dict(low=0), "cutmix": dict(low=0), "hflip": dict(low=0, high=1),
     "drop_path": dict(low=0, high=1, high_open=True), "clip_grad": dict(low=0, low_open=True),
@@ -95,7 +95,8 @@ class TrainConfig:
     min_lr: float | None = None
     input_size: int | None = field(default=None, metadata={"help": "training/eval resolution (default: the model's)"})
     input_width: int | None = field(default=None, metadata={"help": "width, when it differs from --input-size"})
-    workers: int = field(default=2, metadata={"help": "data loading processes per training process"})
+    workers: int | None = field(default=None, metadata={
+        "help": "data loading processes per training process (default: from the cores, at most 8)"})
     smoothing: float | None = None
     auto_augment: str | None = field(default=None, metadata={"help": "timm RandAugment spec, or 'none'"})
     color_jitter: float | None = field(default=None, metadata={"help": "ignored when RandAugment is on (as in timm)"})
@@ -114,14 +115,18 @@ class TrainConfig:
     teacher_pretrained: bool = field(default=False, metadata={"help": "download a named teacher's published weights"})
     distillation: str | None = field(default=None, metadata={"help": "hard, soft or none (used when a teacher is given)"})
     distillation_tau: float = 1.0
-    amp: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, off on CPU), bf16, fp16 or none"})
-    channels_last: bool = False
+    amp: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPU; on CPU bf16 where a measured training step is faster), bf16, fp16 or none"})
+    channels_last: bool = field(default=False, metadata={"help": "images and convolution weights in NHWC memory layout"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training model (pays off on long runs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     seed: int = 0
     resume: str = field(default="no", metadata={
         "help": "yes (bare --resume): continue from OUTPUT/checkpoint.pt; auto: continue if it exists, else start"})
     finetune: str | None = field(default=None, metadata={
         "help": "start from these weights (their classifier when the classes match, else a new one)"})
+    progress_interval: float = field(default=1.0, metadata={
+        "help": "seconds between progress.json updates within an epoch (0: every step)"})
     overwrite: bool = field(default=False, metadata={
         "help": "start afresh in an OUTPUT that holds a run (its weights, metrics and curves are replaced)"})
     scale: tuple[float, float] | None = None

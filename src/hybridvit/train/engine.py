@@ -20,6 +20,7 @@ from .builder import TrainingRun, build_run, run_output
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, cleanup_distributed, gather_buffers
 from .evaluation import run_evaluation
+from .precision import Precision, choose_precision
 from .reporting import EpochStats, Reporter
 from .runtime import autocast, setup_device
 from .state import atomic_save, load_state, seed_step
@@ -57,6 +58,7 @@ class _Position:
     epoch: int = 0
     step: int = 0
     best_top1: float = -1.0
+    amp: str | None = None  # the precision --amp auto chose when the run started
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -73,28 +75,33 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     try:
         run = build_run(cfg, device, dist)
         position = _restore(run, dist)
-        with Reporter(run.output, dist.is_main, progress, run.num_epochs, run.steps_per_epoch) as reporter, \
-                _StopFlag() as stop:
-            return _fit(run, position, dist, reporter, stop)
+        precision = choose_precision(run.cfg.amp, run.model, (run.cfg.batch_size, 3, *run.data.size), device, dist,
+                                     run.cfg.channels_last, stored=position.amp)
+        run.amp_dtype = precision.dtype
+        with Reporter(run.output, dist.is_main, progress, run.num_epochs, run.steps_per_epoch,
+                      run.cfg.progress_interval) as reporter, _StopFlag() as stop:
+            return _fit(run, position, precision, dist, reporter, stop)
     finally:
         if owns_group:
             cleanup_distributed()
 
 
-def _fit(run: TrainingRun, position: _Position, dist: DistInfo, reporter: Reporter, stop: _StopFlag) -> dict[str, Any]:
+def _fit(run: TrainingRun, position: _Position, precision: Precision, dist: DistInfo, reporter: Reporter,
+         stop: _StopFlag) -> dict[str, Any]:
     cfg = run.cfg
+    position.amp = precision.name
     if dist.is_main:
         reporter.start(dataclasses.asdict(cfg), len(run.data.datasets.train), len(run.data.datasets.val),
-                       len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch)
+                       len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch, precision.reason)
         reporter.position(position.epoch, position.step)
     best, metrics = position.best_top1, {}
     for epoch in range(position.epoch, run.num_epochs):
         stats = _train_one_epoch(run, epoch, position.step if epoch == position.epoch else 0, dist, stop, reporter)
         if stats.interrupted_at is not None:
-            _save_checkpoint(run, _Position(epoch, stats.interrupted_at, best), dist)
+            _save_checkpoint(run, _Position(epoch, stats.interrupted_at, best, position.amp), dist)
             reporter.interrupted(run.output / "checkpoint.pt", epoch, stats.interrupted_at)
             return {"interrupted": True, "epoch": epoch, "step": stats.interrupted_at}
-        metrics, best = _end_epoch(run, epoch, stats, best, dist, reporter)
+        metrics, best = _end_epoch(run, epoch, stats, best, position.amp, dist, reporter)
     if dist.is_main:
         save_model(run.model, run.output / "model", extra=run.extra)
         if run.ema is not None:
@@ -111,7 +118,7 @@ def _train_one_epoch(run: TrainingRun, epoch: int, skip: int, dist: DistInfo, st
     run.train_model.train()
     stats = reporter.epoch_bar(epoch, run.num_epochs, run.steps_per_epoch, skip)
     step = skip
-    for x, y, bad in run.data.train_loader:
+    for x, y, bad in stats.timed(run.data.train_loader):
         stats.note_unreadable(bad, run.data.datasets.train)
         too_few, stop_now = all_reduce_sum([float(len(y) < 2), float(stop.requested)], dist, run.device)
         if stop_now:
@@ -160,7 +167,7 @@ def _train_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor, epoch: int, 
     return loss.item()
 
 
-def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, dist: DistInfo,
+def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, amp: str, dist: DistInfo,
                reporter: Reporter) -> tuple[dict[str, Any], float]:
     """Make the replicas identical, evaluate (the EMA too), save ``best/`` and the checkpoint."""
     average_buffers(run.model, dist)
@@ -174,7 +181,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, dis
     reporter.end_epoch(epoch, stats, metrics, best, ema_metrics)
     if dist.is_main and improved:
         save_model(run.model, run.output / "best", extra=run.extra)
-    _save_checkpoint(run, _Position(epoch + 1, 0, best), dist)
+    _save_checkpoint(run, _Position(epoch + 1, 0, best, amp), dist)
     reporter.position(epoch + 1, 0)
     return metrics, best
 
@@ -190,7 +197,7 @@ def _save_checkpoint(run: TrainingRun, position: _Position, dist: DistInfo) -> N
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
             "ema": run.ema.state_dict() if run.ema is not None else None, "rank_buffers": rank_buffers,
-            "epoch": position.epoch, "step": position.step, "best_top1": position.best_top1,
+            "epoch": position.epoch, "step": position.step, "best_top1": position.best_top1, "amp": position.amp,
             "world_size": dist.world_size, "model_family": run.model.family, "model_name": run.cfg.model,
             "model_config": run.model.config_dict(), "extra": run.extra,
         }, run.output / "checkpoint.pt")
@@ -224,7 +231,7 @@ def _restore(run: TrainingRun, dist: DistInfo) -> _Position:
             _load_buffers(run.ema.module, rank_buffers["ema"][dist.rank])
     if saved_world != dist.world_size:  # another number of processes: continue after as many images
         step = step * saved_world // dist.world_size
-    return _Position(state["epoch"], step, state["best_top1"])
+    return _Position(state["epoch"], step, state["best_top1"], state.get("amp"))
 
 
 @torch.no_grad()

@@ -1,16 +1,16 @@
 """What a person sees of a run: a progress bar per epoch, one summary line per epoch,
-metrics as JSON lines and TensorBoard scalars, ``progress.json`` after every step (for monitors
-and scripts that must know how far a run is), and a training-curve PNG at the end.
-Only the main process reports."""
+metrics as JSON lines and TensorBoard scalars, ``progress.json`` (for monitors and scripts that
+must know how far a run is), and a training-curve PNG at the end. Only the main process reports."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from rich.console import Console
 from tqdm import tqdm
@@ -46,6 +46,7 @@ class EpochStats:
         self.skipped_steps = 0  # steps every process skipped: some process had fewer than 2 readable images
         self.bad_files: list[str] = []
         self.interrupted_at: int | None = None  # the step at which a stop was requested
+        self.data_seconds = 0.0  # spent waiting for the data loader
         self.start = time.perf_counter()
 
     @property
@@ -55,6 +56,18 @@ class EpochStats:
     @property
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """``batches``, adding the time spent waiting for each to ``data_seconds``."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.data_seconds += time.perf_counter() - start
+            yield batch
 
     def note_unreadable(self, indices: list[int], dataset: Any) -> None:
         self.skipped += len(indices)
@@ -78,13 +91,16 @@ class EpochStats:
 class Reporter:
     """Used as a context manager, so the TensorBoard writer is closed however the run ends."""
 
-    def __init__(self, output: Path, is_main: bool, progress: bool, epochs: int, steps_per_epoch: int) -> None:
+    def __init__(self, output: Path, is_main: bool, progress: bool, epochs: int, steps_per_epoch: int,
+                 progress_interval: float = 1.0) -> None:
         self.output = output
         self.is_main = is_main
         self.progress = progress and is_main
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.metrics_file = output / "metrics.jsonl"
         self.progress_file = output / "progress.json"
+        self.progress_interval = progress_interval
+        self._last_position = -math.inf
         self.writer = None
 
     def __enter__(self) -> "Reporter":
@@ -99,7 +115,7 @@ class Reporter:
             self.writer = None
 
     def start(self, config: dict[str, Any], n_train: int, n_val: int, n_classes: int, lr: float, world: int,
-              start_epoch: int) -> None:
+              start_epoch: int, precision: str) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "train_config.json").write_text(json.dumps(config, indent=2))
         if self.metrics_file.exists():  # keep only epochs the checkpoint covers (a resumed run rewrites the rest)
@@ -111,13 +127,23 @@ class Reporter:
         self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start_epoch or None)
         console.print(f"[bold]{config['model']}[/bold] on {config['data'] or 'digits'}: {n_train} train / {n_val} val "
                       f"images, {n_classes} classes; recipe {config['recipe']}, {config['epochs']} epochs, batch "
-                      f"{config['batch_size']} x {world} process(es), lr {lr:.2e}; output {self.output}")
+                      f"{config['batch_size']} x {world} process(es), lr {lr:.2e}, {config['workers']} data worker(s) "
+                      f"per process; output {self.output}")
+        console.print(f"precision: {precision}")
 
     def position(self, epoch: int, step: int, state: str = "running", stats: EpochStats | None = None) -> None:
         """Write ``progress.json``: ``epoch`` epochs done and ``step`` steps into the next, the
-        position a checkpoint taken now would resume from; ``state`` is running, interrupted or done."""
+        position a checkpoint taken now would resume from; ``state`` is running, interrupted or done.
+
+        Within an epoch at most once per ``progress_interval`` seconds (a file written every step
+        costs a fast GPU run its speed); epoch boundaries, interruptions and the end always.
+        """
         if not self.is_main:
             return
+        now = time.monotonic()
+        if state == "running" and step and now - self._last_position < self.progress_interval:
+            return
+        self._last_position = now
         record = {"epoch": epoch, "step": step, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
                   "state": state, "time": time.time()}
         if stats is not None and stats.steps:
@@ -136,7 +162,8 @@ class Reporter:
         if not self.is_main:
             return
         record = {"epoch": epoch, "train_loss": stats.loss, "lr": stats.lr, "images_per_second": stats.images_per_second,
-                  "epoch_seconds": stats.seconds, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+                  "epoch_seconds": stats.seconds,
+                  "data_wait_fraction": stats.data_seconds / max(stats.seconds, 1e-9), "val_top1": metrics["top1"], "val_top5": metrics["top5"],
                   "val_loss": metrics["loss"], "best_top1": best, "skipped_train": stats.skipped,
                   "skipped_val": metrics["skipped"], "skipped_steps": stats.skipped_steps}
         if ema_metrics is not None:

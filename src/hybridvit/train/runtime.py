@@ -3,7 +3,9 @@ and data loaders that skip unreadable images."""
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -36,7 +38,58 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def default_workers(device: torch.device) -> int:
+    """Data-loading processes per training process, from its share of this machine's cores
+    (torchrun's local processes split them), at most 8.
+
+    On a GPU, the share less one core for the process itself. On a CPU the training step's
+    threads already use every core, and the workers run at idle priority (``make_loader``): one
+    per core fills every moment the step leaves a core idle. Measured on a 2-core EPYC, LeViT-128S
+    in bf16: 2 idle-priority workers 1.2x one worker at normal priority, and 1.1x none.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1), 1)
+    return min(8, share if device.type == "cpu" else max(1, share - 1))
+
+
+def idle_priority(worker_id: int) -> None:
+    """A data worker of CPU training runs only when a core is idle (Linux's SCHED_IDLE).
+
+    At normal priority a worker takes turns with the step's threads, and the rest of a
+    parallel region waits for the thread it displaced: a LeViT-128S step in bf16 on 2 cores
+    took 330 ms beside one normal worker and 250 ms beside two idle ones. When the workers fall
+    behind, the step waits for data, its cores go idle and the workers get them.
+    """
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, device: torch.device,
                 drop_last: bool) -> DataLoader:
+    """Workers kept for the whole run (``persistent_workers``), not started again every epoch; on a
+    CPU at idle priority."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      collate_fn=collate_skipping_bad, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                      collate_fn=collate_skipping_bad, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=idle_priority if device.type == "cpu" else None)
+
+
+class PrestartedLoader:
+    """A loader whose worker processes start now, while this process is small.
+
+    Started at the first evaluation, the workers are forked from a process holding the training
+    step's memory, and every page of it that the next steps write is then copied once: 1.8 s
+    and 5 s of system time in the first step after it (LeViT-128S, batch 32, 2 cores). The
+    first pass takes the iterator started here, so the sampler must give the same order every
+    pass (the evaluation's does).
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self._started: Iterator | None = iter(loader) if loader.num_workers else None
+
+    def __iter__(self) -> Iterator:
+        started, self._started = self._started, None
+        return started if started is not None else iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

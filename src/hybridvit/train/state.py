@@ -9,16 +9,14 @@ any step, on any rank, draws the same numbers as the uninterrupted run.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..checkpoints import CheckpointError
-from ..data.sampling import derived_seed
+from ..data.sampling import derived_seed, seed_generators
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -49,12 +47,11 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def seed_all(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    """Seed Python, NumPy and torch generators, CUDA's even before CUDA starts (a run's initial weights)."""
+    seed_generators(seed)
     torch.manual_seed(seed)
 
 
 def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
     """Seed every generator for one training step (Mixup/CutMix draws, drop-path masks)."""
-    seed_all(derived_seed(seed, epoch, step, rank))
+    seed_generators(derived_seed(seed, epoch, step, rank))
