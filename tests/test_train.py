@@ -22,7 +22,7 @@ from conftest import make_image_folder, reached, read_progress, wait_for
 from hybridvit.data import DataError
 from hybridvit.train import DistillationLoss, TrainConfig, TrainingError, evaluate, train
 
-FAST = dict(workers=0, input_size=32, batch_size=32)
+FAST = dict(workers=0, input_size=32, batch_size=32, amp="none")  # the reference run's precision, not measured
 
 
 def cli(*args: str) -> list[str]:
@@ -69,7 +69,8 @@ def _same_final_state(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_path):
     out = tmp_path / "run"
-    args = cli("train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "32", "--output", str(out))
+    args = cli("train", "--epochs", "3", "--workers", "0", "--amp", "none", "--input-size", "32", "--batch-size", "32",
+               "--output", str(out))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(reached(out, 1, 1), proc)  # a step into the second epoch: its checkpoint is one epoch old
     proc.send_signal(signal.SIGKILL)
@@ -84,7 +85,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_p
 def test_ctrl_c_saves_mid_epoch_checkpoint_and_resume_is_exact_with_workers(reference_run, tmp_path):
     """Two data-loading workers here, none in the reference run: the same batches either way."""
     out = tmp_path / "run"
-    args = cli("train", "--epochs", "3", "--workers", "2", "--input-size", "32", "--batch-size", "32", "--output", str(out))
+    args = cli("train", "--epochs", "3", "--workers", "2", "--amp", "none", "--input-size", "32", "--batch-size", "32",
+               "--output", str(out))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(reached(out, 1, 1), proc)
     proc.send_signal(signal.SIGINT)
@@ -117,7 +119,7 @@ def test_progress_json_follows_every_step_and_matches_the_checkpoint(tmp_path, m
             signal.raise_signal(signal.SIGINT)  # Ctrl-C; the run stops at the next step
 
     monkeypatch.setattr(Reporter, "position", position)
-    cfg = TrainConfig(data=str(data), epochs=2, output=str(out), **{**FAST, "batch_size": 4})
+    cfg = TrainConfig(data=str(data), epochs=2, output=str(out), progress_interval=0, **{**FAST, "batch_size": 4})
     assert train(cfg, progress=False) == {"interrupted": True, "epoch": 1, "step": 1}
     running = [(e, s, "running") for e, s in ((0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1))]
     assert seen == running + [(1, 1, "interrupted")]
@@ -142,7 +144,8 @@ def _torchrun(*extra: str) -> list[str]:
 
 
 DDP_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-DDP_TRAIN = ["-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--input-size", "32", "--batch-size", "16"]
+DDP_TRAIN = ["-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--amp", "none", "--input-size", "32",
+             "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")

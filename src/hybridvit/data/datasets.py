@@ -72,11 +72,12 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
+        read = getattr(self.transform, "read", None)  # a transform that reads (and crops) the file itself
         try:
-            image = load_image(path)
+            image = read(path) if read else load_image(path)
         except ValueError:  # unreadable file; a failing transform is a bug and is raised, not skipped
             return None, index
-        return self.transform(image), target
+        return (self.transform.after_read(image) if read else self.transform(image)), target
 
 
 class DigitsDataset(Dataset):

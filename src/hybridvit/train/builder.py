@@ -91,7 +91,7 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
     datasets.prepare(
         size,
         train_transform(info, size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
-                        hflip=cfg.hflip, scale=cfg.scale),
+                        hflip=cfg.hflip, scale=cfg.scale, jpeg_draft=cfg.jpeg_draft),
         eval_transform(info, size, crop_pct=crop_pct))
     if len(datasets.train) < cfg.batch_size * dist.world_size:
         raise DataError(f"{len(datasets.train)} training images are fewer than one global batch "

@@ -130,6 +130,8 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "start afresh in an OUTPUT that holds a run (its weights, metrics and curves are replaced)"})
     scale: tuple[float, float] | None = None
+    jpeg_draft: bool = field(default=True, metadata={
+        "help": "decode a training JPEG at 1/2 to 1/8 scale when its crop is that many times the input size"})
 
     def __post_init__(self) -> None:
         if isinstance(self.resume, bool):  # the Python API's resume=True / False
