@@ -133,7 +133,8 @@ def digits_run(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("digits") / "run"
-    subprocess.run([sys.executable, "-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--amp", "none", "--input-size", "32",
+    subprocess.run([sys.executable, "-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--amp", "none", "--no-channels-last",
+                    "--input-size", "32",
                     "--batch-size", "32", "--output", str(out)], check=True, capture_output=True)
     return out
 

@@ -118,7 +118,7 @@ def test_hybridvit_train_trains_a_graft_that_reloads_to_its_figures(recipe_folde
     result = CliRunner().invoke(app, [
         "train", "--model", NAME, "--model-args", '{"resnet_stages": 1, "deit_layers": 1}', "--recipe", "deit",
         "--data", str(recipe_folder), "--epochs", "1", "--input-size", "32", "--batch-size", "32", "--workers", "0",
-        "--amp", "none", "--output", str(out)])
+        "--amp", "none", "--no-channels-last", "--output", str(out)])
     assert result.exit_code == 0, result.output
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     model = load_model(out / "model")

@@ -314,7 +314,7 @@ def test_levit_recipe_run_on_a_folder(recipe_folder, tmp_path, monkeypatch):
     seen = _Recorder(monkeypatch, ema_decay=decay)
     out = tmp_path / "run"
     cfg = TrainConfig(recipe="levit", data=str(recipe_folder), epochs=2, warmup_epochs=1, input_size=32,
-                      batch_size=32, workers=0, output=str(out), model_ema_decay=decay, amp="none")
+                      batch_size=32, workers=0, output=str(out), model_ema_decay=decay, amp="none", channels_last=False)
     train(cfg, progress=False)
     rows = _metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -358,7 +358,7 @@ def test_cvt_recipe_trains_a_cvt(recipe_folder, tmp_path, monkeypatch):
     seen = _Recorder(monkeypatch)
     out = tmp_path / "cvt"
     result = train(TrainConfig(model="cvt_13", recipe="cvt", data=str(recipe_folder), epochs=1, input_size=32,
-                               batch_size=32, workers=0, amp="none", output=str(out)), progress=False)
+                               batch_size=32, workers=0, amp="none", channels_last=False, output=str(out)), progress=False)
     assert result["images"] == 31 and not (out / "ema").exists()  # no EMA
     # 211 images, no repeats: 6 full batches, each stepped on its gradients as backward left them (no clipping).
     assert len(seen.steps) == len(seen.lrs) == len(seen.batches) == 211 // 32

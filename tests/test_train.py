@@ -22,7 +22,7 @@ from conftest import make_image_folder, reached, read_progress, wait_for
 from hybridvit.data import DataError
 from hybridvit.train import DistillationLoss, TrainConfig, TrainingError, evaluate, train
 
-FAST = dict(workers=0, input_size=32, batch_size=32, amp="none")  # the reference run's precision, not measured
+FAST = dict(workers=0, input_size=32, batch_size=32, amp="none", channels_last=False)  # as the reference run: not measured
 
 
 def cli(*args: str) -> list[str]:
@@ -69,7 +69,7 @@ def _same_final_state(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_path):
     out = tmp_path / "run"
-    args = cli("train", "--epochs", "3", "--workers", "0", "--amp", "none", "--input-size", "32", "--batch-size", "32",
+    args = cli("train", "--epochs", "3", "--workers", "0", "--amp", "none", "--no-channels-last", "--input-size", "32", "--batch-size", "32",
                "--output", str(out))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(reached(out, 1, 1), proc)  # a step into the second epoch: its checkpoint is one epoch old
@@ -85,7 +85,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_p
 def test_ctrl_c_saves_mid_epoch_checkpoint_and_resume_is_exact_with_workers(reference_run, tmp_path):
     """Two data-loading workers here, none in the reference run: the same batches either way."""
     out = tmp_path / "run"
-    args = cli("train", "--epochs", "3", "--workers", "2", "--amp", "none", "--input-size", "32", "--batch-size", "32",
+    args = cli("train", "--epochs", "3", "--workers", "2", "--amp", "none", "--no-channels-last", "--input-size", "32", "--batch-size", "32",
                "--output", str(out))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(reached(out, 1, 1), proc)
@@ -144,7 +144,7 @@ def _torchrun(*extra: str) -> list[str]:
 
 
 DDP_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-DDP_TRAIN = ["-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--amp", "none", "--input-size", "32",
+DDP_TRAIN = ["-m", "hybridvit", "train", "--epochs", "3", "--workers", "0", "--amp", "none", "--no-channels-last", "--input-size", "32",
              "--batch-size", "16"]
 
 

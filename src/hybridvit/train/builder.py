@@ -32,8 +32,9 @@ from ..registry import ModelInfo, get_model_info
 from .config import TrainConfig
 from .distributed import DistInfo
 from .losses import DistillationLoss, SoftTargets
-from .runtime import PrestartedLoader, amp_dtype, default_workers, make_loader
-from .state import seed_all
+from .precision import StepChoice, choose_step
+from .runtime import PrestartedLoader, default_workers, make_loader
+from .state import read_step_choice, seed_all
 from .teacher import build_teacher
 
 
@@ -62,7 +63,7 @@ class TrainingRun:
     lr: float  # peak learning rate, scaled by the global batch
     targets: SoftTargets
     criterion: DistillationLoss
-    amp_dtype: torch.dtype | None  # for --amp auto set by train() (measured, or as the checkpoint records)
+    step: StepChoice  # precision and memory layout
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     extra: dict[str, Any]  # stored with saved models: class names and preprocessing
@@ -139,7 +140,9 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
         raise ValueError(f"--teacher needs a student with a distillation head; {cfg.model} has none "
                          f"(LeViT has one by default; CvT has none): drop --teacher or pass --distillation none")
     model.to(device)
-    if cfg.channels_last:
+    stored = read_step_choice(run_output(cfg) / "checkpoint.pt") if cfg.resume != "no" else None
+    step = choose_step(cfg.amp, cfg.channels_last, model, (cfg.batch_size, 3, *size), device, dist, stored)
+    if step.channels_last:
         model.to(memory_format=torch.channels_last)
     lr = cfg.lr * cfg.batch_size * dist.world_size / 512
     # fused: one kernel for every parameter (half the for-loop's time for LeViT-128S on a CPU)
@@ -154,13 +157,12 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
         if dist.enabled else model
     if cfg.compile:
         train_model = torch.compile(train_model)
-    dtype = amp_dtype(cfg.amp, device) if cfg.amp != "auto" else None
     return TrainingRun(
         cfg=cfg, output=run_output(cfg), device=device, data=data, model=model, train_model=train_model,
         optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, steps_per_epoch=len(data.train_loader), lr=lr,
         targets=SoftTargets(len(classes), cfg.smoothing, cfg.mixup, cfg.cutmix),
         criterion=DistillationLoss(SoftTargetCrossEntropy(), teacher, distillation, tau=cfg.distillation_tau),
-        amp_dtype=dtype, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+        step=step, scaler=torch.amp.GradScaler(device.type) if step.dtype == torch.float16 else None,
         ema=ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None,
         extra={"classes": classes, "input_size": list(size), "crop_pct": data.crop_pct, "mean": list(info.mean),
                "std": list(info.std)},

@@ -117,7 +117,8 @@ class TrainConfig:
     distillation_tau: float = 1.0
     amp: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPU; on CPU bf16 where a measured training step is faster), bf16, fp16 or none"})
-    channels_last: bool = field(default=False, metadata={"help": "images and convolution weights in NHWC memory layout"})
+    channels_last: bool | None = field(default=None, metadata={
+        "help": "images and convolution weights in NHWC memory layout (default: where a measured step is faster)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training model (pays off on long runs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     seed: int = 0

@@ -20,7 +20,6 @@ from .builder import TrainingRun, build_run, run_output
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, cleanup_distributed, gather_buffers
 from .evaluation import run_evaluation
-from .precision import Precision, choose_precision
 from .reporting import EpochStats, Reporter
 from .runtime import autocast, setup_device
 from .state import atomic_save, load_state, seed_step
@@ -58,7 +57,6 @@ class _Position:
     epoch: int = 0
     step: int = 0
     best_top1: float = -1.0
-    amp: str | None = None  # the precision --amp auto chose when the run started
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -75,33 +73,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     try:
         run = build_run(cfg, device, dist)
         position = _restore(run, dist)
-        precision = choose_precision(run.cfg.amp, run.model, (run.cfg.batch_size, 3, *run.data.size), device, dist,
-                                     run.cfg.channels_last, stored=position.amp)
-        run.amp_dtype = precision.dtype
         with Reporter(run.output, dist.is_main, progress, run.num_epochs, run.steps_per_epoch,
                       run.cfg.progress_interval) as reporter, _StopFlag() as stop:
-            return _fit(run, position, precision, dist, reporter, stop)
+            return _fit(run, position, dist, reporter, stop)
     finally:
         if owns_group:
             cleanup_distributed()
 
 
-def _fit(run: TrainingRun, position: _Position, precision: Precision, dist: DistInfo, reporter: Reporter,
-         stop: _StopFlag) -> dict[str, Any]:
+def _fit(run: TrainingRun, position: _Position, dist: DistInfo, reporter: Reporter, stop: _StopFlag) -> dict[str, Any]:
     cfg = run.cfg
-    position.amp = precision.name
     if dist.is_main:
         reporter.start(dataclasses.asdict(cfg), len(run.data.datasets.train), len(run.data.datasets.val),
-                       len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch, precision.reason)
+                       len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch, run.step.reason)
         reporter.position(position.epoch, position.step)
     best, metrics = position.best_top1, {}
     for epoch in range(position.epoch, run.num_epochs):
         stats = _train_one_epoch(run, epoch, position.step if epoch == position.epoch else 0, dist, stop, reporter)
         if stats.interrupted_at is not None:
-            _save_checkpoint(run, _Position(epoch, stats.interrupted_at, best, position.amp), dist)
+            _save_checkpoint(run, _Position(epoch, stats.interrupted_at, best), dist)
             reporter.interrupted(run.output / "checkpoint.pt", epoch, stats.interrupted_at)
             return {"interrupted": True, "epoch": epoch, "step": stats.interrupted_at}
-        metrics, best = _end_epoch(run, epoch, stats, best, position.amp, dist, reporter)
+        metrics, best = _end_epoch(run, epoch, stats, best, dist, reporter)
     if dist.is_main:
         save_model(run.model, run.output / "model", extra=run.extra)
         if run.ema is not None:
@@ -140,10 +133,10 @@ def _train_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor, epoch: int, 
     seed_step(cfg.seed, epoch, step, dist.rank)
     run.set_lr(epoch, step)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if cfg.channels_last:
+    if run.step.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x, targets = run.targets(x, y)
-    with autocast(device, run.amp_dtype):
+    with autocast(device, run.step.dtype):
         loss = run.criterion(x, run.train_model(x), targets)
     if all_reduce_sum([float(not torch.isfinite(loss))], dist, device)[0]:
         raise TrainingError(
@@ -167,21 +160,21 @@ def _train_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor, epoch: int, 
     return loss.item()
 
 
-def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, amp: str, dist: DistInfo,
+def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, dist: DistInfo,
                reporter: Reporter) -> tuple[dict[str, Any], float]:
     """Make the replicas identical, evaluate (the EMA too), save ``best/`` and the checkpoint."""
     average_buffers(run.model, dist)
-    metrics = run_evaluation(run.model, run.data.val_loader, run.device, dist, run.amp_dtype)
+    metrics = run_evaluation(run.model, run.data.val_loader, run.device, dist, run.step.dtype)
     ema_metrics = None
     if run.ema is not None:
         average_buffers(run.ema.module, dist)
-        ema_metrics = run_evaluation(run.ema.module, run.data.val_loader, run.device, dist, run.amp_dtype)
+        ema_metrics = run_evaluation(run.ema.module, run.data.val_loader, run.device, dist, run.step.dtype)
     improved = metrics["top1"] > best
     best = max(best, metrics["top1"])
     reporter.end_epoch(epoch, stats, metrics, best, ema_metrics)
     if dist.is_main and improved:
         save_model(run.model, run.output / "best", extra=run.extra)
-    _save_checkpoint(run, _Position(epoch + 1, 0, best, amp), dist)
+    _save_checkpoint(run, _Position(epoch + 1, 0, best), dist)
     reporter.position(epoch + 1, 0)
     return metrics, best
 
@@ -197,7 +190,8 @@ def _save_checkpoint(run: TrainingRun, position: _Position, dist: DistInfo) -> N
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
             "ema": run.ema.state_dict() if run.ema is not None else None, "rank_buffers": rank_buffers,
-            "epoch": position.epoch, "step": position.step, "best_top1": position.best_top1, "amp": position.amp,
+            "epoch": position.epoch, "step": position.step, "best_top1": position.best_top1,
+            "amp": run.step.amp, "channels_last": run.step.channels_last,
             "world_size": dist.world_size, "model_family": run.model.family, "model_name": run.cfg.model,
             "model_config": run.model.config_dict(), "extra": run.extra,
         }, run.output / "checkpoint.pt")
@@ -231,7 +225,7 @@ def _restore(run: TrainingRun, dist: DistInfo) -> _Position:
             _load_buffers(run.ema.module, rank_buffers["ema"][dist.rank])
     if saved_world != dist.world_size:  # another number of processes: continue after as many images
         step = step * saved_world // dist.world_size
-    return _Position(state["epoch"], step, state["best_top1"], state.get("amp"))
+    return _Position(state["epoch"], step, state["best_top1"])
 
 
 @torch.no_grad()

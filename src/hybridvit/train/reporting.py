@@ -115,7 +115,7 @@ class Reporter:
             self.writer = None
 
     def start(self, config: dict[str, Any], n_train: int, n_val: int, n_classes: int, lr: float, world: int,
-              start_epoch: int, precision: str) -> None:
+              start_epoch: int, step: str) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "train_config.json").write_text(json.dumps(config, indent=2))
         if self.metrics_file.exists():  # keep only epochs the checkpoint covers (a resumed run rewrites the rest)
@@ -129,7 +129,7 @@ class Reporter:
                       f"images, {n_classes} classes; recipe {config['recipe']}, {config['epochs']} epochs, batch "
                       f"{config['batch_size']} x {world} process(es), lr {lr:.2e}, {config['workers']} data worker(s) "
                       f"per process; output {self.output}")
-        console.print(f"precision: {precision}")
+        console.print(f"training step: {step}")
 
     def position(self, epoch: int, step: int, state: str = "running", stats: EpochStats | None = None) -> None:
         """Write ``progress.json``: ``epoch`` epochs done and ``step`` steps into the next, the

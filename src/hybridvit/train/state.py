@@ -39,6 +39,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+def read_step_choice(path: Path) -> dict[str, Any] | None:
+    """The precision and layout a run's checkpoint records (None: no readable checkpoint there);
+    memory-mapped, so a large checkpoint is not read whole twice."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # resuming reports an unreadable checkpoint with its reason
+        return None
+    return {"amp": state.get("amp"), "channels_last": state.get("channels_last")}
+
+
 def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
