@@ -145,7 +145,8 @@ def test_evaluation_workers_start_before_the_first_pass_and_every_pass_is_whole(
     assert list(PrestartedLoader(make_loader(_WhoLoads(), 8, range(8), 0, CPU, False)))  # no workers: plain
 
 
-@pytest.mark.parametrize("cores, local, cpu, cuda", [(2, 1, 2, 1), (1, 1, 1, 1), (16, 2, 8, 7), (64, 1, 8, 8)])
+@pytest.mark.parametrize("cores, local, cpu, cuda", [(2, 1, 2, 1), (1, 1, 0, 1), (2, 2, 0, 1), (16, 2, 8, 7),
+                                                    (64, 1, 8, 8)])
 def test_default_workers_follow_the_cores(cores, local, cpu, cuda, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))

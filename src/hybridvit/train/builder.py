@@ -144,6 +144,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
     step = choose_step(cfg.amp, cfg.channels_last, model, (cfg.batch_size, 3, *size), device, dist, stored)
     if step.channels_last:
         model.to(memory_format=torch.channels_last)
+    cfg = dataclasses.replace(cfg, amp=step.amp, channels_last=step.channels_last)  # train_config.json: as run
     lr = cfg.lr * cfg.batch_size * dist.world_size / 512
     # fused: one kernel for every parameter (half the for-loop's time for LeViT-128S on a CPU)
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, fused=True)

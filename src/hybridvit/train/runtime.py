@@ -44,12 +44,16 @@ def default_workers(device: torch.device) -> int:
 
     On a GPU, the share less one core for the process itself. On a CPU the training step's
     threads already use every core, and the workers run at idle priority (``make_loader``): one
-    per core fills every moment the step leaves a core idle. Measured on a 2-core EPYC, LeViT-128S
-    in bf16: 2 idle-priority workers 1.2x one worker at normal priority, and 1.1x none.
+    per core fills every moment the step leaves a core idle; with a single core there is no
+    such moment, and the process loads its own batches. Measured on a 2-core EPYC, LeViT-128S in
+    bf16: 2 idle-priority workers 1.2x one worker at normal priority and 1.1x none; on one of its
+    cores, no worker 1.05x an idle one and 1.2x a normal one.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = max(cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1), 1)
-    return min(8, share if device.type == "cpu" else max(1, share - 1))
+    if device.type == "cpu":
+        return min(8, share) if share > 1 else 0
+    return min(8, max(1, share - 1))
 
 
 def idle_priority(worker_id: int) -> None:
