@@ -89,7 +89,8 @@ def _check_rows(experiment: str, out: Path, names: list[str], data: Path | None 
     table = (out / "results.md").read_text()
     for r in rows:
         figures = evaluate(out / r["variant"], data=data, workers=0)
-        assert r["top1"] == pytest.approx(figures["top1"], abs=100 / figures["images"])  # fused: one borderline image
+        # fused and in fp32, against the run's own evaluation (in bf16 where --amp auto chose it): two borderline images
+        assert r["top1"] == pytest.approx(figures["top1"], abs=200.5 / figures["images"])
         assert f"| {r['variant']} | {r['change']} |" in table and f"| {r['top1']:.2f} |" in table
         variant = next(v for v in exp.variants if v.name == r["variant"])
         assert (r["params"], r["macs"]) == _counts(variant, exp.count_args)
