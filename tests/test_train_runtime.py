@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +251,27 @@ def test_unreadable_file_in_the_draft_path_is_a_skipped_sample(tmp_path):
     assert datasets.train[index] == (None, index)
     x, y, bad = collate_skipping_bad([datasets.train[i] for i in range(len(datasets.train))])
     assert bad == [index] and x.shape == (len(datasets.train) - 1, 3, 32, 32)
+
+
+# --- --compile ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compile_trains_through_a_compiled_graph(small_folder, tmp_path, monkeypatch):
+    """About 45 s of inductor compilation on 2 cores: the training model runs as a compiled graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "")  # inductor sets it in-process: removed after
+    monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
+
+    def graphs_after(**options) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        train(TrainConfig(data=str(small_folder), output=str(tmp_path / str(options)), amp="none", channels_last=False,
+                          **{**FAST, **options}), progress=False)
+        return counters["stats"]["unique_graphs"]
+
+    assert graphs_after(compile=False) == 0
+    assert graphs_after(compile=True) >= 1
+    model = hybridvit.load_model(tmp_path / str({"compile": True}) / "model")  # saved without the compile wrapper
+    assert model.model_name == "levit_128s"
