@@ -21,6 +21,10 @@ Rows (``--rows``):
 - ``overhead``: the framework's own cost per step: LeViT-128S at 32x32 on 48x48 JPEGs, batch 8,
   where the model and the decoding cost almost nothing (ms per step, lower is better).
 
+Before the runs it times the decoding and augmentation of one image at one thread, as a data
+worker does it; with each row's share of time spent waiting for data, that says whether the
+model waits on the loader.
+
 ``--threads 1`` pins every process of a run (data workers too) to one core with one thread;
 ``all`` leaves them the machine. On a GPU (``--device cuda``) both sides add ``--channels-last``
 and bf16 autocast (timm's ``--amp --amp-dtype bfloat16``) to every row.
@@ -134,6 +138,36 @@ def timm_rate(log: str) -> float:
     return rates[-1]
 
 
+def decode_cost(folder: Path, model: str, images: int = 200) -> dict[str, float]:
+    """Milliseconds per training image at one thread: reading, decoding and the whole augmentation
+    (as a data worker does it), and the share of that spent reading and cropping."""
+    import random
+    import time
+
+    import torch
+
+    from hybridvit.data import train_transform
+    from hybridvit.registry import get_model_info
+
+    info = get_model_info(model)
+    transform = train_transform(info, tuple(info.input_size[1:]), auto_augment=None, color_jitter=0.4, re_prob=0.0,
+                                hflip=0.5, scale=(0.08, 1.0))
+    paths = sorted((folder / "train").rglob("*.jpg"))[:images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        random.seed(0)
+        start = time.perf_counter()
+        crops = [transform.read(p) for p in paths]
+        read = time.perf_counter() - start
+        for crop in crops:
+            transform.after_read(crop)
+        total = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return {"ms_per_image": 1e3 * total / len(paths), "read_and_crop_share": read / total}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timm-train", type=Path, required=True, help="timm's train.py (a clone of pytorch-image-models)")
@@ -156,8 +190,11 @@ def main() -> None:
     photos = make_folder(args.output / "data", 640, 80)
     small = make_folder(args.output / "data48", 640, 80, size=(48, 48))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    decoding = decode_cost(photos, args.model)
+    print(f"decoding and augmentation: {decoding['ms_per_image']:.2f} ms per image at one thread "
+          f"({decoding['read_and_crop_share']:.0%} reading and cropping)", flush=True)
     results = {"machine": machine_info(torch.device(args.device), torch.get_num_threads()),
-               "settings": {k: str(v) for k, v in vars(args).items()}, "rows": []}
+               "settings": {k: str(v) for k, v in vars(args).items()}, "decoding": decoding, "rows": []}
     for threads in args.threads.split(","):
         for row in args.rows.split(","):
             batch, size, data = (8, 32, small) if row == "overhead" else (args.batch_size, None, photos)

@@ -7,11 +7,9 @@ follows the official one) rather than merely being configured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import dataclasses
 
 import timm.optim
 import timm.scheduler
@@ -86,7 +84,7 @@ def build_data(cfg: TrainConfig, info: ModelInfo, dist: DistInfo, device: torch.
     datasets = build_datasets(cfg.data)  # the layout is checked (DataError) before anything else
     cfg = cfg.resolved(len(datasets.train), info.model_class.default_recipe)
     if cfg.workers is None:
-        cfg = dataclasses.replace(cfg, workers=default_workers(device))
+        cfg = replace(cfg, workers=default_workers(device))
     size = (cfg.input_size, cfg.input_width or cfg.input_size) if cfg.input_size else info.input_size[1:]
     crop_pct = 1.0 if is_digits(cfg.data) else info.crop_pct
     datasets.prepare(
@@ -144,7 +142,7 @@ def build_run(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> Trainin
     step = choose_step(cfg.amp, cfg.channels_last, model, (cfg.batch_size, 3, *size), device, dist, stored)
     if step.channels_last:
         model.to(memory_format=torch.channels_last)
-    cfg = dataclasses.replace(cfg, amp=step.amp, channels_last=step.channels_last)  # train_config.json: as run
+    cfg = replace(cfg, amp=step.amp, channels_last=step.channels_last)  # train_config.json: as run
     lr = cfg.lr * cfg.batch_size * dist.world_size / 512
     # fused: one kernel for every parameter (half the for-loop's time for LeViT-128S on a CPU)
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, fused=True)
