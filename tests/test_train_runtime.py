@@ -275,3 +275,21 @@ def test_compile_trains_through_a_compiled_graph(small_folder, tmp_path, monkeyp
     assert graphs_after(compile=True) >= 1
     model = hybridvit.load_model(tmp_path / str({"compile": True}) / "model")  # saved without the compile wrapper
     assert model.model_name == "levit_128s"
+
+
+def test_the_train_command_tunes_the_allocator_before_training(small_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import hybridvit.allocator
+    from hybridvit.cli import app
+    from hybridvit.train import engine
+
+    events: list[str] = []
+    monkeypatch.setattr(hybridvit.allocator, "tune_cpu_allocator", lambda: events.append("tuned") or True)
+    original = engine.build_run
+    monkeypatch.setattr(engine, "build_run", lambda *a, **k: events.append("built") or original(*a, **k))
+    result = CliRunner().invoke(app, ["train", "--data", str(small_folder), "--epochs", "1", "--workers", "0",
+                                      "--input-size", "32", "--batch-size", "4", "--amp", "none", "--no-channels-last",
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert events == ["tuned", "built"]

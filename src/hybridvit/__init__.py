@@ -33,7 +33,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "fuse": "fusion", "get_model_info": "registry", "list_models": "registry", "load_checkpoint": "checkpoints",
     "load_model": "checkpoints", "optimize": "inference.optimize", "push_to_hub": "publish",
     "quantize_static": "inference.quantize", "save_for_hub": "publish", "save_model": "checkpoints",
-    "tune_cpu_allocator": "inference.optimize"})
+    "tune_cpu_allocator": "allocator"})
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .api import create_model
@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .flops import count_macs, count_params
     from .fusion import fuse
     from .models import HybridClassifier
-    from .inference.optimize import optimize, tune_cpu_allocator
+    from .allocator import tune_cpu_allocator
+    from .inference.optimize import optimize
     from .publish import push_to_hub, save_for_hub
     from .inference.quantize import quantize_static
     from .registry import get_model_info, list_models

@@ -62,8 +62,10 @@ def _dataclass_command(config_class: type, skip: frozenset[str] = frozenset()):
 @_dataclass_command(TrainConfig, skip=frozenset({"scale"}))
 def train_cmd(cfg: TrainConfig) -> None:
     """Train a model (default: levit_128s on the built-in digits); also runs under torchrun."""
+    from ..allocator import tune_cpu_allocator
     from ..train import TrainingError, train
 
+    tune_cpu_allocator()  # the command owns its process: freed activations stay in the heap (5-8% a bf16 CPU step)
     try:
         result = train(cfg)
     except TrainingError as e:  # the run diverged: its last good checkpoint is kept

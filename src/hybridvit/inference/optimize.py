@@ -15,8 +15,6 @@ then freezing, plus ``optimize_for_inference`` in fp32 for families whose
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import statistics
 import time
 import warnings
@@ -26,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..allocator import tune_cpu_allocator  # noqa: F401  (its public name here too)
 from ..fusion import fuse
 from .export import onnx_bytes
 from .machine import matmul_rates
@@ -233,26 +232,3 @@ def _images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
         torch.cuda.synchronize(x.device)
     return images / (time.perf_counter() - start)
 
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in glibc's heap, process-wide: no page faults per forward pass.
-
-    With glibc's defaults every activation above the (adaptive) mmap threshold is a fresh
-    ``mmap`` whose pages fault on first touch, and freed heap tops go back to the OS; on our
-    2-core machine that cost LeViT models up to a third of their CPU throughput, depending on
-    what ran before in the process (docs/benchmarks.md). This is the glibc counterpart of the
-    jemalloc/tcmalloc advice in PyTorch's CPU tuning guide: the process keeps its peak memory.
-    Returns False where the C library is not glibc (nothing is changed).
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
