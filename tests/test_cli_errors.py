@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -48,6 +50,11 @@ def places(tmp_path, model_folder, unwritable) -> dict[str, str]:
     scratch.mkdir()
     (scratch / "notes.txt").write_text("not a folder")
     Image.new("RGB", (40, 40), (200, 30, 30)).save(scratch / "red.png")
+    (scratch / "list.csv").write_text("path\nred.png\n")
+    (scratch / "latin1.txt").write_bytes("red.png\ncaf\xe9.png\n".encode("latin-1"))
+    pq.write_table(pa.table({"path": ["red.png"]}), scratch / "list.parquet")
+    pq.write_table(pa.table({"path": [1, 2]}), scratch / "numbers.parquet")
+    (scratch / "fake.parquet").write_text("not a Parquet file at all")
     return {"model": str(model_folder), "tmp": str(scratch), "file": str(scratch / "notes.txt"),
             "image": str(scratch / "red.png"), "ro": str(unwritable)}
 
@@ -90,6 +97,14 @@ ROWS = [
     ("predict {model} {image} --top -1", 2, ["--top", "got -1"]),
     ("predict {model} {image} --top x", 2, ["--top", "got 'x'"]),  # a usage error (typer's), one line too
     ("predict {model} {tmp}/missing.png", 1, ["missing.png"]),  # the run completes; that input failed
+    ("predict {model} {tmp}/none/*.png", 1, ["none/*.png", "No such file"]),  # a pattern matching nothing: the same
+    ("predict {model} {tmp}/list.csv -o {tmp}/list.csv", 2, ["--output {tmp}/list.csv is one of the run's inputs"]),
+    ("predict {model} {tmp}/list.parquet -o {tmp}/list.parquet", 2, ["list.parquet is one of the run's inputs"]),
+    ("predict {model} {tmp}/latin1.txt", 2, ["{tmp}/latin1.txt: line 2 is not UTF-8"]),
+    ("predict {model} {tmp}/numbers.parquet", 2, ["numbers.parquet: the column 'path' holds int64"]),
+    ("predict {model} {tmp}/fake.parquet", 2, ["fake.parquet: not a Parquet file"]),
+    ("serve {model} --max-body-mb 0", 2, ["--max-body-mb must be at least"]),  # options spelled as typed
+    ("serve {model} --body-timeout-s 0", 2, ["--body-timeout-s must be greater than 0"]),
     ("predict {model} {image} --precision int8-static", 2, ["--precision int8-static needs --calibration"]),
     ("predict {model} {image} --validation {tmp}/missing", 2, ["--validation {tmp}/missing is not a folder"]),
     ("benchmark --threads 0", 2, ["--threads", "got 0"]),
@@ -171,8 +186,8 @@ def test_each_kind_of_error_has_its_exit_code(error, code, monkeypatch, capsys):
     monkeypatch.setattr("hybridvit.api.load_source", load_source)  # what export calls first
     with pytest.raises(SystemExit) as exit_:
         main(["export", "hf-hub:me/levit"])
-    out = capsys.readouterr().out
-    assert exit_.value.code == code and out == f"error: {error}\n"
+    out = capsys.readouterr()
+    assert exit_.value.code == code and out.err == f"error: {error}\n" and out.out == ""  # diagnostics: stderr
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
@@ -183,15 +198,17 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_unreadable_images_fail_alone(places, capsys):
-    """predict: each unreadable file gets its error line, the readable ones their results, exit 1."""
+    """predict: each unreadable file gets its error line (on standard error), the readable ones
+    their results (on standard output), exit 1."""
     bad = Path(places["tmp"]) / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(SystemExit) as exit_:
         main(["predict", places["model"], str(bad), places["image"]])
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr()
+    lines, errors = out.out.splitlines(), out.err.splitlines()
     assert exit_.value.code == 1
-    assert [line for line in lines if line.startswith("error: ")] == [lines[0]] and str(bad) in lines[0]
-    assert lines[1] == places["image"] and len(lines) == 7  # its top-5 follow
+    assert len(errors) == 1 and errors[0].startswith("error: ") and str(bad) in errors[0]
+    assert lines[0] == places["image"] and len(lines) == 6  # its top-5 follow
 
 
 def test_finished_and_unfinished_runs_are_kept_unless_asked(tmp_path):

@@ -66,7 +66,7 @@ def test_bad_requests_get_clear_errors(tmp_path):
         run_experiment(Settings("levit-ablations", None, 1), tmp_path, only=["A8"])
     done = subprocess.run(cli("experiment", "grafting", "--output", str(tmp_path / "x"), "--epochs", "1", "--only",
                               "resnet9-deit0"), capture_output=True, text=True)
-    assert done.returncode == 2 and "no variant" in done.stdout
+    assert done.returncode == 2 and "no variant" in done.stderr
 
 
 def test_markdown_table_puts_the_paper_beside_ours():
@@ -125,7 +125,7 @@ def test_two_variants_end_to_end_interrupted_then_resumed(tmp_path):
 
     other = subprocess.run(cli("experiment", "levit-ablations", "--only", "base", "--output", str(out), "--epochs", "2"),
                            capture_output=True, text=True)
-    assert other.returncode == 2 and "other settings (batch_size, epochs, input_size)" in other.stdout
+    assert other.returncode == 2 and "other settings (batch_size, epochs, input_size)" in other.stderr
 
 
 @pytest.fixture(scope="module")

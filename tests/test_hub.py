@@ -372,7 +372,7 @@ def test_push_then_load_round_trip_and_model_card(hub, digits_run, tmp_path):
     top = json.loads(done.stdout.splitlines()[-1])["top"]
     assert top[0]["class"] == Predictor(digits_run / "model").predict([tmp_path / "x.png"])[0].top[0][0]
     done = subprocess.run(command[:4] + ["hf-hub:me/elsewhere"] + command[5:], env=env, capture_output=True, text=True)
-    assert done.returncode == 2 and "offline (HF_HUB_OFFLINE=1) and me/elsewhere is not in the Hub cache" in done.stdout
+    assert done.returncode == 2 and "offline (HF_HUB_OFFLINE=1) and me/elsewhere is not in the Hub cache" in done.stderr
 
 
 def test_unmappable_model_is_pushed_in_hybridvit_layout(hub, tmp_path):
@@ -396,7 +396,8 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
     """``hybridvit ARGS`` run by the console script's ``main`` in this process: exit code and output."""
     with pytest.raises(SystemExit) as done:
         main(list(args))
-    return done.value.code, capsys.readouterr().out
+    out = capsys.readouterr()
+    return done.value.code, out.out + out.err
 
 
 @pytest.fixture

@@ -135,7 +135,8 @@ def test_output_files_hold_every_row_and_resume_counts_them(tmp_path, suffix):
     assert rows[1]["embedding"] == [1.0, 2.0, 3.0] and rows[2]["error"].startswith("cannot read image")
     assert rows[2]["embedding"] is None and rows[2]["classes"] == []
     again = PredictionWriter(path, k=2, embedding_dim=3, resume=True)
-    assert again.done == Counter({"a.jpg": 2, "b,\"odd\" name.jpg": 1, "broken.jpg": 1})
+    assert again.done == Counter({os.path.abspath("a.jpg"): 2, os.path.abspath("b,\"odd\" name.jpg"): 1,
+                                  os.path.abspath("broken.jpg"): 1}) and again.failed == 1
     with pytest.raises(ValueError, match="other options"):
         PredictionWriter(path, k=3 if suffix != ".parquet" else 2, embedding_dim=None, resume=True)
     PredictionWriter(path, k=2, embedding_dim=3).close()  # not resuming: the file starts again
@@ -651,3 +652,172 @@ def test_a_model_actor_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, 
     run.join()
     assert result["rows"] == (160, 0)
     _assert_same_as_local(_ray_rows(tmp_path / "out"), local)
+
+
+# -- hostile use -----------------------------------------------------------------------------------
+
+
+def test_listing_follows_linked_folders_once_and_keeps_unmatched_patterns(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/1.jpg", "a/b/2.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "a" / "b" / "up").symlink_to(tmp_path / "a")  # a loop
+    (tmp_path / "linked").symlink_to(tmp_path / "a" / "b")
+    t = str(tmp_path)
+    assert list(iter_inputs([f"{t}/a"])) == [f"{t}/a/1.jpg", f"{t}/a/b/2.jpg"]  # the loop is not entered again
+    assert list(iter_inputs([f"{t}/linked"])) == [f"{t}/linked/2.jpg", f"{t}/linked/up/1.jpg"]
+    assert list(iter_inputs([f"{t}/none/*.jpg"])) == [f"{t}/none/*.jpg"]  # an error row, as a missing file is
+
+
+def test_manifests_with_a_byte_order_mark_or_long_fields_are_read(tmp_path):
+    (tmp_path / "bom.csv").write_text("path,label\nx.jpg,cat\n", encoding="utf-8-sig")
+    (tmp_path / "long.tsv").write_text("path\n" + "y" * 200_000 + ".jpg\nz.jpg\n")
+    check_sources([tmp_path / "bom.csv", tmp_path / "long.tsv"])
+    listed = list(iter_inputs([tmp_path / "bom.csv", tmp_path / "long.tsv"]))
+    assert listed == [str(tmp_path / "x.jpg"), str(tmp_path / ("y" * 200_000 + ".jpg")), str(tmp_path / "z.jpg")]
+
+
+def _special_files(folder) -> dict[str, str]:
+    """A folder with a named pipe, device links, a dangling link and a folder named like an image
+    among good images; returns what each name must give (a class, or words of its error)."""
+    paths = _digits(folder, 3)
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    (folder / "random.png").symlink_to("/dev/urandom")
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "folder.jpg").mkdir()
+    return {**{os.path.basename(p): "" for p in paths}, "pipe.jpg": "named pipe", "zero.jpg": "character device",
+            "random.png": "character device", "dangling.jpg": "No such file"}
+
+
+def test_special_files_become_error_rows_and_nothing_hangs(tmp_path, digits_run):
+    """A named pipe once hung the run forever, losing the rows of its batch."""
+    wanted = _special_files(tmp_path / "in")
+    done = subprocess.run([sys.executable, "-m", "hybridvit", "predict", str(digits_run), str(tmp_path / "in"), "-o",
+                           str(tmp_path / "o.csv"), *FAST], capture_output=True, text=True, timeout=600)  # a guard
+    assert done.returncode == 1, done.stderr
+    rows = {os.path.basename(r["path"]): r for r in _read(tmp_path / "o.csv")}
+    assert sorted(rows) == sorted(wanted)  # each once; a folder named .jpg is a folder, not an input
+    for name, words in wanted.items():
+        assert (rows[name]["error"] or "") and words in rows[name]["error"] if words else rows[name]["classes"], name
+
+
+def test_json_output_is_json_lines_with_error_rows_and_diagnostics_on_stderr(tmp_path, digits_run):
+    paths = _digits(tmp_path / "in", 2)
+    (tmp_path / "in" / "bad.jpg").write_bytes(b"nope")
+    result = CliRunner().invoke(app, ["predict", str(digits_run), str(tmp_path / "in"), "--json", *FAST])
+    assert result.exit_code == 1
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # every line of stdout is JSON
+    assert [r["path"] for r in rows] == sorted(paths + [str(tmp_path / "in" / "bad.jpg")])
+    assert "cannot read image" in rows[-1]["error"] and "top" in rows[0]
+    assert "error:" not in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_resume_matches_paths_however_spelled_appends_to_a_finished_file_and_counts_earlier_failures(
+        tmp_path, digits_run, suffix, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _digits(tmp_path / "in", 4)
+    (tmp_path / "in" / "bad.jpg").write_bytes(b"nope")
+    out = str(tmp_path / f"o{suffix}")
+    first = runner.invoke(app, ["predict", str(digits_run), "in", "-o", out, *FAST])
+    assert first.exit_code == 1 and "5 image(s), 1 failed" in first.output, first.output
+    _digits(tmp_path / "in", 2, start=4)  # two more images, and the folder spelled otherwise
+    again = runner.invoke(app, ["predict", str(digits_run), f"./in/../../{tmp_path.name}/in/", "-o",
+                                out, "--resume", "yes", *FAST])
+    assert again.exit_code == 1, again.output  # the failure written before counts, as in one run
+    assert "2 image(s) (5 from before), 1 failed" in again.output, again.output
+    rows = _read(out)
+    assert len(rows) == 7 and len({os.path.abspath(r["path"]) for r in rows}) == 7
+    done = runner.invoke(app, ["predict", str(digits_run), str(tmp_path / "in"), "-o", out, "--resume", "yes", *FAST])
+    assert "0 image(s) (7 from before), 1 failed" in done.output and len(_read(out)) == 7
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_resume_with_another_top_is_refused_and_a_top_beyond_the_classes_is_clamped(tmp_path, digits_run, suffix):
+    _digits(tmp_path / "in", 2)
+    out = str(tmp_path / f"o{suffix}")
+    assert runner.invoke(app, ["predict", str(digits_run), str(tmp_path / "in"), "-o", out, "--top", "1000",
+                               *FAST]).exit_code == 0
+    assert all(len(r["classes"]) == 10 for r in _read(out))  # the digits' 10 classes, not 1000 columns
+    if suffix == ".csv":
+        assert open(out).readline().count(",") + 1 == 2 + 2 * 10
+    if suffix == ".parquet":
+        assert pq.read_schema(out).metadata[b"top"] == b"10"
+    same = runner.invoke(app, ["predict", str(digits_run), str(tmp_path / "in"), "-o", out, "--top", "1000",
+                               "--resume", "yes", *FAST])
+    assert same.exit_code == 0, same.output  # clamped the same way: the same options
+    other = runner.invoke(app, ["predict", str(digits_run), str(tmp_path / "in"), "-o", out, "--top", "2",
+                                "--resume", "yes", *FAST])
+    assert isinstance(other.exception, ValueError) and "other options" in str(other.exception)
+    assert len(_read(out)) == 2 and all(len(r["classes"]) == 10 for r in _read(out))
+
+
+def test_sigterm_writes_every_finished_row_before_exiting(tmp_path, digits_run):
+    """Rows waiting for their Parquet part file are written on SIGTERM, as on Ctrl-C (the
+    process signals itself once the 12th path has been read, so the pending rows are known)."""
+    import signal
+
+    from hybridvit.cli.predict import interrupt_on_sigterm
+    from hybridvit.inference.collection import predict_collection
+
+    paths = _digits(tmp_path / "in", 20)
+
+    class Paths:  # standard input that ends the run by SIGTERM partway
+        def __iter__(self):
+            for n, path in enumerate(paths):
+                if n == 12:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield path + "\n"
+
+    predictor = Predictor(digits_run, "fp32", backend="onnxruntime", batch_size=1, model_threads=1)
+    out = tmp_path / "o.parquet"
+    with pytest.raises(KeyboardInterrupt), interrupt_on_sigterm():
+        predict_collection(predictor, ["-"], 3, out, stdin=Paths())
+    parts = sorted((tmp_path / "o.parquet.parts").glob("part-*.parquet"))
+    kept = [r["path"] for part in parts for r in pq.read_table(part).to_pylist()]
+    assert 0 < len(kept) < 12 and kept == paths[:len(kept)]  # the rows yielded before the signal, in order
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
+    summary = predict_collection(predictor, paths, 3, out, resume=True)
+    assert summary.resumed == len(kept) and [r["path"] for r in _read(out)] == paths
+
+
+@pytest.mark.slow
+def test_the_command_exits_130_on_sigterm_and_resume_finishes_the_file(tmp_path, digits_run):
+    import signal
+
+    from hybridvit.inference.outputs import ROWS_PER_PART
+
+    _digits(tmp_path / "in", ROWS_PER_PART + 300)
+    out = tmp_path / "o.parquet"
+    command = [sys.executable, "-m", "hybridvit", "predict", str(digits_run), str(tmp_path / "in"), "-o", str(out),
+               "--batch-size", "4", *FAST]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any((tmp_path / "o.parquet.parts").glob("part-*.parquet")), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err, err
+    done = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["path"] for r in _read(out)) == sorted(iter_inputs([tmp_path / "in"]))
+
+
+def test_pil_images_are_turned_by_their_exif_as_paths_are(tmp_path):
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    geometry = eval_geometry(get_model_info("levit_128s"), (32, 32), crop_pct=1.0)
+    for exif_on in (True, False):
+        preprocess = Preprocess(geometry, (32, 32), exif=exif_on)
+        with Image.open(tmp_path / "turned.jpg") as opened:
+            assert np.array_equal(preprocess(opened), preprocess(str(tmp_path / "turned.jpg"))), exif_on
+
+
+def test_an_onnx_file_refuses_options_it_would_ignore(tmp_path, digits_run):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"")  # refused before it is read
+    for options in (["--precision", "int8"], ["--backend", "openvino"], ["--embeddings"]):
+        result = runner.invoke(app, ["predict", str(onnx), str(tmp_path), *options])
+        assert isinstance(result.exception, ValueError) and "ONNX file" in str(result.exception), options

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import struct
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -408,13 +410,32 @@ def _rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def _connections(port: int) -> int:
+    """TCP connections to ``port`` that are open (established, or closing with data unread) on this machine."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state in ("01", "08")  # ESTABLISHED, CLOSE_WAIT
+    return count
+
+
+SLOW, GONE = 24, 24  # soak: clients that never finish their body, and clients that hang up mid-body
+
+
 @pytest.mark.slow
-def test_a_long_load_with_bad_requests_mixed_in(tmp_path, digits_run):
-    """11,000 requests at concurrency 16 against a real server, one in ten bad (8 kinds): no 5xx,
-    each bad request its named 4xx, each good one its ``predict`` answer, and resident memory grows
-    less than 10% over the last 10,000."""
+def test_a_long_load_with_bad_slow_and_abandoned_clients_mixed_in(tmp_path, digits_run):
+    """The soak test: 11,000 requests at concurrency 16 against a real server, one in ten bad (8
+    kinds), with slow clients (a body that never ends) and clients that hang up mid-body mixed in:
+    no 5xx, each bad request its named 4xx, each good one its ``predict`` answer, each slow client
+    408 and its connection closed by the server, each hang-up 499; the counts in /metrics add up
+    to the requests sent, by class; no connection is left open; and resident memory grows less
+    than 10% over the last 10,000."""
+    import socket
     import subprocess
     import sys
+    import threading
 
     from conftest import wait_for
 
@@ -439,7 +460,20 @@ def test_a_long_load_with_bad_requests_mixed_in(tmp_path, digits_run):
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "hybridvit", "serve", str(digits_run / "model"), "--port", str(port),
                              "--precision", "fp32", "--max-body-mb", "1", "--max-images", "4", "--max-pixels",
-                             "1000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "1000000", "--body-timeout-s", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    head = (b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: 5000\r\n\r\n"
+            + b"\x89PNG")
+    slow_answers: list[bytes] = []
+
+    def slow_client() -> None:  # sends a part of its body, then nothing: the server must let go
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head)
+            slow_answers.append(_read_all(sock))  # returns once the server closes the connection
+
+    def gone_client() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head)
 
     async def load(first: int, count: int) -> list[str]:
         """Requests ``first``..``first + count``; every tenth is bad. Returns what went wrong."""
@@ -475,15 +509,29 @@ def test_a_long_load_with_bad_requests_mixed_in(tmp_path, digits_run):
         wait_for(lambda: _ready(url), proc)
         problems = asyncio.run(load(0, 1_000))  # the allocator and caches settle
         before = _rss_kib(proc.pid)
+        odd = [threading.Thread(target=slow_client if n % 2 else gone_client) for n in range(SLOW + GONE)]
+        for thread in odd:
+            thread.start()
         problems += asyncio.run(load(1_000, 10_000))
+        for thread in odd:
+            thread.join(timeout=600)
+        wait_for(lambda: _metric(httpx.get(url + "/metrics", timeout=60).text,
+                                 'hybridvit_requests_total{status="499"}') == GONE, proc)
         after = _rss_kib(proc.pid)
         metrics = httpx.get(url + "/metrics", timeout=60).text
+        wait_for(lambda: _connections(port) == 0, proc)  # nothing held once the clients are gone
     finally:
         proc.terminate()
         proc.wait(timeout=600)
     assert problems == []
+    assert len(slow_answers) == SLOW and all(a.startswith(b"HTTP/1.1 408") for a in slow_answers)
     assert not any(line.startswith('hybridvit_requests_total{status="5') for line in metrics.splitlines())
-    assert _metric(metrics, "hybridvit_requests_total") == 11_000
+    statuses = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith('hybridvit_requests_total{')}
+    sent_bad = Counter(bad[(n // 10) % len(bad)][2] for n in range(11_000) if n % 10 == 9)
+    assert statuses == {"200": 11_000 - sum(sent_bad.values()), **{str(k): v for k, v in sent_bad.items()},
+                        "408": SLOW, "499": GONE}  # every request counted once, under its class
+    assert _metric(metrics, "hybridvit_body_timeouts_total") == SLOW
     assert after < 1.1 * before, f"resident memory {before / 1024:.0f} MiB -> {after / 1024:.0f} MiB"
 
 
@@ -492,3 +540,109 @@ def _ready(url: str) -> bool:
         return httpx.get(url + "/ready", timeout=30).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_bad_query_values_and_keys_get_the_apis_errors_and_are_counted(tmp_path, predictor):
+    image = _digit_files(tmp_path / "digits", 1)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F").save(buffer, "TIFF")
+
+    async def test(client, server):
+        async def post(query="", key="Bearer s3cret", body=image):
+            return await client.post("/v1/predict" + query, content=body,
+                                     headers={"content-type": "image/png", "authorization": key})
+
+        answers = {"abc": await post("?top_k=abc"), "zero": await post("?top_k=0"),
+                   "maybe": await post("?embeddings=maybe"), "lower": await post(key="bearer s3cret"),
+                   "spaces": await post(key="  BEARER   s3cret "), "bare": await post(key="s3cret"),
+                   "basic": await post(key="Basic s3cret"), "nan": await post(body=buffer.getvalue()),
+                   "attention": await client.post("/v1/attention?y=oops", content=image,
+                                                  headers={"x-api-key": "s3cret", "content-type": "image/png"})}
+        return answers, (await client.get("/metrics")).text
+
+    answers, metrics = _serve(predictor, test, api_key="s3cret")
+    status = {name: (r.status_code, r.json().get("error", "")) for name, r in answers.items()}
+    assert status["abc"][0] == 422 and "top_k" in status["abc"][1] and "'abc'" in status["abc"][1]
+    assert status["zero"][0] == 422 and "top_k" in status["zero"][1]
+    assert status["maybe"][0] == 422 and "embeddings" in status["maybe"][1]
+    assert status["attention"][0] == 422 and "y" in status["attention"][1]  # {"error": ...}, not {"detail": [...]}
+    assert status["lower"] == (200, "") and status["spaces"] == (200, "")  # RFC 7235: the scheme's case is free
+    assert status["bare"][0] == 401 and status["basic"][0] == 401  # a key without the Bearer scheme is not one
+    assert status["nan"][0] == 422 and "NaN" in status["nan"][1] and "object at 0x" not in status["nan"][1]
+    assert _metric(metrics, 'hybridvit_requests_total{status="422"}') == 4  # 3 bad queries and the NaN image
+    assert _metric(metrics, 'hybridvit_requests_total{status="401"}') == 2
+
+
+def test_embeddings_from_a_model_without_them_is_a_named_400(tmp_path, digits_run):
+    image = _digit_files(tmp_path / "digits", 1)[0]
+    plain = Predictor(digits_run / "model", "fp32", backend="onnxruntime", batch_size=4)  # as an .onnx file serves
+
+    async def test(client, server):
+        return await client.post("/v1/predict?embeddings=true", content=image, headers={"content-type": "image/png"})
+
+    answer = _serve(plain, test)
+    assert answer.status_code == 400 and "embeddings" in answer.json()["error"]
+
+
+def test_head_and_the_docs_work_offline(predictor):
+    async def test(client, server):
+        page = await client.get("/docs")
+        links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        return (await client.head("/")).status_code, page, links, {u: (await client.get(u)).status_code for u in links}
+
+    head, page, links, assets = _serve(predictor, test)
+    assert head == 200 and page.status_code == 200
+    assert sorted(links) == ["/docs-assets/favicon.png", "/docs-assets/swagger-ui-bundle.js",
+                             "/docs-assets/swagger-ui.css"]  # nothing from a CDN
+    assert set(assets.values()) == {200}
+
+
+def _read_all(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.slow
+def test_slow_bodies_time_out_hang_ups_are_499_and_a_port_in_use_is_exit_5(tmp_path, digits_run):
+    """A body that does not arrive within --body-timeout-s gets 408 and its connection is closed;
+    a client that hangs up mid-body is counted as 499, not as the server's fault; a second server
+    on the same port fails before it says it serves, with its own exit code."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "hybridvit", "serve", str(digits_run / "model"), "--port", str(port),
+               "--precision", "fp32", "--body-timeout-s", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    head = (b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: 5000\r\n\r\n"
+            + b"\x89PNG")
+    try:
+        wait_for(lambda: _ready(url), proc)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 5 and "Address already in use" in second.stderr, second.stderr
+        assert "serving" not in second.stdout + second.stderr
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock in slow:
+            sock.sendall(head)  # and then nothing: the server must let go
+        answers = [_read_all(sock) for sock in slow]  # returns once the server closes the connection
+        for sock in range(2):
+            gone = socket.create_connection(("127.0.0.1", port))
+            gone.sendall(head)
+            wait_for(lambda: "hybridvit_requests_in_flight 1.0" in httpx.get(url + "/metrics").text, proc)
+            gone.close()
+            wait_for(lambda: "hybridvit_requests_in_flight 0.0" in httpx.get(url + "/metrics").text, proc)
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=600)
+    assert all(a.startswith(b"HTTP/1.1 408") and b"--body-timeout-s" in a for a in answers), answers
+    assert _metric(metrics, 'hybridvit_requests_total{status="408"}') == 3
+    assert _metric(metrics, "hybridvit_body_timeouts_total") == 3
+    assert _metric(metrics, 'hybridvit_requests_total{status="499"}') == 2
+    assert not any(line.startswith('hybridvit_requests_total{status="5') for line in metrics.splitlines())

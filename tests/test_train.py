@@ -364,8 +364,8 @@ def test_bad_option_values_are_one_line_errors(args, message):
 def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     done = subprocess.run(cli("eval", "--checkpoint", str(tmp_path / "notes.txt")), capture_output=True, text=True)
-    assert done.returncode == 2 and "notes.txt is not a PyTorch checkpoint" in done.stdout
-    assert "Traceback" not in done.stdout + done.stderr and "Unpickl" not in done.stdout
+    assert done.returncode == 2 and "notes.txt is not a PyTorch checkpoint" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and "Unpickl" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

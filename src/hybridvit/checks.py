@@ -14,6 +14,11 @@ import tempfile
 from pathlib import Path
 
 
+class BindError(OSError):
+    """A server's address cannot be bound: a port in use, an address not on this machine (its own
+    exit code on the command line, apart from bad values)."""
+
+
 def check_range(option: str, value: float | None, low: float, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False) -> None:
     """``ValueError`` unless ``low <= value <= high`` (``<`` where open; no upper bound without
@@ -27,7 +32,8 @@ def check_range(option: str, value: float | None, low: float, high: float | None
             wanted = f"greater than {low:g}" if low_open else f"at least {low:g}"
         else:
             wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"--{option.replace('_', '-')} must be {wanted}; got {value:g}")
+        flag = "--" + "-".join(option.replace("_", " ").split())  # "max body mb" -> --max-body-mb
+        raise ValueError(f"{flag} must be {wanted}; got {value:g}")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -17,11 +17,13 @@ except ImportError:
     import click
 
 from . import bench, deploy, models, plot, predict, serve, training
+from ..checks import BindError
 from .common import print_error
 
 # The exit code of each kind of error (README, "Exit codes"), the first match wins. 1 is a run
 # that finished with some inputs failed (predict), 130 an interrupted, resumable run.
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
+    ((BindError,), 5),  # serve: its address cannot be bound (a port in use, an address not on this machine)
     ((ConnectionError,), 4),  # the network or the Hub unreachable (HubUnreachableError)
     ((ImportError,), 3),  # an optional dependency missing: the message names the extra to install
     ((ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,

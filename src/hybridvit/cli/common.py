@@ -11,6 +11,7 @@ from rich.markup import escape
 console = Console()
 if not console.is_terminal:  # pipes and CI logs: don't squeeze tables into 80 columns
     console = Console(width=200)
+errors = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 200)  # diagnostics: stdout stays data
 
 SOURCE_HELP = "model folder, training run folder, checkpoint.pt, hf-hub:ORG/NAME[@REVISION], or a model name with --pretrained"
 PRETRAINED = typer.Option(False, "--pretrained", help="a model name: use its published weights")
@@ -43,5 +44,5 @@ def output_folder(source: str) -> Path:
 
 
 def print_error(message: str) -> None:
-    """One ``error: ...`` line (not wrapped, the message's own brackets shown as they are)."""
-    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    """One ``error: ...`` line on standard error (not wrapped, the message's own brackets shown as they are)."""
+    errors.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)

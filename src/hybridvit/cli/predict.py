@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +21,7 @@ def predict_cmd(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP + ", or an .onnx file in a model or run folder (such as "
                                      "the static int8 file quantize writes)"),
     inputs: list[str] = typer.Argument(..., help=INPUTS_HELP),
-    top: int = typer.Option(5, help="how many classes per image"),
+    top: int = typer.Option(5, help="how many classes per image (at most the model's classes)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write rows to FILE.csv, FILE.jsonl or "
                                           "FILE.parquet as the run goes (default: print them)"),
     resume: str = typer.Option("no", help="yes (bare --resume): finish the --output file an interrupted run left; "
@@ -36,7 +39,8 @@ def predict_cmd(
     exif: bool = typer.Option(True, "--exif/--no-exif", help="turn photos as their EXIF orientation says "
                               "(--no-exif: pixels as stored, as training reads them)"),
     fast_decode: bool = FAST_DECODE,
-    json_output: bool = typer.Option(False, "--json", help="without --output: print JSON lines"),
+    json_output: bool = typer.Option(False, "--json", help="without --output: print JSON lines (an unreadable "
+                                     "image is a row with an error; diagnostics go to standard error)"),
     ray: Optional[str] = typer.Option(None, help="run on Ray Data at ADDRESS (bare --ray: the running cluster, else "
                                       "a local one); --output is then a folder of Parquet files, one per block"),
     actors: Optional[int] = typer.Option(None, help="--ray: model actors (default: half the cluster's CPUs, "
@@ -45,7 +49,8 @@ def predict_cmd(
     pretrained_tag: Optional[str] = PRETRAINED_TAG,
 ) -> None:
     """Top classes (and embeddings) for every image; unreadable ones become error rows and the
-    run goes on (exit code 1 when any failed). Killed at any point, --resume finishes the file."""
+    run goes on (exit code 1 when any failed). Killed at any point, --resume finishes the file;
+    interrupted (Ctrl-C, SIGTERM), every finished row is written first (exit code 130)."""
     import json
 
     from ..checks import check_range
@@ -67,28 +72,49 @@ def predict_cmd(
         return
     if output is None and resume != "no":
         raise ValueError("--resume finishes an --output file: name it with --output")
-    resuming = output is not None and check_output(output, resume)
+    resuming = output is not None and check_output(output, resume, inputs)
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend, batch_size=batch_size,
                           embeddings=embeddings, exif=exif, fast_decode=fast_decode, decode_workers=decode_workers,
                           model_threads=model_threads, calibration=calibration, validation=validation)
 
     def show(row: Prediction) -> None:
-        if row.error is not None:
+        if json_output:  # every row, error rows included, is one JSON line
+            print(json.dumps(as_dict(row)), flush=True)
+        elif row.error is not None:
             print_error(row.error if row.path in row.error else f"{row.path}: {row.error}")
-        elif json_output:
-            print(json.dumps(as_dict(row)))
         else:
             console.print(f"[bold]{row.path}[/bold]", highlight=False)
             for name, p in row.top:
                 console.print(f"  {p:7.2%}  {name}", highlight=False)
 
-    summary = predict_collection(predictor, inputs, top, output, resuming, on_row=show if output is None else None)
+    try:
+        with interrupt_on_sigterm():
+            summary = predict_collection(predictor, inputs, top, output, resuming,
+                                         on_row=show if output is None else None)
+    except KeyboardInterrupt:
+        if output is not None:
+            typer.echo(f"interrupted: every finished row is in {output}; --resume finishes it", err=True)
+        raise typer.Exit(130) from None
     if output is not None:  # the rows went to the file: say what was done (printed rows speak for themselves)
         resumed = f" ({summary.resumed:,} from before)" if summary.resumed else ""
         typer.echo(f"{summary.images:,} image(s){resumed}, {summary.failed:,} failed, "
                    f"{summary.images_per_second:,.1f} images/s; {summary.path_used}, {summary.split}; {output}", err=True)
     if summary.failed:
         raise typer.Exit(1)
+
+
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt``, as Ctrl-C does, so that the run unwinds the same way
+    (its rows flushed) instead of dying where it stands."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _on_ray(checkpoint: str, inputs: list[str], top: int, output: Path | None, address: str, actors: int | None,

@@ -31,6 +31,8 @@ def serve_cmd(
                                           "Authorization: Bearer (env: HYBRIDVIT_API_KEY)"),
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-local --host without an API key"),
     max_body_mb: float = typer.Option(20.0, help="largest request body, in MiB"),
+    body_timeout_s: float = typer.Option(30.0, help="seconds a client has to send its whole body (then 408 and "
+                                         "the connection is closed: slow clients cannot hold the server)"),
     max_images: int = typer.Option(64, help="most images in one request"),
     max_pixels: int = typer.Option(40_000_000, help="most pixels in one decoded image"),
     exif: bool = typer.Option(True, "--exif/--no-exif", help="turn photos as their EXIF orientation says"),
@@ -58,7 +60,7 @@ def serve_cmd(
         raise ImportError('serving needs FastAPI, uvicorn, python-multipart and prometheus_client: '
                           'pip install "hybridvit[serve]"')
     from ..inference.predict import Predictor
-    from ..inference.serving import ModelServer, ServeConfig, check_bind, run
+    from ..inference.serving import ModelServer, ServeConfig, bind, check_bind, run
     from ..inference.cluster import ModelSpec
     from ..inference.serving_ray import Scaling
 
@@ -67,13 +69,15 @@ def serve_cmd(
     check_range("max images", max_images, 1)
     check_range("max pixels", max_pixels, 1)
     check_range("max body mb", max_body_mb, 0.001)
+    check_range("body timeout s", body_timeout_s, 0, low_open=True)
     check_range("workers", workers, 1)
     check_range("port", port, 0, 65535)
     for name, value in (("replicas", replicas), ("replica cpus", replica_cpus), ("min replicas", min_replicas),
                         ("max replicas", max_replicas), ("max ongoing requests", max_ongoing_requests)):
         check_range(name, value, 1)
     check_bind(host, api_key, insecure)
-    config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key)
+    config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key,
+                         body_timeout_s)
     embeddings = not checkpoint.lower().endswith(".onnx")  # an ONNX file gives logits only
     if ray is not None:
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests)
@@ -81,18 +85,20 @@ def serve_cmd(
                          5, pretrained, pretrained_tag, calibration, validation)
         _serve_on_ray(spec, config, host, port, scaling, ray)
         return
+    sock = bind(host, port)  # before the model loads: a port in use fails at once (exit code 5)
+    port = sock.getsockname()[1]
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend,
                           batch_size=max_batch_size, embeddings=embeddings, exif=exif, fast_decode=fast_decode,
                           calibration=calibration, validation=validation)
     server = ModelServer(predictor, config)
 
-    def announce(server: ModelServer) -> None:
+    def announce(server: ModelServer) -> None:  # bound and listening: a client may connect at once
         typer.echo(f"serving {predictor.model_name} at http://{host}:{port} ({server.model.precision}/"
                    f"{server.model.backend}, {server.threads} thread(s), {server.rate:,.0f} images/s in batches "
                    f"of {max_batch_size}); docs at /docs", err=True)
 
     server.on_ready = announce
-    run(server, host, port, os.environ.get("HYBRIDVIT_LOG_LEVEL", "warning"))
+    run(server, sock, os.environ.get("HYBRIDVIT_LOG_LEVEL", "warning"))
 
 
 def _serve_on_ray(spec: ModelSpec, config: ServeConfig, host: str, port: int, scaling: Scaling,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,15 +41,32 @@ def load_image(path: str | Path | BinaryIO, exif: bool = False, draft: tuple[int
     says (as a viewer shows it); training reads pixels as stored, as timm and torchvision do.
     ``draft`` (width, height): let a JPEG decoder scale down by 1/2, 1/4 or 1/8 in the DCT
     domain while keeping at least this size (several times faster; not the same pixels).
+    A path that is not a regular file (a named pipe, a device) is refused before it is opened:
+    reading one may never end.
     """
+    name = getattr(path, "name", path)
     try:
+        if isinstance(path, (str, Path)):
+            _check_regular(path)
         with Image.open(path) as img:
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft if not exif else _stored_size(img, draft))
-            rgb = to_rgb(img, path)
+            rgb = to_rgb(img, name)
             return ImageOps.exif_transpose(rgb) if exif else rgb
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {getattr(path, 'name', path)}: {e}") from e
+        raise ValueError(f"cannot read image {name}: {e}") from e
+
+
+SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_regular(path: str | Path) -> None:
+    """``OSError`` for a path (links followed) that is not a regular file, naming what it is."""
+    mode = os.stat(path).st_mode
+    for test, kind in SPECIAL_FILES:
+        if test(mode):
+            raise OSError(f"not a regular file ({kind})")
 
 
 def to_rgb(img: Image.Image, path: str | Path = "<image>") -> Image.Image:

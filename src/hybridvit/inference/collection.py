@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .inputs import iter_inputs
-from .outputs import PredictionWriter
+from .outputs import PredictionWriter, image_key
 from .pipeline import Prediction
 from .predict import Predictor
 
 
 @dataclass
 class RunSummary:
-    """What a run did: rows written (``failed`` of them errors), rows an earlier run had written
-    (``resumed``), wall time less the time spent building models, the model path and how the
-    cores were shared."""
+    """What a run did: rows written (``images``), error rows in the whole output (``failed``,
+    those an earlier run wrote included, so a resumed run reports what an uninterrupted one
+    would), rows an earlier run had written (``resumed``), wall time less the time spent
+    building models, the model path and how the cores were shared."""
 
     images: int = 0
     failed: int = 0
@@ -38,11 +39,12 @@ class RunSummary:
 
 
 def _not_done(items: Iterable[str], done: Counter[str]) -> Iterator[str]:
-    """``items`` less each path as many times as an earlier run wrote it."""
+    """``items`` less each image as many times as an earlier run wrote it (``done``: by ``image_key``)."""
     left = Counter(done)
     for path in items:
-        if left[path] > 0:
-            left[path] -= 1
+        key = image_key(path)
+        if left[key] > 0:
+            left[key] -= 1
             continue
         yield path
 
@@ -53,13 +55,16 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
                        stdin: TextIO | None = None) -> RunSummary:
     """Predict every image ``sources`` name (``inputs.iter_inputs``), writing ``output`` as the run
     goes (``.csv``, ``.jsonl`` or ``.parquet``; ``resume``: finish it) and passing each row to
-    ``on_row``. ``progress``: a bar on standard error (None: when it is a terminal). An
-    interrupted run keeps every row written; run it again with ``resume`` to finish."""
+    ``on_row``. ``k`` beyond the model's classes is clamped to them. ``progress``: a bar on
+    standard error (None: when it is a terminal). An interrupted run keeps every row written;
+    run it again with ``resume`` to finish."""
     from tqdm import tqdm
 
     sources = [str(s) for s in sources]
-    writer = PredictionWriter(output, k, predictor.embedding_dim, resume) if output is not None else None
-    summary = RunSummary(resumed=sum(writer.done.values()) if writer else 0)
+    k = min(k, len(predictor.classes))
+    writer = (PredictionWriter(output, k, predictor.embedding_dim, resume, sources)
+              if output is not None else None)
+    summary = RunSummary(resumed=sum(writer.done.values()) if writer else 0, failed=writer.failed if writer else 0)
     items: Iterable[str] = iter_inputs(sources, stdin)
     if writer is not None and writer.done:
         items = _not_done(items, writer.done)

@@ -11,7 +11,10 @@
   parts, and a kill after the join leaves a finished file.
 
 Resuming skips each listed path as many times as it already has a row, error rows included,
-so the finished file has the rows of one uninterrupted run, each once.
+so the finished file has the rows of one uninterrupted run, each once. A path is matched however
+it was spelled (``photos/a.jpg``, ``./photos/a.jpg``, its absolute path). Resuming a finished file
+appends the rows of images it does not hold yet, in every format. The file records ``--top`` and
+``--embeddings``; a resume with other values is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_output_file
+from .inputs import csv_reader
 from .pipeline import Prediction
 
 SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -47,15 +51,26 @@ def _parts(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def check_output(path: str | Path, resume: str = "no") -> bool:
-    """Check, before any work, that ``path`` can take predictions; return whether a run should
-    finish it. ``resume``: ``no`` (an existing file is replaced, as other outputs are), ``yes``
-    (it must exist) or ``auto`` (finish it if it exists)."""
+def image_key(path: str) -> str:
+    """What identifies an image between runs: its path however it was spelled (relative, with
+    ``./`` or ``..``, absolute), not following links."""
+    return os.path.abspath(path)
+
+
+def check_output(path: str | Path, resume: str = "no", sources: Sequence[str | Path] = ()) -> bool:
+    """Check, before any work, that ``path`` can take predictions and is none of the run's
+    ``sources`` (a manifest or image it reads); return whether a run should finish it. ``resume``:
+    ``no`` (an existing file is replaced, as other outputs are), ``yes`` (it must exist) or
+    ``auto`` (finish it if it exists)."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"{path}: the output must end in {', '.join(SUFFIXES)}")
     if resume not in ("no", "yes", "auto"):
         raise ValueError(f"--resume must be one of no, yes, auto; got {resume!r}")
+    for source in map(str, sources):
+        if source != "-" and path.exists() and os.path.exists(source) and os.path.samefile(source, path):
+            raise ValueError(f"--output {path} is one of the run's inputs ({source}): writing it would destroy "
+                             "it; name another file")
     check_output_file(path)
     exists = path.exists() or _parts(path).exists()
     if resume == "yes" and not exists:
@@ -63,18 +78,19 @@ def check_output(path: str | Path, resume: str = "no") -> bool:
     return resume != "no" and exists
 
 
-def parquet_schema(embedding_dim: int | None) -> Any:
-    """The Parquet columns of a run (``embedding`` only with an embedding size)."""
+def parquet_schema(embedding_dim: int | None, k: int | None = None) -> Any:
+    """The Parquet columns of a run (``embedding`` only with an embedding size); ``k``, the
+    classes per row, is kept in the schema's metadata (``top``) for a resume to check."""
     import pyarrow as pa
 
     fields = [("path", pa.string()), ("error", pa.string()), ("classes", pa.list_(pa.string())),
               ("probabilities", pa.list_(pa.float32()))]
     if embedding_dim is not None:
         fields.append(("embedding", pa.list_(pa.float32(), embedding_dim)))
-    return pa.schema(fields)
+    return pa.schema(fields, metadata=None if k is None else {"top": str(k)})
 
 
-def parquet_table(rows: Sequence[Prediction], embedding_dim: int | None) -> Any:
+def parquet_table(rows: Sequence[Prediction], embedding_dim: int | None, k: int | None = None) -> Any:
     """``rows`` as a pyarrow table of ``parquet_schema``."""
     import pyarrow as pa
 
@@ -84,17 +100,20 @@ def parquet_table(rows: Sequence[Prediction], embedding_dim: int | None) -> Any:
     if embedding_dim is not None:  # error rows: NaNs, since pyarrow 25 cannot read back a null fixed-size list
         nan = [float("nan")] * embedding_dim
         columns["embedding"] = [nan if r.embedding is None else r.embedding.tolist() for r in rows]
-    return pa.table(columns, schema=parquet_schema(embedding_dim))
+    return pa.table(columns, schema=parquet_schema(embedding_dim, k))
 
 
 class PredictionWriter:
-    """Appends rows to one output file; ``done`` counts the paths it already holds (``resume``)."""
+    """Appends rows to one output file; ``done`` counts the images it already holds (``resume``;
+    by ``image_key``), ``failed`` the error rows among them."""
 
-    def __init__(self, path: str | Path, k: int, embedding_dim: int | None = None, resume: bool = False) -> None:
+    def __init__(self, path: str | Path, k: int, embedding_dim: int | None = None, resume: bool = False,
+                 sources: Sequence[str | Path] = ()) -> None:
         self.path = Path(path)
-        exists = check_output(self.path, "auto" if resume else "no")
+        exists = check_output(self.path, "auto" if resume else "no", sources)
         self.k, self.embedding_dim, self.embeddings = k, embedding_dim, embedding_dim is not None
         self.done: Counter[str] = Counter()
+        self.failed = 0
         if not exists:
             self.path.unlink(missing_ok=True)
             shutil.rmtree(self._parts(), ignore_errors=True)
@@ -111,24 +130,29 @@ class PredictionWriter:
             self._cut_partial_line()
             with open(self.path, newline="", encoding="utf-8") as f:
                 if self.path.suffix.lower() == ".csv":
-                    reader = csv.reader(f)
+                    reader = csv_reader(f)
                     header = next(reader, None)
                     if header is not None and header != self._csv_header():
                         raise ValueError(f"{self.path} was written with other options (its columns: "
                                          f"{', '.join(header)}): resume with the same --top and --embeddings")
-                    self.done.update(row[0] for row in reader)
+                    for row in reader:
+                        self._count(row[0], bool(row[1]))
                     exists = header is not None
                 else:
                     for line in f:
                         row = json.loads(line)
                         self._check_json_row(row)
-                        self.done[row["path"]] += 1
+                        self._count(row["path"], "error" in row)
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         if self.path.suffix.lower() == ".csv":
             self._csv = csv.writer(self._file)
             if not exists:
                 self._csv.writerow(self._csv_header())
                 self._file.flush()
+
+    def _count(self, path: str, failed: bool) -> None:
+        self.done[image_key(path)] += 1
+        self.failed += failed
 
     def _cut_partial_line(self) -> None:
         """Drop what follows the last newline: the line a kill interrupted."""
@@ -180,34 +204,49 @@ class PredictionWriter:
         self._pending: list[Prediction] = []
         parts = self._parts()
         if exists and self.path.exists():  # a finished file: the join completed before a kill
-            self._check_schema(pq.read_schema(self.path))
-            self.done.update(pq.read_table(self.path, columns=["path"]).column(0).to_pylist())
+            self._read_parquet(self.path)
             shutil.rmtree(parts, ignore_errors=True)
-            self._finished = True
+            self._finished = True  # reopened (``_reopen``) only if rows come
             return
         self._finished = False
         parts.mkdir(exist_ok=True)
         for part in sorted(parts.glob("part-*.parquet")):
-            self._check_schema(pq.read_schema(part))
-            self.done.update(pq.read_table(part, columns=["path"]).column(0).to_pylist())
+            self._read_parquet(part)
         for stale in parts.glob("*.tmp"):
             stale.unlink()
         self._next_part = len(list(parts.glob("part-*.parquet")))
 
-    def _schema(self) -> Any:
-        return parquet_schema(self.embedding_dim)
+    def _read_parquet(self, path: Path) -> None:
+        import pyarrow.parquet as pq
 
-    def _check_schema(self, schema: Any) -> None:
-        if not schema.equals(self._schema()):
-            raise ValueError(f"{self.path} was written with other options (columns {schema.names}): resume with "
-                             f"the same --embeddings")
+        self._check_schema(pq.read_schema(path), path)
+        table = pq.read_table(path, columns=["path", "error"])
+        for name, error in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+            self._count(name, error is not None)
+
+    def _reopen(self) -> None:
+        """A finished file gets more rows: it becomes the first part again."""
+        parts = self._parts()
+        parts.mkdir(exist_ok=True)
+        os.replace(self.path, parts / "part-00000000.parquet")
+        self._next_part, self._finished = 1, False
+
+    def _schema(self) -> Any:
+        return parquet_schema(self.embedding_dim, self.k)
+
+    def _check_schema(self, schema: Any, path: Path) -> None:
+        top = (schema.metadata or {}).get(b"top")
+        if not schema.equals(self._schema()) or (top is not None and int(top) != self.k):
+            written = f"--top {int(top)}, " if top is not None else ""
+            raise ValueError(f"{path} was written with other options ({written}columns {schema.names}): resume "
+                             f"with the same --top and --embeddings")
 
     def _write_part(self) -> None:
         import pyarrow.parquet as pq
 
         rows, self._pending = self._pending, []
         name = self._parts() / f"part-{self._next_part:08d}.parquet"
-        pq.write_table(parquet_table(rows, self.embedding_dim), str(name) + ".tmp")
+        pq.write_table(parquet_table(rows, self.embedding_dim, self.k), str(name) + ".tmp")
         os.replace(str(name) + ".tmp", name)  # a part is there whole or not at all
         self._next_part += 1
 
@@ -227,8 +266,8 @@ class PredictionWriter:
     def write(self, rows: Sequence[Prediction]) -> None:
         """Append ``rows``; they are on disk (text) or in a part file (Parquet, every few thousand rows)."""
         if self.path.suffix.lower() == ".parquet":
-            if self._finished:
-                raise RuntimeError(f"{self.path} is finished: nothing was left to predict")
+            if self._finished and rows:
+                self._reopen()
             self._pending.extend(rows)
             if len(self._pending) >= ROWS_PER_PART:
                 self._write_part()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from ..api import load_source
@@ -37,8 +37,8 @@ class Preprocess:
     draft: int | None = None  # JPEG: decode at 1/2, 1/4 or 1/8 scale while both sides stay >= this
 
     def __call__(self, item: str | Path | Image.Image) -> np.ndarray:
-        if isinstance(item, Image.Image):
-            img = to_rgb(item)
+        if isinstance(item, Image.Image):  # an opened file keeps its EXIF: turned as a path would be
+            img = to_rgb(ImageOps.exif_transpose(item) if self.exif else item)
         else:
             img = load_image(item, exif=self.exif, draft=None if self.draft is None else (self.draft, self.draft))
         return np.asarray(self.geometry(img)).transpose(2, 0, 1)
@@ -116,6 +116,9 @@ class Predictor:
             if calibration is not None or validation is not None:
                 raise ValueError(f"{checkpoint}: an ONNX file runs as it was written; --calibration and --validation "
                                  "need the model folder")
+            if precision != "auto" or backend not in ("auto", "onnxruntime"):
+                raise ValueError(f"{checkpoint}: an ONNX file runs as it was written, in ONNX Runtime; --precision "
+                                 f"{precision} --backend {backend} need the model folder (or leave both at auto)")
             if not self.onnx_file.is_file():
                 raise FileNotFoundError(f"no such ONNX file: {checkpoint}")
             checkpoint = self.onnx_file.parent

@@ -2,8 +2,9 @@
 and Prometheus metrics.
 
 Clients send image bytes (a raw body, or multipart with several images), never paths on the
-server. Bodies and decoded pixel counts are capped; every bad upload gets a 4xx JSON error naming
-the problem and the server goes on. Decoding runs in a thread pool, off the event loop; the
+server. Bodies, the time to send one, and decoded pixel counts are capped; every bad upload or
+query gets a 4xx JSON error naming the problem (a client that hangs up mid-body is counted as
+499, as nginx does: 5xx are the server's own faults) and the server goes on. Decoding runs in a thread pool, off the event loop; the
 model runs in batches (``batcher.Batcher``). The numbers are those ``hybridvit predict`` gives
 for the same file: the same preprocessing, model path and row format.
 """
@@ -14,6 +15,7 @@ import asyncio
 import io
 import ipaddress
 import secrets
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -24,10 +26,14 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ..checks import BindError
 from .batcher import Batcher
 from .outputs import as_dict
 from .pipeline import describe_error, rows_for
@@ -35,6 +41,9 @@ from .predict import Predictor
 
 LOCAL_HOSTS = ("localhost",)
 DEMO_PAGE = Path(__file__).with_name("demo.html")  # the page at /: drag an image, see its top 5 and attention
+
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
 
 
 class UploadError(Exception):
@@ -56,6 +65,7 @@ class ServeConfig:
     max_images: int = 64  # per request
     max_pixels: int = 40_000_000  # per decoded image (a 100,000 x 100,000 header is refused before decoding)
     api_key: str | None = None
+    body_timeout_s: float = 30.0  # a body not received whole by then is refused (408): slow clients free their slot
 
 
 def is_local(host: str) -> bool:
@@ -73,6 +83,26 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
     if not is_local(host) and not api_key and not insecure:
         raise ValueError(f"--host {host} is reachable from other machines: give --api-key (or HYBRIDVIT_API_KEY), "
                          "or --insecure to serve without one")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one), bound before the model loads so
+    that a port in use fails at once, and connections made once the server says it is up queue
+    until it accepts them; ``BindError`` names the address and why."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise BindError(f"cannot serve at {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a port in TIME_WAIT
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise BindError(f"cannot serve at {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def decode_upload(predictor: Predictor, data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -116,6 +146,8 @@ class ModelServer:
         self.queue_depth = Gauge("hybridvit_queue_depth", "Images waiting for a batch", registry=self.registry)
         self.in_flight = Gauge("hybridvit_requests_in_flight", "Prediction requests being served",
                                registry=self.registry)
+        self.body_timeouts = Counter("hybridvit_body_timeouts", "Requests whose body was not received whole within "
+                                     "--body-timeout-s (408)", registry=self.registry)
         self.batcher: Batcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
         self.on_ready: Callable[[ModelServer], None] | None = None  # told once warmed up
@@ -171,6 +203,9 @@ class ModelServer:
 
     async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, embeddings: bool) -> list[dict[str, Any]]:
         """Rows for the uploads, in their order (all decoded before any reaches the model)."""
+        if embeddings and self.predictor.embedding_dim is None:
+            raise UploadError(400, "this model gives class scores only (an .onnx file): embeddings=true needs the "
+                              "server started from the model folder")
         self.decoding += len(uploads)
         try:
             queued = [self.batcher.submit(image) for image in await self.decode(uploads)]
@@ -212,20 +247,28 @@ def create_app(server: ModelServer) -> FastAPI:
         yield
         await server.stop()
 
-    app = FastAPI(title="hybridvit", version="1", lifespan=lifespan,
+    app = FastAPI(title="hybridvit", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Image classification with {server.predictor.model_name}")
     config = server.config
 
     @app.exception_handler(UploadError)
     async def refused(request: Request, e: UploadError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+        return _refusal(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'][1:])) or error['loc'][0]}: {error['msg']}"
+                             + (f", got {error['input']!r}" if "input" in error else "") for error in e.errors())
+        if request.url.path == "/v1/predict":  # refused before the handler runs: counted here
+            server.requests.labels("422").inc()
+        return JSONResponse({"error": problems}, status_code=422)
 
     def check_key(request: Request) -> None:
         if config.api_key is None:
             return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        given = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization", ""))
         if not secrets.compare_digest(given.encode(), config.api_key.encode()):
-            raise UploadError(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)")
+            raise UploadError(401, "missing or wrong API key (X-API-Key: KEY or Authorization: Bearer KEY)")
 
     @app.post("/v1/predict", summary="Top classes (and embeddings) for one or more images",
               description="A raw image body (image/* or application/octet-stream), or multipart/form-data "
@@ -235,11 +278,13 @@ def create_app(server: ModelServer) -> FastAPI:
         server.in_flight.inc()
         try:
             check_key(request)
-            uploads = await _read_uploads(request, config)
+            uploads = await _read_uploads(request, server)
             answers = await server.predict(uploads, top_k, embeddings)
             response = JSONResponse({"predictions": answers})
         except UploadError as e:
-            response = JSONResponse({"error": str(e)}, status_code=e.status)
+            response = _refusal(e)
+        except ClientDisconnect:  # no one to answer: counted apart from the server's faults
+            response = Response(status_code=CLIENT_CLOSED)
         except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
             response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
         finally:  # a client that went away (cancelled) leaves the gauge too
@@ -255,16 +300,29 @@ def create_app(server: ModelServer) -> FastAPI:
     async def attention(request: Request, y: float = Query(..., ge=0), x: float = Query(..., ge=0),
                         layer: int = Query(-1, description="attention call, in forward order (-1: the last)")) -> Any:
         check_key(request)  # refusals (UploadError) become JSON errors in the app's handler
-        uploads = await _read_uploads(request, config)
+        uploads = await _read_uploads(request, server)
         if len(uploads) != 1:
             raise UploadError(400, f"send one image for attention maps, not {len(uploads)}")
         return await server.attention(uploads[0], (y, x), layer)
 
     page = DEMO_PAGE.read_text(encoding="utf-8")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def demo() -> HTMLResponse:
         return HTMLResponse(page)
+
+    assets = _swagger_assets()
+    if assets is not None:  # Swagger UI from the installed package: /docs works without the internet
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        local = {} if assets is None else {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js",
+                                           "swagger_css_url": "/docs-assets/swagger-ui.css",
+                                           "swagger_favicon_url": "/docs-assets/favicon.png"}
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="hybridvit: API", **local)
 
     @app.get("/v1/model", summary="The model, its classes, preprocessing and the path it runs on")
     async def model(request: Request) -> dict[str, Any]:
@@ -286,19 +344,53 @@ def create_app(server: ModelServer) -> FastAPI:
     return app
 
 
-async def _read_uploads(request: Request, config: ServeConfig) -> list[tuple[str, bytes]]:
+def _refusal(e: UploadError) -> JSONResponse:
+    """The JSON answer to a refused request; a timed-out body also closes its connection (the
+    rest of the body is never read)."""
+    headers = {"connection": "close"} if e.status == 408 else None
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+
+
+def _bearer(authorization: str) -> str:
+    """The credentials of ``Authorization: Bearer KEY``; the scheme is case-insensitive (RFC 7235),
+    and a header without one gives nothing."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+def _swagger_assets() -> Path | None:
+    """The folder of Swagger UI's script and style in the ``fastapi-offline`` package, if installed."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).with_name("static")
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+async def _read_uploads(request: Request, server: ModelServer) -> list[tuple[str, bytes]]:
     """The request's images as (name, bytes): a raw body, or the files of a multipart form."""
+    config = server.config
     limit = int(config.max_body_mb * 2**20)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise UploadError(413, f"body of {int(declared):,} bytes is over the server's limit of {limit:,} "
                           f"(--max-body-mb {config.max_body_mb:g})")
     body = bytearray()
-    async for chunk in request.stream():  # counted as it comes: a missing or false length cannot get past
-        body += chunk
-        if len(body) > limit:
-            raise UploadError(413, f"body is over the server's limit of {limit:,} bytes "
-                              f"(--max-body-mb {config.max_body_mb:g})")
+
+    async def receive() -> None:
+        async for chunk in request.stream():  # counted as it comes: a missing or false length cannot get past
+            body.extend(chunk)
+            if len(body) > limit:
+                raise UploadError(413, f"body is over the server's limit of {limit:,} bytes "
+                                  f"(--max-body-mb {config.max_body_mb:g})")
+
+    try:
+        await asyncio.wait_for(receive(), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        server.body_timeouts.inc()
+        raise UploadError(408, f"the body was not received whole within {config.body_timeout_s:g} s "
+                          f"({len(body):,} bytes came; --body-timeout-s)") from None
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         uploads = await _multipart(request, bytes(body), config.max_images)
@@ -330,9 +422,9 @@ async def _multipart(request: Request, body: bytes, max_images: int) -> list[tup
     return [(f.filename or f"image {i}", await f.read()) for i, f in enumerate(files)]
 
 
-def run(server: ModelServer, host: str, port: int, log_level: str = "warning") -> None:
-    """Serve until SIGINT or SIGTERM; then requests in flight finish (their batches at once), and
-    the process exits."""
+def run(server: ModelServer, sock: socket.socket, log_level: str = "warning") -> None:
+    """Serve on ``sock`` (``bind``) until SIGINT or SIGTERM; then requests in flight finish (their
+    batches at once), and the process exits."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -340,4 +432,4 @@ def run(server: ModelServer, host: str, port: int, log_level: str = "warning") -
             server.drain()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level)).run()
+    Server(uvicorn.Config(create_app(server), log_level=log_level)).run(sockets=[sock])
