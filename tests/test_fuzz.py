@@ -144,6 +144,10 @@ def test_every_listed_image_is_one_row_and_no_input_is_replaced(predictor, scrat
         event(f"{min(len(rows), 6)}+ rows, {min(summary.failed, 3)}+ errors")
         assert Counter(r["path"] for r in rows) == Counter(listing)  # each listed image once, errors included
         assert summary.images == len(listing) and summary.failed == sum(r["error"] is not None for r in rows)
+        kinds = {name + suffix: kind for name, kind, suffix in entries}
+        for row in rows:  # a real image is read, whatever its name
+            if kinds.get(os.path.relpath(row["path"], folder)) in ("png", "jpeg"):
+                assert row["error"] is None, row
     assert {s: Path(s).read_bytes() for s in before} == before  # no input changed
 
 

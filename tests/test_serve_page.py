@@ -1,6 +1,6 @@
 """The demo page at ``/`` in a real browser: headless Chromium (Debian's package, which ``.ci/run``
 installs) driven by Playwright. It uploads a file, shows the labels the API gives, and clicking a
-point shows an attention map."""
+point shows an attention map; /docs renders with nothing fetched from outside the server."""
 
 from __future__ import annotations
 
@@ -63,10 +63,18 @@ def test_the_demo_page_labels_an_upload_and_shows_attention(tmp_path, digits_run
                 return [c.width, c.height, lit];
             }""")
             page.screenshot(path=str(tmp_path / "demo.png"))
+            # /docs with the internet cut off: Swagger UI must come from the server itself
+            docs, outside = browser.new_page(), []
+            docs.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
+                       else (outside.append(route.request.url), route.abort()))
+            docs.goto(url + "/docs")
+            docs.wait_for_function("document.querySelectorAll('.opblock-summary-path').length >= 3")
+            operations = docs.locator(".opblock-summary-path").all_text_contents()
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=600)
+    assert outside == [] and {"/v1/predict", "/v1/attention", "/v1/model"} <= {o.strip() for o in operations}
     assert labels == [c["class"] for c in answer]
     assert values == [f"{100 * c['probability']:.1f}%" for c in answer]
     assert layer == str(maps["layer"]) and f"of {maps['layers']}" in info

@@ -154,7 +154,7 @@ def _parquet(manifest: str) -> Iterator[str]:
         raise ValueError(f"{manifest}: not a Parquet file ({e})") from None
     column = path_column(table.schema_arrow.names, manifest)
     kind = table.schema_arrow.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):  # null: empty
         raise ValueError(f"{manifest}: the column {column!r} holds {kind}, not paths (strings)")
     folder = os.path.dirname(manifest)
     for batch in table.iter_batches(columns=[column], batch_size=65536):
