@@ -12,7 +12,6 @@ import io
 import itertools
 import json
 import os
-import tempfile
 import threading
 from collections import Counter
 from pathlib import Path

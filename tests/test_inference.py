@@ -113,7 +113,9 @@ def test_predict_any_image_mode_and_size(tmp_path, digits_run):
     (tmp_path / "broken.jpg").write_bytes(b"nope")
     result = runner.invoke(app, ["predict", str(digits_run), *map(str, paths), str(tmp_path / "broken.jpg"), "--json"])
     assert result.exit_code == 1  # one unreadable file
-    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines, the error row included
+    assert [r["path"] for r in rows if "error" in r] == [str(tmp_path / "broken.jpg")]
+    lines = [r for r in rows if "error" not in r]
     assert len(lines) == 4 and all(len(r["top"]) == 5 for r in lines)
     assert all(r["top"][0]["class"] in [str(d) for d in range(10)] for r in lines)
     probs = [p["probability"] for p in lines[0]["top"]]
