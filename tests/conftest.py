@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -94,6 +95,10 @@ def no_hub_network(global_state_is_restored, tmp_path, monkeypatch):
     # read at import (the real Hub), whatever HF_ENDPOINT says later
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    # datasets' own cache (Parquet shards converted to Arrow): private too
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    if "datasets" in sys.modules:
+        monkeypatch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
 @pytest.fixture

@@ -374,7 +374,7 @@ def test_strongest_randaugment_never_fails_and_transform_errors_are_not_skipped(
     """Magnitude 10 asks timm's posterize for 0 bits (Pillow 13 refuses: pinned below). A failing
     transform must stop the run, not pass for an unreadable file."""
     from hybridvit.data import load_image, train_transform
-    from hybridvit.data.datasets import build_datasets
+    from hybridvit.data import build_datasets
 
     info = get_model_info("levit_128s")
     strongest = train_transform(info, (32, 32), auto_augment="rand-m10-n3-mstd0.5-inc1", color_jitter=0.0,

@@ -272,7 +272,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("layout, message", [
-    ("no_val", "missing split folder"),
+    ("no_val", "no validation split: give --val-data"),
     ("mismatch", "different classes"),
     ("empty_class", "no images: bird"),
     ("no_classes", "no class folders"),

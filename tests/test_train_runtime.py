@@ -155,7 +155,7 @@ def test_default_workers_follow_the_cores(cores, local, cpu, cuda, monkeypatch):
 def test_samples_are_seeded_alike_in_any_process_and_queue_no_cuda_seeding(small_folder, monkeypatch):
     """The seeding no longer goes through torch.manual_seed, which in a CUDA build queues a
     CUDA seeding with a stack trace per call while CUDA is not started."""
-    from hybridvit.data.datasets import build_datasets
+    from hybridvit.data import build_datasets
 
     datasets = build_datasets(small_folder)
     info = get_model_info("levit_128s")
@@ -241,7 +241,7 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale_close_to_a_full_decode
 
 def test_unreadable_file_in_the_draft_path_is_a_skipped_sample(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=3, corrupt=("train/cat/0.jpg",))
-    from hybridvit.data.datasets import build_datasets
+    from hybridvit.data import build_datasets
 
     datasets = build_datasets(data)
     info = get_model_info("levit_128s")

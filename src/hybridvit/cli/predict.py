@@ -22,6 +22,8 @@ def predict_cmd(
                                      "the static int8 file quantize writes)"),
     inputs: list[str] = typer.Argument(..., help=INPUTS_HELP),
     top: int = typer.Option(5, help="how many classes per image (at most the model's classes)"),
+    threshold: Optional[float] = typer.Option(None, help="multi-label models: the probability from which a label "
+                                              "is listed (default: the one the model was trained with)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write rows to FILE.csv, FILE.jsonl or "
                                           "FILE.parquet as the run goes (default: print them)"),
     resume: str = typer.Option("no", help="yes (bare --resume): finish the --output file an interrupted run left; "
@@ -75,7 +77,8 @@ def predict_cmd(
     resuming = output is not None and check_output(output, resume, inputs)
     predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend, batch_size=batch_size,
                           embeddings=embeddings, exif=exif, fast_decode=fast_decode, decode_workers=decode_workers,
-                          model_threads=model_threads, calibration=calibration, validation=validation)
+                          model_threads=model_threads, calibration=calibration, validation=validation,
+                          threshold=threshold)
 
     def show(row: Prediction) -> None:
         if json_output:  # every row, error rows included, is one JSON line

@@ -77,7 +77,11 @@ def train_cmd(cfg: TrainConfig) -> None:
 
 def eval_cmd(
     checkpoint: str = typer.Option(..., help=SOURCE_HELP),
-    data: Optional[str] = typer.Option(None, help="ImageNet-layout folder (its val split); default: digits"),
+    data: Optional[str] = typer.Option(None, help="validation images in any layout train reads (an ImageNet-layout "
+                                       "folder: its val split; a run's --val-split: the images it held out); "
+                                       "default: digits"),
+    path_column: Optional[str] = typer.Option(None, help="manifests and tables: the column of image paths"),
+    label_column: Optional[str] = typer.Option(None, help="manifests and tables: the column of labels"),
     pretrained: bool = PRETRAINED,
     pretrained_tag: Optional[str] = PRETRAINED_TAG,
     batch_size: int = typer.Option(64),
@@ -97,15 +101,20 @@ def eval_cmd(
     from ..train import evaluate
     from ..train.config import input_hw
 
-    metrics = evaluate(checkpoint, data, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused,
+    from ..data import DataSpec
+
+    spec = DataSpec(data, path_column=path_column, label_column=label_column)
+    metrics = evaluate(checkpoint, spec, batch_size=batch_size, workers=workers, device=device, amp=amp, fused=fused,
                        input_size=input_hw(input_size, input_width), bias_resampling=bias_resampling, pretrained=pretrained, pretrained_tag=pretrained_tag)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    names = ("map", "f1") if "map" in metrics else ("top1", "top5")  # a multi-label model: mAP and F1
     if json_output:
-        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "loss", "images", "skipped")}))
+        print(json.dumps({k: metrics[k] for k in (*names, "loss", "images", "skipped")}))
     else:
-        console.print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-                      f"on {metrics['images']} images ({metrics['skipped']} unreadable skipped)")
+        label = {"top1": "top-1", "top5": "top-5", "map": "mAP", "f1": "F1"}
+        console.print(f"{label[names[0]]} {metrics[names[0]]:.2f}%  {label[names[1]]} {metrics[names[1]]:.2f}%  "
+                      f"loss {metrics['loss']:.4f}  on {metrics['images']} images ({metrics['skipped']} unreadable skipped)")
 
 
 def experiment_cmd(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -45,7 +46,7 @@ class DraftResizedCrop(RandomResizedCropAndInterpolation):
     a resumed run sees what the uninterrupted one saw.
     """
 
-    def from_file(self, path: str | Path) -> Image.Image:
+    def from_file(self, path: str | Path | BinaryIO) -> Image.Image:
         try:
             with Image.open(path) as header:  # the size only: nothing is decoded yet
                 full = header.size
@@ -56,6 +57,8 @@ class DraftResizedCrop(RandomResizedCropAndInterpolation):
             else self.interpolation
         out_h, out_w = self.size
         factor = next((f for f in (8, 4, 2) if h >= f * out_h and w >= f * out_w), 1)
+        if hasattr(path, "seek"):  # bytes from a table: read again from the start
+            path.seek(0)
         image = load_image(path, draft=(math.ceil(full[0] / factor), math.ceil(full[1] / factor)) if factor > 1 else None)
         if image.size == full:  # not a JPEG, or no room to scale: timm's own crop
             return F.resized_crop(image, i, j, h, w, list(self.size), interpolation)
@@ -77,7 +80,7 @@ class TrainTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.rest(self.crop(image))
 
-    def read(self, path: str | Path) -> Image.Image:
+    def read(self, path: str | Path | BinaryIO) -> Image.Image:
         return self.crop.from_file(path) if self.jpeg_draft else self.crop(load_image(path))
 
     def after_read(self, image: Image.Image) -> torch.Tensor:

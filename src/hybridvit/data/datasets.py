@@ -1,4 +1,5 @@
-"""Datasets: ImageNet-layout image folders (checked before training) and the built-in digits.
+"""Datasets: images with class indices (folders, manifests, tables) and the built-in digits;
+``sources.build_datasets`` reads each layout into them.
 
 Unreadable images never stop a run: the dataset yields a marker instead of a sample, the
 collate function drops it and reports which indices were skipped.
@@ -57,12 +58,16 @@ def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]
 
 
 class ImageFolderDataset(Dataset):
-    """Images listed by ``scan_split``; a sample that cannot be decoded yields ``(None, index)``."""
+    """Images and their class indices (``samples``: path, index; with ``multi_hot``, a tuple of
+    indices given as a multi-hot vector); a sample that cannot be decoded yields ``(None, index)``. ``unlabelled``: the listed images left out for a missing or unknown
+    label, named."""
 
-    def __init__(self, samples: list[tuple[Path, int]]) -> None:
+    def __init__(self, samples: list[tuple[Any, int]]) -> None:
         self.samples = samples
         self.targets = [t for _, t in samples]
         self.transform: Callable[[Image.Image], torch.Tensor] | None = None  # set by Datasets.prepare
+        self.unlabelled: list[str] = []
+        self.multi_hot: int | None = None  # several labels an image (targets: tuples): multi-hot of this many classes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,8 +75,15 @@ class ImageFolderDataset(Dataset):
     def describe(self, index: int) -> str:
         return str(self.samples[index][0])
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, target = self.samples[index]
+    def open(self, index: int) -> Any:
+        """What to read sample ``index`` from: a path here, bytes in a table (``sources.TableImages``)."""
+        return self.samples[index][0]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        target = self.samples[index][1]
+        if self.multi_hot is not None:
+            target = torch.zeros(self.multi_hot).index_fill_(0, torch.tensor(target), 1.0)
+        path = self.open(index)
         read = getattr(self.transform, "read", None)  # a transform that reads (and crops) the file itself
         try:
             image = read(path) if read else load_image(path)
@@ -112,10 +124,6 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, 
     return digits.images, digits.target, np.sort(train_idx), np.sort(val_idx)
 
 
-def is_digits(data: str | Path | None) -> bool:
-    return data is None or str(data) == "digits"
-
-
 @dataclass
 class Datasets:
     train: ImageFolderDataset | DigitsDataset | None
@@ -129,33 +137,6 @@ class Datasets:
                 dataset.transform = transform
                 if isinstance(dataset, DigitsDataset):
                     dataset.size = input_size
-
-
-def build_datasets(data: str | Path | None, with_train: bool = True) -> Datasets:
-    """Train/val datasets for an ImageNet-layout folder, or the digits when ``data`` is None or ``"digits"``.
-
-    Every layout problem (missing split, class mismatch, empty class, a single class to train on)
-    raises ``DataError`` here, before any training starts. Call ``prepare`` before reading samples.
-    """
-    if is_digits(data):
-        images, targets, train_idx, val_idx = digits_split()
-        train = DigitsDataset(images, targets, train_idx) if with_train else None
-        return Datasets(train, DigitsDataset(images, targets, val_idx), [str(d) for d in range(10)])
-    root = Path(data)
-    val_classes, val_samples = scan_split(root, "val")
-    train = None
-    if with_train:
-        train_classes, train_samples = scan_split(root, "train")
-        if train_classes != val_classes:
-            only_train = sorted(set(train_classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(train_classes))
-            raise DataError(f"{root}: train and val have different classes (only in train: {only_train[:20]}, "
-                            f"only in val: {only_val[:20]})")
-        if len(train_classes) < 2:  # one class: every prediction is right, loss 0, nothing learnt
-            raise DataError(f"{root / 'train'} has a single class ({train_classes[0]!r}): a classifier needs at "
-                            f"least 2 class folders")
-        train = ImageFolderDataset(train_samples)
-    return Datasets(train, ImageFolderDataset(val_samples), val_classes)
 
 
 def collate_skipping_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

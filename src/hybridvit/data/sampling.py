@@ -89,3 +89,28 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class BalancedSampler(Sampler):
+    """Draws ``len(targets)`` images per epoch with replacement, each class equally often in
+    expectation (weight ``1 / n_class`` per image), from a generator seeded by ``(seed, epoch)``;
+    each of ``world_size`` processes takes every ``world_size``-th draw. Deterministic per epoch,
+    so a resumed run (``EpochSampler`` skipping) draws the same images."""
+
+    def __init__(self, targets: list[int], seed: int, rank: int = 0, world_size: int = 1) -> None:
+        counts = np.bincount(targets)
+        self.weights = torch.tensor([1.0 / counts[t] for t in targets], dtype=torch.float64)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.per_rank = len(targets) // world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=generator)
+        return iter(draws[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank

@@ -34,7 +34,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def figure_curves(metrics_file: str | Path) -> Figure:
-    """Loss and top-1/top-5 per epoch, to see whether a run converged."""
+    """Loss and top-1/top-5 (multi-label: mAP/F1) per epoch, to see whether a run converged."""
     rows = read_metrics(metrics_file)
     epochs = [r["epoch"] + 1 for r in rows]
     fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4), layout="constrained")
@@ -42,9 +42,10 @@ def figure_curves(metrics_file: str | Path) -> Figure:
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [r["val_top1"] for r in rows], label="top-1")
-    ax_acc.plot(epochs, [r["val_top5"] for r in rows], label="top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    multi = "val_map" in rows[0] if rows else False  # several labels an image: mAP and F1
+    for key, label in ((("val_map", "mAP"), ("val_f1", "F1")) if multi else (("val_top1", "top-1"), ("val_top5", "top-5"))):
+        ax_acc.plot(epochs, [r[key] for r in rows], label=label)
+    ax_acc.set(xlabel="epoch", ylabel="%", title="validation mAP and F1" if multi else "validation accuracy")
     ax_acc.legend()
     return fig
 

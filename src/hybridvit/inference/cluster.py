@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import iter_inputs, path_column, relative_to
+from ..data.manifests import path_column, relative_to
+from .inputs import iter_inputs
 from .outputs import parquet_table
 from .pipeline import Prediction, decode_batch, predict_batch
 

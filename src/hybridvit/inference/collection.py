@@ -62,7 +62,7 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
 
     sources = [str(s) for s in sources]
     k = min(k, len(predictor.classes))
-    writer = (PredictionWriter(output, k, predictor.embedding_dim, resume, sources)
+    writer = (PredictionWriter(output, k, predictor.embedding_dim, resume, sources, predictor.threshold)
               if output is not None else None)
     summary = RunSummary(resumed=sum(writer.done.values()) if writer else 0, failed=writer.failed if writer else 0)
     items: Iterable[str] = iter_inputs(sources, stdin)

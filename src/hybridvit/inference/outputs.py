@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_output_file
-from .inputs import csv_reader
+from ..data.manifests import csv_reader
 from .pipeline import Prediction
 
 SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -108,10 +108,11 @@ class PredictionWriter:
     by ``image_key``), ``failed`` the error rows among them."""
 
     def __init__(self, path: str | Path, k: int, embedding_dim: int | None = None, resume: bool = False,
-                 sources: Sequence[str | Path] = ()) -> None:
+                 sources: Sequence[str | Path] = (), threshold: float | None = None) -> None:
         self.path = Path(path)
         exists = check_output(self.path, "auto" if resume else "no", sources)
         self.k, self.embedding_dim, self.embeddings = k, embedding_dim, embedding_dim is not None
+        self.threshold = threshold  # a multi-label model's rows hold at most k classes
         self.done: Counter[str] = Counter()
         self.failed = 0
         if not exists:
@@ -179,7 +180,8 @@ class PredictionWriter:
     def _check_json_row(self, row: dict[str, Any]) -> None:
         if "error" in row:
             return
-        if len(row["top"]) != self.k or ("embedding" in row) != self.embeddings:
+        if len(row["top"]) > self.k or not self.threshold and len(row["top"]) != self.k or \
+                ("embedding" in row) != self.embeddings:
             raise ValueError(f"{self.path} was written with other options ({len(row['top'])} classes per row, "
                              f"{'with' if 'embedding' in row else 'without'} embeddings): resume with the same "
                              f"--top and --embeddings")
@@ -199,8 +201,6 @@ class PredictionWriter:
         return _parts(self.path)
 
     def _open_parquet(self, exists: bool) -> None:
-        import pyarrow.parquet as pq
-
         self._pending: list[Prediction] = []
         parts = self._parts()
         if exists and self.path.exists():  # a finished file: the join completed before a kill

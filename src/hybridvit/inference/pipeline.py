@@ -69,8 +69,8 @@ class Pipeline:
     """
 
     def __init__(self, decode: Decode, model_for: Callable[[int, int], Model], classes: list[str], k: int,
-                 batch_size: int, splits: list[Split], probe_batches: int = 8) -> None:
-        self.decode, self.model_for, self.classes, self.k = decode, model_for, classes, k
+                 batch_size: int, splits: list[Split], probe_batches: int = 8, threshold: float | None = None) -> None:
+        self.decode, self.model_for, self.classes, self.k, self.threshold = decode, model_for, classes, k, threshold
         self.batch_size, self.splits, self.probe_batches = batch_size, splits, probe_batches
         self.split = splits[0]
         self.measured: dict[str, float] = {}
@@ -106,7 +106,7 @@ class Pipeline:
             def decode_then_run(index: int, chunk: list[object]) -> Future:
                 decoded, errors = decode_batch(self.decode, chunk)
                 split = probe.split_for(index) if probe is not None else self.split
-                args = (self.classes, self.k, _names(chunk), decoded, errors)
+                args = (self.classes, self.k, _names(chunk), decoded, errors, self.threshold)
                 if probe is None or not probe.covers(index):
                     return lanes[split].submit(run_batch, *args)
                 return lanes[split].submit(probe.record, index, len(chunk), run_batch, *args)
@@ -231,19 +231,22 @@ def decode_batch(decode: Decode, items: list[object]) -> tuple[np.ndarray | None
 
 
 def predict_batch(model: Model, classes: list[str], k: int, names: list[str], decoded: np.ndarray | None,
-                  errors: dict[int, str]) -> list[Prediction]:
+                  errors: dict[int, str], threshold: float | None = None) -> list[Prediction]:
     """Rows for one batch: ``decoded`` holds the images of ``names`` not in ``errors``, in order."""
     if decoded is None:
         return [Prediction(name, error=errors[i]) for i, name in enumerate(names)]
-    return rows_for(model(torch.from_numpy(decoded)).float(), classes, k, names, errors)
+    return rows_for(model(torch.from_numpy(decoded)).float(), classes, k, names, errors, threshold)
 
 
 def rows_for(out: torch.Tensor, classes: list[str], k: int, names: list[str],
-             errors: dict[int, str] | None = None) -> list[Prediction]:
-    """Rows from the model's outputs (logits, then any embedding) for the ``names`` not in ``errors``."""
+             errors: dict[int, str] | None = None, threshold: float | None = None) -> list[Prediction]:
+    """Rows from the model's outputs (logits, then any embedding) for the ``names`` not in ``errors``:
+    the ``k`` most probable classes (softmax), or with ``threshold`` (a multi-label model, one
+    sigmoid per class) those of the ``k`` most probable that reach it."""
     errors = errors or {}
     logits, features = out[:, :len(classes)], out[:, len(classes):]
-    top = logits.softmax(dim=-1).topk(min(k, len(classes)), dim=-1)
+    probs = logits.sigmoid() if threshold is not None else logits.softmax(dim=-1)
+    top = probs.topk(min(k, len(classes)), dim=-1)
     values, indices = iter(top.values.tolist()), iter(top.indices.tolist())
     embeddings = iter(features.numpy()) if features.shape[1] else None
     rows = []
@@ -251,8 +254,8 @@ def rows_for(out: torch.Tensor, classes: list[str], k: int, names: list[str],
         if i in errors:
             rows.append(Prediction(name, error=errors[i]))
         else:
-            rows.append(Prediction(name, [(classes[c], p) for c, p in zip(next(indices), next(values))],
-                                   None if embeddings is None else next(embeddings)))
+            labels = [(classes[c], p) for c, p in zip(next(indices), next(values)) if threshold is None or p >= threshold]
+            rows.append(Prediction(name, labels, None if embeddings is None else next(embeddings)))
     return rows
 
 

@@ -101,14 +101,18 @@ class Predictor:
     ``calibration``/``validation``: image folders (ImageNet layout: their train and val splits) for
     int8, read with the first model built: static int8 is calibrated on the first; with ``auto``,
     int8 is weighed only given the second, on which its top-1 must agree with fp32's (``optimize``).
+    A multi-label model (trained with ``--multi-label``) gives each class a sigmoid; a row lists the
+    most probable classes that reach ``threshold`` (default: the one it was trained with).
     """
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", pretrained: bool = False,
                  pretrained_tag: str | None = None, *, backend: str = "auto", batch_size: int = 16,
                  embeddings: bool = False, exif: bool = True, fast_decode: bool = False,
                  decode_workers: int | None = None, model_threads: int | None = None,
-                 calibration: str | Path | None = None, validation: str | Path | None = None) -> None:
+                 calibration: str | Path | None = None, validation: str | Path | None = None,
+                 threshold: float | None = None) -> None:
         check_range("batch size", batch_size, 1)
+        check_range("threshold", threshold, 0, 1, low_open=True, high_open=True)
         self.onnx_file = Path(checkpoint) if str(checkpoint).lower().endswith(".onnx") else None
         if self.onnx_file is not None:  # e.g. MODEL/levit_128s_int8.onnx: the folder holds the preprocessing
             if embeddings:
@@ -137,6 +141,11 @@ class Predictor:
         imagenet = imagenet_labels(model.num_classes)
         self.classes: list[str] = (extra.get("class_names") or extra.get("classes")
                                    or (imagenet[1] if imagenet else None) or [str(i) for i in range(model.num_classes)])
+        self.multi_label = bool(extra.get("multi_label"))
+        if threshold is not None and not self.multi_label:
+            raise ValueError(f"{checkpoint} is a single-label model (softmax over its classes): --threshold is for "
+                             "models trained with --multi-label")
+        self.threshold: float | None = (threshold or extra.get("threshold", 0.5)) if self.multi_label else None
         self.embedding_dim: int | None = None
         self.model_name: str = model.model_name
         resize = geometry.transforms[0]
@@ -200,7 +209,8 @@ class Predictor:
         """Rows for ``images`` (paths or PIL images) in their order, as they are ready. An image
         that cannot be read gives a row with ``error`` set; the run goes on."""
         check_range("top", k, 1)
-        pipeline = Pipeline(self.preprocess, self.model_for, self.classes, k, self.batch_size, self.splits)
+        pipeline = Pipeline(self.preprocess, self.model_for, self.classes, k, self.batch_size, self.splits,
+                            threshold=self.threshold)
         self.last_run = pipeline
         with torch_threads(None):  # model lanes set their own thread count: give the caller's back
             yield from pipeline.run(str(i) if isinstance(i, Path) else i for i in images)

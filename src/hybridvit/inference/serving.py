@@ -201,7 +201,8 @@ class ModelServer:
                 raise result
         return decoded
 
-    async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, embeddings: bool) -> list[dict[str, Any]]:
+    async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, embeddings: bool,
+                      threshold: float | None = None) -> list[dict[str, Any]]:
         """Rows for the uploads, in their order (all decoded before any reaches the model)."""
         if embeddings and self.predictor.embedding_dim is None:
             raise UploadError(400, "this model gives class scores only (an .onnx file): embeddings=true needs the "
@@ -212,7 +213,10 @@ class ModelServer:
         finally:
             self.decoding -= len(uploads)  # only once queued: a batch never misses an image on its way
         outputs = await asyncio.gather(*queued)
-        rows = rows_for(torch.stack(outputs), self.predictor.classes, top_k, [name for name, _ in uploads])
+        if threshold is not None and not self.predictor.multi_label:
+            raise UploadError(400, "threshold is for multi-label models; this one gives a softmax over its classes")
+        rows = rows_for(torch.stack(outputs), self.predictor.classes, top_k, [name for name, _ in uploads],
+                        threshold=threshold or self.predictor.threshold)
         answers = [as_dict(row) for row in rows]
         if not embeddings:
             for answer in answers:
@@ -234,7 +238,8 @@ class ModelServer:
         return {"model": p.model_name, "classes": p.classes, "input_size": list(p.preprocess.size),
                 "preprocessing": p.preprocessing, "precision": self.model.precision,
                 "backend": self.model.backend, "agreement": getattr(self.model, "agreement", {}),
-                "threads": self.threads, "embedding_dim": p.embedding_dim,
+                "threads": self.threads, "embedding_dim": p.embedding_dim, "multi_label": p.multi_label,
+                "threshold": p.threshold,
                 "max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms,
                 "images_per_second_at_warm_up": round(self.rate, 1)}
 
@@ -273,13 +278,15 @@ def create_app(server: ModelServer) -> FastAPI:
     @app.post("/v1/predict", summary="Top classes (and embeddings) for one or more images",
               description="A raw image body (image/* or application/octet-stream), or multipart/form-data "
                           "with one or more image files.")
-    async def predict(request: Request, top_k: int = Query(5, ge=1), embeddings: bool = Query(False)) -> Any:
+    async def predict(request: Request, top_k: int = Query(5, ge=1), embeddings: bool = Query(False),
+                      threshold: float | None = Query(None, gt=0, lt=1, description="multi-label models: the "
+                                                      "probability from which a label is returned")) -> Any:
         start = time.perf_counter()
         server.in_flight.inc()
         try:
             check_key(request)
             uploads = await _read_uploads(request, server)
-            answers = await server.predict(uploads, top_k, embeddings)
+            answers = await server.predict(uploads, top_k, embeddings, threshold)
             response = JSONResponse({"predictions": answers})
         except UploadError as e:
             response = _refusal(e)

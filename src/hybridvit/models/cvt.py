@@ -199,6 +199,13 @@ class CvT(HybridClassifier):
         if num_classes > 0:
             self._init_weights(self.head)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order, as timm's layer-wise learning-rate decay reads them:
+        each stage's token embedding (and class token), then its blocks in order; the norm and head last."""
+        return dict(blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.(?:embed|cls_token)", None), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> normalised last-stage tokens ``(B, 1 + H'*W', C)``, class token first."""
         self.check_input(x)

@@ -290,6 +290,13 @@ class LeViT(HybridClassifier):
             x = x + pos
         return x, grid
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order, as timm's layer-wise learning-rate decay reads them:
+        the stem, then each stage's shrinking attention and blocks in order; the heads last."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", None), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> final tokens ``(B, N, C_last)``, N in row-major grid order."""
         x, grid = self._stem(x)

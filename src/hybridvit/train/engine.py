@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ class _Position:
     epoch: int = 0
     step: int = 0
     best_top1: float = -1.0
+    best_epoch: int = -1
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -85,16 +87,22 @@ def _fit(run: TrainingRun, position: _Position, dist: DistInfo, reporter: Report
     cfg = run.cfg
     if dist.is_main:
         reporter.start(dataclasses.asdict(cfg), len(run.data.datasets.train), len(run.data.datasets.val),
-                       len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch, run.step.reason)
+                       len(run.data.datasets.classes), run.lr, dist.world_size, position.epoch, run.step.reason,
+                       getattr(run.data.datasets.train, "unlabelled", []), run.started_from)
         reporter.position(position.epoch, position.step)
-    best, metrics = position.best_top1, {}
+    best, best_epoch, metrics = position.best_top1, position.best_epoch, {}
     for epoch in range(position.epoch, run.num_epochs):
         stats = _train_one_epoch(run, epoch, position.step if epoch == position.epoch else 0, dist, stop, reporter)
         if stats.interrupted_at is not None:
-            _save_checkpoint(run, _Position(epoch, stats.interrupted_at, best), dist)
+            _save_checkpoint(run, _Position(epoch, stats.interrupted_at, best, best_epoch), dist)
             reporter.interrupted(run.output / "checkpoint.pt", epoch, stats.interrupted_at)
             return {"interrupted": True, "epoch": epoch, "step": stats.interrupted_at}
-        metrics, best = _end_epoch(run, epoch, stats, best, dist, reporter)
+        metrics, best, best_epoch = _end_epoch(run, epoch, stats, best, best_epoch, dist, reporter)
+        if cfg.early_stop and epoch - best_epoch >= cfg.early_stop and epoch + 1 < run.num_epochs:
+            if dist.is_main:
+                reporter.stopped_early(epoch, best_epoch, best, cfg.early_stop)
+            metrics["stopped_early"] = epoch + 1
+            break
     if dist.is_main:
         save_model(run.model, run.output / "model", extra=run.extra)
         if run.ema is not None:
@@ -109,12 +117,14 @@ def _train_one_epoch(run: TrainingRun, epoch: int, skip: int, dist: DistInfo, st
     """Steps ``skip``.. of one epoch; stops early (``interrupted_at``) when any process was asked to."""
     run.data.sampler.set_epoch(epoch, skip=skip * run.cfg.batch_size)
     run.train_model.train()
+    for module in run.frozen:  # --freeze: the frozen parts' BatchNorm statistics stay as loaded
+        module.eval()
     stats = reporter.epoch_bar(epoch, run.num_epochs, run.steps_per_epoch, skip)
     step = skip
     for x, y, bad in stats.timed(run.data.train_loader):
         stats.note_unreadable(bad, run.data.datasets.train)
         too_few, stop_now = all_reduce_sum([float(len(y) < 2), float(stop.requested)], dist, run.device)
-        if stop_now:
+        if stop_now and step % run.cfg.grad_accum_steps == 0:  # between optimizer steps: nothing half-accumulated
             stats.interrupted_at = step
             break
         if too_few:  # BatchNorm cannot train on one image: every process skips this step together
@@ -129,25 +139,35 @@ def _train_one_epoch(run: TrainingRun, epoch: int, skip: int, dist: DistInfo, st
 
 
 def _train_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int, dist: DistInfo) -> float:
+    """Forward and backward of batch ``step``; with ``grad_accum_steps``, the optimizer steps on the
+    last batch of each group (the epoch's last group may be shorter), on the mean of its gradients."""
     cfg, device = run.cfg, run.device
     seed_step(cfg.seed, epoch, step, dist.rank)
     run.set_lr(epoch, step)
+    start = step - step % cfg.grad_accum_steps
+    group = max(1, min(cfg.grad_accum_steps, run.steps_per_epoch - start))  # batches in this step's group
+    update = step - start == group - 1
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if run.step.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x, targets = run.targets(x, y)
-    with autocast(device, run.step.dtype):
-        loss = run.criterion(x, run.train_model(x), targets)
-    if all_reduce_sum([float(not torch.isfinite(loss))], dist, device)[0]:
-        raise TrainingError(
-            f"loss is {loss.item()} at epoch {epoch} step {step}: training diverged and stopped. The last good "
-            f"checkpoint is kept at {run.output / 'checkpoint.pt'}; lower --lr or enable --clip-grad, then --resume.")
-    run.optimizer.zero_grad(set_to_none=True)
+    if step == start:
+        run.optimizer.zero_grad(set_to_none=True)
+    # DDP: gradients are averaged across processes once per group, on its last batch
+    sync = nullcontext() if update or not hasattr(run.train_model, "no_sync") else run.train_model.no_sync()
+    with sync:
+        with autocast(device, run.step.dtype):
+            loss = run.criterion(x, run.train_model(x), targets)
+        if all_reduce_sum([float(not torch.isfinite(loss))], dist, device)[0]:
+            raise TrainingError(
+                f"loss is {loss.item()} at epoch {epoch} step {step}: training diverged and stopped. The last good "
+                f"checkpoint is kept at {run.output / 'checkpoint.pt'}; lower --lr or enable --clip-grad, then --resume.")
+        scaled = loss / group
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    if not update:
+        return loss.item()
     if run.scaler is not None:
-        run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.optimizer)
-    else:
-        loss.backward()
     if cfg.clip_grad:
         dispatch_clip_grad(run.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
     if run.scaler is not None:
@@ -156,27 +176,28 @@ def _train_step(run: TrainingRun, x: torch.Tensor, y: torch.Tensor, epoch: int, 
     else:
         run.optimizer.step()
     if run.ema is not None:
-        run.ema.update(run.model, step=epoch * run.steps_per_epoch + step + 1)
+        run.ema.update(run.model, step=epoch * run.updates_per_epoch + step // cfg.grad_accum_steps + 1)
     return loss.item()
 
 
-def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, dist: DistInfo,
-               reporter: Reporter) -> tuple[dict[str, Any], float]:
+def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, best: float, best_epoch: int, dist: DistInfo,
+               reporter: Reporter) -> tuple[dict[str, Any], float, int]:
     """Make the replicas identical, evaluate (the EMA too), save ``best/`` and the checkpoint."""
     average_buffers(run.model, dist)
-    metrics = run_evaluation(run.model, run.data.val_loader, run.device, dist, run.step.dtype)
+    threshold = run.cfg.threshold if run.cfg.multi_label else None
+    metrics = run_evaluation(run.model, run.data.val_loader, run.device, dist, run.step.dtype, threshold)
     ema_metrics = None
     if run.ema is not None:
         average_buffers(run.ema.module, dist)
-        ema_metrics = run_evaluation(run.ema.module, run.data.val_loader, run.device, dist, run.step.dtype)
-    improved = metrics["top1"] > best
-    best = max(best, metrics["top1"])
+        ema_metrics = run_evaluation(run.ema.module, run.data.val_loader, run.device, dist, run.step.dtype, threshold)
+    improved = metrics["score"] > best  # top-1, or mAP with several labels an image
+    best, best_epoch = (metrics["score"], epoch) if improved else (best, best_epoch)
     reporter.end_epoch(epoch, stats, metrics, best, ema_metrics)
     if dist.is_main and improved:
         save_model(run.model, run.output / "best", extra=run.extra)
-    _save_checkpoint(run, _Position(epoch + 1, 0, best), dist)
+    _save_checkpoint(run, _Position(epoch + 1, 0, best, best_epoch), dist)
     reporter.position(epoch + 1, 0)
-    return metrics, best
+    return metrics, best, best_epoch
 
 
 def _save_checkpoint(run: TrainingRun, position: _Position, dist: DistInfo) -> None:
@@ -191,6 +212,7 @@ def _save_checkpoint(run: TrainingRun, position: _Position, dist: DistInfo) -> N
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
             "ema": run.ema.state_dict() if run.ema is not None else None, "rank_buffers": rank_buffers,
             "epoch": position.epoch, "step": position.step, "best_top1": position.best_top1,
+            "best_epoch": position.best_epoch,
             "amp": run.step.amp, "channels_last": run.step.channels_last,
             "world_size": dist.world_size, "model_family": run.model.family, "model_name": run.cfg.model,
             "model_config": run.model.config_dict(), "extra": run.extra,
@@ -225,7 +247,7 @@ def _restore(run: TrainingRun, dist: DistInfo) -> _Position:
             _load_buffers(run.ema.module, rank_buffers["ema"][dist.rank])
     if saved_world != dist.world_size:  # another number of processes: continue after as many images
         step = step * saved_world // dist.world_size
-    return _Position(state["epoch"], step, state["best_top1"])
+    return _Position(state["epoch"], step, state["best_top1"], state.get("best_epoch", -1))
 
 
 @torch.no_grad()

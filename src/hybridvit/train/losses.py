@@ -3,6 +3,8 @@ loss (½ base loss on the class head + ½ teacher loss on the distillation head)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -25,6 +27,8 @@ class SoftTargets:
                            num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if y.ndim == 2:  # multi-hot (several labels an image): the loss smooths them itself
+            return x, y.float()
         if self.mixup is not None and len(y) % 2 == 0:
             return self.mixup(x, y)
         return x, mixup_target(y, self.num_classes, smoothing=self.smoothing)
@@ -66,3 +70,40 @@ class DistillationLoss(nn.Module):
             dist_loss = F.kl_div(F.log_softmax(dist_out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
                                  reduction="sum", log_target=True) * (t * t) / dist_out.numel()
         return (1 - self.alpha) * self.base(cls_out, targets) + self.alpha * dist_loss
+
+
+class WeightedSoftTargetCrossEntropy(nn.Module):
+    """Soft-target cross-entropy with a weight per class, ``-sum_c w_c t_c log p_c`` averaged over
+    the batch: with one-hot targets, each image's loss times its class's weight (imbalanced data)."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weights", weights.float())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.sum(-targets * self.weights * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def class_weights(spec: str, targets: list[Any], classes: list[str]) -> torch.Tensor:
+    """``auto``: inverse class frequency, ``N / (C * n_c)`` (1 for every class of balanced data;
+    with several labels an image, ``n_c`` counts the images that have the class); otherwise a file
+    of one weight per class, in class order (a JSON list, or one per line)."""
+    import json
+    from pathlib import Path
+
+    if spec == "auto":
+        flat = [c for t in targets for c in (t if isinstance(t, tuple) else (t,))]
+        counts = torch.bincount(torch.tensor(flat), minlength=len(classes)).float()
+        return len(targets) / (len(classes) * counts.clamp(min=1))
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--class-weights {spec}: not 'auto' and not a file of weights")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = json.loads(text) if text.lstrip().startswith("[") else [float(v) for v in text.split()]
+    except ValueError as e:
+        raise ValueError(f"--class-weights {spec}: not a JSON list or one number per line ({e})") from None
+    if len(values) != len(classes) or any(not isinstance(v, (int, float)) or v < 0 for v in values):
+        raise ValueError(f"--class-weights {spec}: {len(values)} value(s); the data has {len(classes)} classes "
+                         "(one non-negative weight each, in class order)")
+    return torch.tensor(values, dtype=torch.float32)

@@ -16,6 +16,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from ..figures import plot_curves, read_metrics
+from .tracking import Tracker, open_tracker
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -102,6 +103,7 @@ class Reporter:
         self.progress_interval = progress_interval
         self._last_position = -math.inf
         self.writer = None
+        self.tracker: Tracker | None = None  # --tracker mlflow / wandb, beside TensorBoard
 
     def __enter__(self) -> "Reporter":
         return self
@@ -113,9 +115,12 @@ class Reporter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def start(self, config: dict[str, Any], n_train: int, n_val: int, n_classes: int, lr: float, world: int,
-              start_epoch: int, step: str) -> None:
+              start_epoch: int, step: str, unlabelled: list[str] = (), started_from: str | None = None) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "train_config.json").write_text(json.dumps(config, indent=2))
         if self.metrics_file.exists():  # keep only epochs the checkpoint covers (a resumed run rewrites the rest)
@@ -125,11 +130,18 @@ class Reporter:
 
         # A resumed run drops the scalars the checkpoint does not cover (a killed run may have logged more).
         self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start_epoch or None)
+        self.tracker = open_tracker(config["tracker"], config["tracker_uri"], self.output, config,
+                                   resuming=config["resume"] != "no")
         console.print(f"[bold]{config['model']}[/bold] on {config['data'] or 'digits'}: {n_train} train / {n_val} val "
                       f"images, {n_classes} classes; recipe {config['recipe']}, {config['epochs']} epochs, batch "
                       f"{config['batch_size']} x {world} process(es), lr {lr:.2e}, {config['workers']} data worker(s) "
                       f"per process; output {self.output}")
         console.print(f"training step: {step}")
+        if started_from:
+            console.print(f"starting from {started_from}", highlight=False)
+        if unlabelled:
+            console.print(f"[yellow]left out {len(unlabelled)} image(s) with no or an unknown label[/yellow]; e.g. "
+                          f"{', '.join(unlabelled[:5])}", highlight=False)
 
     def position(self, epoch: int, step: int, state: str = "running", stats: EpochStats | None = None) -> None:
         """Write ``progress.json``: ``epoch`` epochs done and ``step`` steps into the next, the
@@ -161,22 +173,25 @@ class Reporter:
                   ema_metrics: dict[str, Any] | None = None) -> None:
         if not self.is_main:
             return
+        names = ("map", "f1") if "map" in metrics else ("top1", "top5")  # several labels an image: mAP and F1
         record = {"epoch": epoch, "train_loss": stats.loss, "lr": stats.lr, "images_per_second": stats.images_per_second,
-                  "epoch_seconds": stats.seconds,
-                  "data_wait_fraction": stats.data_seconds / max(stats.seconds, 1e-9), "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-                  "val_loss": metrics["loss"], "best_top1": best, "skipped_train": stats.skipped,
-                  "skipped_val": metrics["skipped"], "skipped_steps": stats.skipped_steps}
+                  "epoch_seconds": stats.seconds, "data_wait_fraction": stats.data_seconds / max(stats.seconds, 1e-9),
+                  **{f"val_{k}": metrics[k] for k in names}, "val_loss": metrics["loss"], f"best_{names[0]}": best,
+                  "skipped_train": stats.skipped, "skipped_val": metrics["skipped"], "skipped_steps": stats.skipped_steps}
         if ema_metrics is not None:
-            record |= {f"ema_val_{k}": ema_metrics[k] for k in ("top1", "top5", "loss")}
+            record |= {f"ema_val_{k}": ema_metrics[k] for k in (*names, "loss")}
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key in ("train_loss", "lr", "images_per_second", "val_top1", "val_top5", "val_loss", "ema_val_top1"):
+        for key in ("train_loss", "lr", "images_per_second", *(f"val_{k}" for k in names), "val_loss",
+                    f"ema_val_{names[0]}"):
             if key in record:
                 self.writer.add_scalar(key, record[key], epoch)
         self.writer.flush()
-        ema = f", EMA top-1 {ema_metrics['top1']:.2f}%" if ema_metrics is not None else ""
-        console.print(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
-                      f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best {best:.2f}%){ema}, "
+        self.tracker.log_epoch(epoch, {k: v for k, v in record.items() if k != "epoch"})
+        label = {"top1": "top-1", "top5": "top-5", "map": "mAP", "f1": "F1"}
+        ema = f", EMA {label[names[0]]} {ema_metrics[names[0]]:.2f}%" if ema_metrics is not None else ""
+        console.print(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val {label[names[0]]} {metrics[names[0]]:.2f}% "
+                      f"{label[names[1]]} {metrics[names[1]]:.2f}% loss {metrics['loss']:.4f} (best {best:.2f}%){ema}, "
                       f"{stats.images_per_second:.0f} img/s, {stats.seconds:.1f}s")
         if stats.skipped or metrics["skipped"]:
             console.print(f"[yellow]skipped unreadable images[/yellow]: {stats.skipped} in training, "
@@ -185,6 +200,11 @@ class Reporter:
             console.print(f"[yellow]skipped {stats.skipped_steps} step(s)[/yellow]: a process had fewer than 2 readable "
                           f"images in its batch")
 
+    def stopped_early(self, epoch: int, best_epoch: int, best: float, patience: int) -> None:
+        console.print(f"[yellow]stopped early[/yellow] after epoch {epoch + 1}: no better validation score in "
+                      f"{patience} epoch(s) since epoch {best_epoch + 1} ({best:.2f}%); its weights are in "
+                      f"{self.output / 'best'}")
+
     def interrupted(self, path: Path, epoch: int, step: int) -> None:
         self.position(epoch, step, "interrupted")
         if self.is_main:
@@ -192,9 +212,12 @@ class Reporter:
                           f"to {path}; continue with the same command and --resume")
 
     def finish(self) -> None:
-        self.close()
         self.position(self.epochs, 0, "done")
         plot_curves(self.metrics_file, self.output / "training_curve.png")
+        if self.tracker is not None:
+            self.tracker.finish(self.output)
+            self.tracker = None
+        self.close()
         console.print(f"done: final weights in {self.output / 'model'}, best in {self.output / 'best'}, "
                       f"curves in {self.output / 'training_curve.png'}")
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import collate_skipping_bad
+from ..data.shards import ShardStream, StreamLoader
 from .distributed import DistInfo, init_distributed
 
 
@@ -68,11 +69,12 @@ def idle_priority(worker_id: int) -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, device: torch.device,
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, workers: int, device: torch.device,
                 drop_last: bool) -> DataLoader:
     """Workers kept for the whole run (``persistent_workers``), not started again every epoch; on a
-    CPU at idle priority."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+    CPU at idle priority. A streamed dataset (``ShardStream``) orders itself: no sampler."""
+    loader = StreamLoader if isinstance(dataset, ShardStream) else DataLoader
+    return loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       collate_fn=collate_skipping_bad, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       worker_init_fn=idle_priority if device.type == "cpu" else None)
 
