@@ -9,6 +9,9 @@ Two figures per layout, alternated over rounds (median reported):
 - ``train``: epoch 2's images/s of ``hybridvit train`` (data waiting included), each run its
   own process.
 
+With ``--cold`` the page cache is dropped before each measurement, so the files come from the
+disk (many small files against a few large ones); otherwise they are read from memory.
+
 The photos are those of ``scripts/benchmark_train.py`` (500x375 and 375x500, quality 90, 10
 classes); the shards are written in a shuffled order, as WebDataset advises.
 
@@ -110,6 +113,8 @@ def main() -> None:
     parser.add_argument("--amp", default="bf16", help="the training rows' precision")
     parser.add_argument("--rows", default="data,train")
     parser.add_argument("--output", type=Path, default=Path("runs/data_bench"))
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root): "
+                        "the files come from the disk, as a first epoch over a large dataset reads them")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,9 @@ def main() -> None:
             for name in (LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]):
                 data, val = layouts[name]
                 measure = data_rate if row == "data" else train_rate
+                if args.cold:
+                    os.sync()
+                    Path("/proc/sys/vm/drop_caches").write_text("3\n")
                 rates[row][name].append(measure(data, val, args, args.output / f"run-{name}"))
                 print(f"round {round_ + 1} {row:5s} {name:10s} {rates[row][name][-1]:8.1f} images/s", flush=True)
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": {
