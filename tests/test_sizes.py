@@ -249,10 +249,10 @@ def test_finetune_at_a_new_size_keeps_a_fitting_classifier(tmp_path):
     source = levit(img_size=64, dynamic=False)
     hybridvit.save_model(source, tmp_path / "m")
     cfg = TrainConfig(finetune=str(tmp_path / "m"), input_size=80, input_width=96)
-    same = build_model(cfg, 5, (80, 96))
+    same, _ = build_model(cfg, 5, (80, 96))
     assert same.input_hw == (80, 96)
     assert torch.equal(same.head.linear.weight, source.head.linear.weight)  # same classes: kept
-    other = build_model(cfg, 3, (80, 96))
+    other, _ = build_model(cfg, 3, (80, 96))
     assert other.head.linear.weight.shape[0] == 3  # other classes: a new classifier, the rest loaded
     assert torch.equal(other.stem.conv1.conv.weight, source.stem.conv1.conv.weight)
     with pytest.raises(ValueError, match="--input-width 96 needs --input-size"):
