@@ -22,7 +22,8 @@ def _check_output(output: Path | None, checkpoint: str) -> None:
 
 def export_cmd(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
-    format: str = typer.Option("onnx", help="onnx, torchscript or exported-program"),
+    format: str = typer.Option("onnx", help="onnx, torchscript, exported-program or executorch (XNNPACK, batch 1, "
+                               "checked in ExecuTorch's runtime; MODEL.json beside it: classes and preprocessing)"),
     output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder, "
                                           "else the current one)"),
     opset: int = typer.Option(17, help="ONNX opset"),
@@ -39,10 +40,20 @@ def export_cmd(
 
     check_export(format, opset, dynamic_size)  # options and output first: loading takes seconds
     _check_output(output, checkpoint)
-    model, _ = load_source(checkpoint, pretrained, pretrained_tag)
+    model, extra = load_source(checkpoint, pretrained, pretrained_tag)
     if dynamic_size and hasattr(model.config, "dynamic_size"):
         model = model.reconfigured(dynamic_size=True)  # the same weights serve any size
     target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}{FORMATS[format]}"
+    if format == "executorch":
+        from ..inference.edge import export_executorch
+
+        done = export_executorch(model, target, extra=extra)
+        outside = ", ".join(f"{op} x{n}" for op, n in done.outside.items()) or "none"
+        console.print(f"wrote {target} and {target.with_suffix('.json')} ({done.size_bytes / 2**20:.1f} MiB; "
+                      f"{done.partitions} XNNPACK partition(s), operators outside: {outside}); ExecuTorch vs "
+                      f"PyTorch on {done.images} images: top-1 agreement {done.agreement:.1%}, max difference "
+                      f"{done.max_difference:.2e}")
+        return
     export(model, target, format, opset=opset, dynamic_size=dynamic_size)
     h, w = model.input_hw
     console.print(f"wrote {target} ({format}, fused, dynamic batch{', height and width' if dynamic_size else ''})")

@@ -21,7 +21,7 @@ from ..checks import check_output_file
 from ..fusion import fuse
 from ..layers import bias_in_graph, reference_attention
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2", "executorch": ".pte"}  # .pte: edge.py
 # Every family exports and runs in ONNX Runtime from opset 14 (the grafted DeiT's attention needs
 # it; LeViT works from 10, CvT from 9) to 20, the last one PyTorch's TorchScript-based exporter writes.
 ONNX_OPSETS = range(14, 21)
@@ -34,6 +34,11 @@ def check_export(format: str, opset: int = 17, dynamic_size: bool = False) -> No
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dynamic_size and format != "onnx":
         raise ValueError(f"dynamic_size is for ONNX files; {format} exports are traced at the model's input size")
+    if format == "executorch":
+        import importlib.util
+
+        if importlib.util.find_spec("executorch") is None:
+            raise ImportError('--format executorch needs ExecuTorch: pip install "hybridvit[edge]"')
     if format == "onnx" and opset not in ONNX_OPSETS:
         raise ValueError(f"--opset must be between {ONNX_OPSETS.start} and {ONNX_OPSETS[-1]} (what PyTorch's ONNX "
                          f"exporter writes for every model here); got {opset}")
