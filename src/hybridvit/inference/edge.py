@@ -68,7 +68,7 @@ def executorch_program(model: nn.Module, example: torch.Tensor) -> tuple[bytes, 
         if "executorch_call_delegate" in str(node.target):
             partitions += 1
         else:
-            outside[str(node.target).split(":")[0].replace("<EdgeOpOverload: ", "").strip(">")] += 1
+            outside[getattr(node.target, "__name__", str(node.target))] += 1
     return edge.to_executorch().buffer, partitions, dict(outside)
 
 
