@@ -91,10 +91,14 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
 
     ``onnx`` uses PyTorch's TorchScript-based exporter (input ``images``, output ``logits``),
     ``torchscript`` a frozen trace (``torch.jit.load``), ``exported-program`` ``torch.export``
-    (``torch.export.load``). Input height and width are the model's own, or free in an ONNX
+    (``torch.export.load``), ``executorch`` an XNNPACK program at batch 1 (``edge.export_executorch``). Input height and width are the model's own, or free in an ONNX
     file with ``dynamic_size`` (LeViT: models created with ``dynamic_size=True``).
     """
     check_export(format, opset, dynamic_size)
+    if format == "executorch":  # the device pass, XNNPACK and a check in ExecuTorch's runtime
+        from .edge import export_executorch
+
+        return export_executorch(model, path).path
     path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse(model).cpu().requires_grad_(False)
