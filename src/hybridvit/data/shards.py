@@ -200,9 +200,10 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict[str, Any], epoch: int, position: int) -> tuple[Any, Any]:
         name = f"{sample.get('__url__', self.source)}:{sample['__key__']}"
-        target = self.lookup.get(_label(sample, self.label_ext))
+        label = _label(sample, self.label_ext)
+        target = self.lookup.get(label)
         if target is None:  # a validation label the training classes do not have
-            return None, f"{name} (unknown label {_label(sample, self.label_ext)!r})"
+            return None, f"{name} (unknown label {label!r})"
         if self.shuffle:
             seed_generators(derived_seed(self.seed, epoch, position * self.world + self.rank))
         data = io.BytesIO(sample[_image_ext(sample, self.image_ext)])

@@ -90,18 +90,23 @@ class TableImages(ImageFolderDataset):
         super().__init__(samples)
         self.table, self.column, self.source = table, column, source
 
-    def describe(self, index: int) -> str:
-        cell = self.table[self.samples[index][0]][self.column]
+    def _cell(self, index: int) -> Any:
+        return self.table[self.samples[index][0]][self.column]
+
+    def _name(self, index: int, cell: Any) -> str:
         name = cell.get("path") if isinstance(cell, dict) else None
         return f"{self.source}[{self.samples[index][0]}]" + (f" ({name})" if name else "")
 
+    def describe(self, index: int) -> str:
+        return self._name(index, self._cell(index))
+
     def open(self, index: int) -> Any:
-        cell = self.table[self.samples[index][0]][self.column]
+        cell = self._cell(index)  # read once: this runs for every sample a worker loads
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if data is None and isinstance(cell, dict) and cell.get("path"):
             return cell["path"]
         stream = io.BytesIO(data or b"")
-        stream.name = self.describe(index)  # named in decoding errors
+        stream.name = self._name(index, cell)  # named in decoding errors
         return stream
 
 
@@ -125,7 +130,7 @@ def _manifest(manifest: str, spec: DataSpec) -> Labelled:
     image = path_column(columns, manifest, spec.path_column)
     label = label_column(columns, manifest, spec.label_column)
     if manifest.lower().endswith(".parquet") and _holds_bytes(manifest, image):
-        return _hf_tables([manifest], spec)[0]
+        return next(iter(_hf_tables([manifest], spec).values()))
     folder = os.path.dirname(manifest)
     items, labels = [], []
     for path, value in read_table(manifest, [image, label]):
@@ -169,8 +174,8 @@ def _from_hf(table: Any, source: str, spec: DataSpec) -> Labelled:
     return Labelled(list(range(len(table))), labels, source, table.select_columns([image]), image, names)
 
 
-def _hf_tables(files: Sequence[str], spec: DataSpec) -> list[Labelled]:
-    """Parquet shards with image bytes, one ``Labelled`` per split (file names as the Hub names
+def _hf_tables(files: Sequence[str], spec: DataSpec) -> dict[str, Labelled]:
+    """Parquet shards with image bytes, a ``Labelled`` per split, by split name (file names as the Hub names
     them: ``train-00000-of-00002.parquet``, ``validation-...``; otherwise one split)."""
     datasets = _hf_module()
     splits: dict[str, list[str]] = {}
@@ -178,7 +183,7 @@ def _hf_tables(files: Sequence[str], spec: DataSpec) -> list[Labelled]:
         name = re.match(r"([A-Za-z]+)[-_]", os.path.basename(f))
         splits.setdefault(name.group(1).lower() if name else "train", []).append(f)
     loaded = datasets.load_dataset("parquet", data_files=splits)
-    return [_from_hf(loaded[s], f"{os.path.commonpath(fs)} ({s})", spec) for s, fs in splits.items()]
+    return {s: _from_hf(loaded[s], f"{os.path.commonpath(fs)} ({s})", spec) for s, fs in splits.items()}
 
 
 def _hf_disk(folder: Path, spec: DataSpec) -> dict[str, Labelled]:
@@ -194,9 +199,10 @@ def _layout(data: str, spec: DataSpec) -> dict[str, Labelled]:
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             return _hf_disk(path, spec)
-        shards = sorted(str(p) for p in path.rglob("*.parquet"))
+        # the Hub's layout: shards in the folder or its data/ (not a walk of a whole class-folder tree)
+        shards = sorted(str(p) for pattern in ("*.parquet", "data/*.parquet") for p in path.glob(pattern))
         if shards:
-            return _named_splits(_hf_tables(shards, spec))
+            return _hf_tables(shards, spec)
         if (path / "train").is_dir():  # ImageNet layout without its val/: the training folder
             return {"train": _class_tree(path / "train")}
         return {"train": _class_tree(path)}
@@ -204,17 +210,9 @@ def _layout(data: str, spec: DataSpec) -> dict[str, Labelled]:
         return {"train": _manifest(data, spec)}
     matches = sorted(glob.glob(data, recursive=True))
     if matches and all(m.lower().endswith(".parquet") for m in matches):
-        return _named_splits(_hf_tables(matches, spec))
+        return _hf_tables(matches, spec)
     raise DataError(f"{data}: not a folder, manifest (.csv, .tsv, .parquet), Hugging Face dataset or WebDataset "
                     f"shards (.tar) that exists")
-
-
-def _named_splits(parts: list[Labelled]) -> dict[str, Labelled]:
-    out = {}
-    for part in parts:
-        split = part.source.rsplit("(", 1)[-1].rstrip(")")
-        out[split] = part
-    return out
 
 
 # -- classes, the split, the datasets ------------------------------------------------------------
@@ -237,11 +235,12 @@ def _names(part: Labelled, label: Any, multi: bool) -> list[str]:
             if v is not None and str(v).strip() != ""]
 
 
-def _index(part: Labelled, classes: list[str], multi: bool = False) -> tuple[list[tuple[Any, Any]], list[str]]:
+def _index(part: Labelled, classes: list[str], multi: bool = False
+           ) -> tuple[list[tuple[Any, Any]], list[str], set[str]]:
     """(item, class index) samples, or (item, tuple of class indices) with ``multi``; the items whose
-    label is missing or unknown are left out and named."""
+    label is missing or unknown are left out and named; and the unknown labels."""
     lookup = {name: i for i, name in enumerate(classes)}
-    samples, bad = [], []
+    samples, bad, unknown_labels = [], [], set()
     for item, label in zip(part.items, part.labels):
         names = _names(part, label, multi)
         unknown = [n for n in names if n not in lookup]
@@ -250,7 +249,8 @@ def _index(part: Labelled, classes: list[str], multi: bool = False) -> tuple[lis
             samples.append((item, targets if multi else targets[0]))
         else:
             bad.append(f"{item} ({'no label' if not names else repr(unknown[0])})")
-    return samples, bad
+            unknown_labels.update(unknown)
+    return samples, bad, unknown_labels
 
 
 def _classes(part: Labelled, multi: bool = False) -> list[str]:
@@ -329,7 +329,7 @@ def build_datasets(spec: DataSpec | str | Path | None = None, with_train: bool =
     train_part = splits.get("train") or next(iter(splits.values()))
     given, multi = classes is not None, spec.multi_label
     classes = list(classes) if given else _classes(train_part, multi)
-    samples, bad = _index(train_part, classes, multi)
+    samples, bad, _ = _index(train_part, classes, multi)
     if not multi and not given and any(len(_names(train_part, v, True)) > 1 for v in train_part.labels[:1000]):
         raise DataError(f"{train_part.source}: labels such as {train_part.labels[0]!r} name several classes: add "
                         f"--multi-label")
@@ -341,11 +341,10 @@ def build_datasets(spec: DataSpec | str | Path | None = None, with_train: bool =
                         f"classifier needs at least 2")
     val_part = _validation_part(spec, splits, record, with_train)
     if val_part is not None:
-        val_samples, val_bad = _index(val_part, classes, multi)
-        unknown = sorted({b.rsplit(" (", 1)[1][:-1] for b in val_bad if not b.endswith("(no label)")})
+        val_samples, _, unknown = _index(val_part, classes, multi)
         if unknown:
             raise DataError(f"{val_part.source}: labels that are not among the training classes: "
-                            f"{', '.join(unknown[:10])}")
+                            f"{', '.join(map(repr, sorted(unknown)[:10]))}")
         train_ds, val_ds = _dataset(train_part, samples, classes, multi), _dataset(val_part, val_samples, classes, multi)
     else:
         train_idx, val_idx = _read_record(record, samples, spec) if record is not None else split_validation(

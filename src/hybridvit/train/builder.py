@@ -42,7 +42,7 @@ class DataPipeline:
     datasets: Datasets
     size: tuple[int, int]
     crop_pct: float  # of the evaluation transform (the digits are not cropped)
-    sampler: EpochSampler
+    sampler: EpochSampler | ShardStream  # set_epoch(epoch, skip): a stream orders itself
     train_loader: DataLoader
     val_loader: PrestartedLoader
 
