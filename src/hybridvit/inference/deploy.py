@@ -12,6 +12,16 @@ What it changes, each measured as an operator left outside the delegate before (
 - the final mean over the tokens as a matrix product with a constant row (``mean.dim`` was
   left out), and the class and distillation heads folded into one linear map (their mean).
 
+For CvT it rewrites, for the same reasons:
+
+- attention as 3-D batched matrix products (scaled dot-product attention was decomposed into
+  ``eq``/``where``/``any``/``logical_not`` and 4-D products into ``expand_copy``);
+- LayerNorm written out, with the means over the channels as matrix products with a constant
+  column (``native_layer_norm`` has no XNNPACK kernel, and XNNPACK's mean only averages 4-D maps);
+- the last stage's class token carried beside the patch tokens rather than concatenated to
+  them and sliced off again: the class query attends in its own product, and the head reads it
+  without a ``select``.
+
 The result runs at the model's own input size only.
 """
 
@@ -23,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.cvt import Block as CvTBlock
+from ..models.cvt import ConvAttention, CvT
+from ..models.features import stage_output
 from ..models.levit import LeViT, ShrinkAttention
 from ..models.levit import Attention as LeViTAttention
 
@@ -147,12 +160,116 @@ class DeviceLeViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class DeviceLayerNorm(nn.Module):
+    """LayerNorm over the last dimension in delegable operators: the two means over the channels
+    are products with a constant ``1/C`` column."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        channels = norm.normalized_shape[-1]
+        self.register_buffer("column", torch.full((1, channels), 1.0 / channels))
+        self.weight, self.bias, self.eps = norm.weight.detach().clone(), norm.bias.detach().clone(), norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - F.linear(x, self.column)
+        variance = F.linear(centred * centred, self.column)
+        return centred * torch.rsqrt(variance + self.eps) * self.weight + self.bias
+
+
+class DeviceConvAttention(nn.Module):
+    """CvT's convolutional attention, for the device; ``cls`` is the class token ``(B, 1, C)`` or
+    None, kept apart from the patch tokens (see the module docstring)."""
+
+    def __init__(self, attn: ConvAttention) -> None:
+        super().__init__()
+        if not attn.conv_proj:
+            raise ValueError("the device pass takes CvT's convolutional projection (conv_proj=True in every stage)")
+        self.heads, self.scale = attn.num_heads, attn.scale
+        self.conv_q, self.conv_k, self.conv_v = attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v
+        self.proj_q, self.proj_k, self.proj_v, self.proj = attn.proj_q, attn.proj_k, attn.proj_v, attn.proj
+
+    def forward(self, x: torch.Tensor, cls: torch.Tensor | None, grid: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, _, channels = x.shape
+        x_map = x.transpose(1, 2).reshape(batch, channels, *grid)
+        q, k, v = (conv(x_map).flatten(2).transpose(1, 2) for conv in (self.conv_q, self.conv_k, self.conv_v))
+        if cls is not None:
+            k, v = torch.cat((cls, k), 1), torch.cat((cls, v), 1)
+        k, v = _per_head(self.proj_k(k), self.heads), _per_head(self.proj_v(v), self.heads)
+        out = self.proj(_attend(_per_head(self.proj_q(q) * self.scale, self.heads), k, v, None, self.heads))
+        if cls is None:
+            return out, None
+        cls_q = _per_head(self.proj_q(cls) * self.scale, self.heads)
+        return out, self.proj(_attend(cls_q, k, v, None, self.heads))
+
+
+class DeviceCvTBlock(nn.Module):
+    """A CvT block over patch tokens and, in the last stage, the class token beside them."""
+
+    def __init__(self, block: CvTBlock) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = DeviceLayerNorm(block.norm1), DeviceLayerNorm(block.norm2)
+        self.attn, self.mlp = DeviceConvAttention(block.attn), block.mlp
+
+    def forward(self, x: torch.Tensor, cls: torch.Tensor | None, grid: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, cls_out = self.attn(self.norm1(x), None if cls is None else self.norm1(cls), grid)
+        x = x + out
+        x = x + self.mlp(self.norm2(x))
+        if cls is not None:
+            cls = cls + cls_out
+            cls = cls + self.mlp(self.norm2(cls))
+        return x, cls
+
+
+class DeviceCvT(nn.Module):
+    """A fused CvT for the device: its LayerNorms and attention rewritten, the class token apart."""
+
+    def __init__(self, model: CvT) -> None:
+        super().__init__()
+        model = copy.deepcopy(model)
+        if any(stage.pos_embed is not None for stage in model.stages):
+            raise ValueError("the device pass takes CvT without a positional embedding (the paper's models)")
+        self.embeds = nn.ModuleList(stage.embed.proj for stage in model.stages)
+        self.embed_norms = nn.ModuleList(DeviceLayerNorm(stage.embed.norm) for stage in model.stages)
+        self.blocks = nn.ModuleList(nn.ModuleList(DeviceCvTBlock(b) for b in stage.blocks) for stage in model.stages)
+        if [stage.cls_token is not None for stage in model.stages] != [False, False, True]:
+            raise ValueError("the device pass takes CvT with its class token in the last stage only")
+        self.register_buffer("cls_token", model.stages[-1].cls_token.detach().clone())
+        self.norm, self.head = DeviceLayerNorm(model.norm), model.head
+        self.model_name, self.num_classes, self.in_chans = model.model_name, model.num_classes, model.in_chans
+        self.input_hw = model.input_hw
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the normalised class token ``(B, 1, C)``."""
+        cls = None
+        for index, (embed, norm, blocks) in enumerate(zip(self.embeds, self.embed_norms, self.blocks)):
+            x = embed(x)
+            grid = (x.shape[-2], x.shape[-1])
+            tokens = norm(x.flatten(2).transpose(1, 2))
+            if index == len(self.blocks) - 1:
+                cls = self.cls_token if x.shape[0] == 1 else self.cls_token.expand(x.shape[0], -1, -1)
+            for block in blocks:
+                tokens, cls = block(tokens, cls, grid)
+            x = stage_output(tokens, grid, "NCHW")
+        return self.norm(cls)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def for_device(fused: nn.Module) -> nn.Module:
-    """``fused`` (``fusion.fuse``) rewritten for on-device runtimes: a LeViT as ``DeviceLeViT``;
-    other families as they are (CvT's graph needs no rewrite to be traced)."""
+    """``fused`` (``fusion.fuse``) rewritten for on-device runtimes: a LeViT as ``DeviceLeViT``,
+    a CvT as ``DeviceCvT``, other families as they are."""
     if isinstance(fused, LeViT):
         if getattr(fused.config, "dynamic_size", False):
             raise ValueError("the device pass bakes each attention bias for the model's own input size: export a "
                              "model without dynamic_size")
         return DeviceLeViT(fused).eval()
-    return fused
+    if isinstance(fused, CvT):
+        return DeviceCvT(fused).eval()
+    return fused  # other families (the grafts) as they are
