@@ -210,3 +210,18 @@ def recipe_folder(tmp_path_factory) -> Path:
     make_image_folder(root, classes=("a", "b", "c"), per_class=70, val_per_class=10, corrupt=("train/b/bad.jpg",))
     Image.new("RGB", (40, 40), (10, 200, 30)).save(root / "val" / "c" / "extra.png")
     return root
+
+
+def digits_folder(root: Path, count: int) -> Path:
+    """ImageNet layout with ``count`` 8x8 training digits as PNGs (upscaled by the model's
+    own preprocessing) and one file that is not an image."""
+    from hybridvit.data.datasets import digits_split
+
+    images, targets, train_idx, _ = digits_split()
+    for i in train_idx[:count]:
+        folder = root / "train" / str(targets[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((images[i] * 255 / 16).astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    (root / "train" / "3" / "broken.png").write_bytes(b"not a png")
+    (root / "val").mkdir()  # never calibrated on
+    return root

@@ -18,6 +18,8 @@ from onnx import TensorProto, numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import digits_folder
+
 import hybridvit
 from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
@@ -238,23 +240,10 @@ def test_static_int8_of_cvt(digits, tmp_path):
     assert agreement(tmp_path / "cvt_int8.onnx", model, x) >= 0.95
 
 
-def _digits_folder(root: Path, count: int) -> Path:
-    """ImageNet layout with ``count`` 8x8 training digits as PNGs (upscaled by the model's
-    own preprocessing) and one file that is not an image."""
-    images, targets, train_idx, _ = digits_split()
-    for i in train_idx[:count]:
-        folder = root / "train" / str(targets[i])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((images[i] * 255 / 16).astype(np.uint8), mode="L").save(folder / f"{i}.png")
-    (root / "train" / "3" / "broken.png").write_bytes(b"not a png")
-    (root / "val").mkdir()  # never calibrated on
-    return root
-
-
 @pytest.mark.slow
 def test_quantize_command(digits_run, digits, tmp_path):
     shutil.copytree(digits_run / "model", tmp_path / "model")
-    data = _digits_folder(tmp_path / "data", 90)  # fewer than asked for: all are read
+    data = digits_folder(tmp_path / "data", 90)  # fewer than asked for: all are read
     result = runner.invoke(app, ["quantize", str(tmp_path / "model"), "--calibration", str(data), "--images", "64",
                                  "--batch-size", "16"])
     assert result.exit_code == 0, result.output
@@ -272,7 +261,7 @@ def test_quantize_command(digits_run, digits, tmp_path):
 
 def test_calibration_set_is_seeded_and_skips_unreadable_files(tmp_path):
     model = hybridvit.create_model("levit_128s", img_size=32, num_classes=10)
-    data = _digits_folder(tmp_path, 40)
+    data = digits_folder(tmp_path, 40)
     first = calibration_set(data, model, images=50, batch_size=16)  # more than there are
     assert [len(b) for b in first] == [16, 16, 8] and first.images == 40
     assert first.skipped == [data / "train" / "3" / "broken.png"]

@@ -10,49 +10,59 @@ import typer
 from .common import PRETRAINED, PRETRAINED_TAG, SOURCE_HELP, console, output_folder
 
 
-def _check_output(output: Path | None, checkpoint: str) -> None:
+def _check_output(output: Path | None, checkpoint: str, format: str = "onnx") -> None:
     """The output file, or the folder the default one goes to, can be written: checked before any work."""
     from ..checks import check_output_file, check_output_folder
 
     if output is None:
         check_output_folder(output_folder(checkpoint))
+    elif format == "coreml":
+        from ..inference.edge import check_output_path
+
+        check_output_path(output, format)  # a package is a folder
     else:
         check_output_file(output)
 
 
 def export_cmd(
     checkpoint: str = typer.Argument(..., help=SOURCE_HELP),
-    format: str = typer.Option("onnx", help="onnx, torchscript, exported-program or executorch (XNNPACK, batch 1, "
-                               "checked in ExecuTorch's runtime; MODEL.json beside it: classes and preprocessing)"),
+    format: str = typer.Option("onnx", help="onnx, torchscript, exported-program, or for devices (batch 1, checked "
+                               "in the runtime; a JSON beside the file: classes and preprocessing) executorch "
+                               "(XNNPACK), litert (with the metadata MediaPipe's image classifier reads) or "
+                               "coreml (an image classifier .mlpackage)"),
     output: Optional[Path] = typer.Option(None, help="output file (default: MODEL_NAME.EXT in the checkpoint's folder, "
                                           "else the current one)"),
     opset: int = typer.Option(17, help="ONNX opset"),
     dynamic_size: bool = typer.Option(False, "--dynamic-size", help="ONNX: leave height and width free too "
                                       "(LeViT: attention biases computed in the graph)"),
+    int8: bool = typer.Option(False, "--int8", help="devices: static int8 (Core ML: int8 weights), calibrated on "
+                              "--calibration and refused under 99% top-1 agreement on held-out images"),
+    calibration: Optional[Path] = typer.Option(None, help="devices: image folder to calibrate int8 and to check the "
+                                               "file on (ImageNet layout: its train split; any images)"),
+    images: int = typer.Option(128, min=1, help="devices: calibration images (a seeded random subset)"),
     pretrained: bool = PRETRAINED,
     pretrained_tag: Optional[str] = PRETRAINED_TAG,
 ) -> None:
-    """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime)."""
+    """Write the fused model with a dynamic batch dimension (ONNX files are checked in ONNX Runtime),
+    or a program for a device runtime, checked in that runtime before it is written."""
     import importlib.util
 
     from ..api import load_source
     from ..inference.export import FORMATS, check_export, check_onnx, export
 
     check_export(format, opset, dynamic_size)  # options and output first: loading takes seconds
-    _check_output(output, checkpoint)
+    device = format in ("executorch", "litert", "coreml")
+    if (int8 or calibration) and not device:
+        raise typer.BadParameter("--int8 and --calibration go with --format executorch, litert or coreml")
+    if int8 and calibration is None:
+        raise typer.BadParameter("--int8 needs --calibration DIR: images to calibrate on and to check against")
+    _check_output(output, checkpoint, format)
     model, extra = load_source(checkpoint, pretrained, pretrained_tag)
     if dynamic_size and hasattr(model.config, "dynamic_size"):
         model = model.reconfigured(dynamic_size=True)  # the same weights serve any size
-    target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}{FORMATS[format]}"
-    if format == "executorch":
-        from ..inference.edge import export_executorch
-
-        done = export_executorch(model, target, extra=extra)
-        outside = ", ".join(f"{op} x{n}" for op, n in done.outside.items()) or "none"
-        console.print(f"wrote {target} and {target.with_suffix('.json')} ({done.size_bytes / 2**20:.1f} MiB; "
-                      f"{done.partitions} XNNPACK partition(s), operators outside: {outside}); ExecuTorch vs "
-                      f"PyTorch on {done.images} images: top-1 agreement {done.agreement:.1%}, max difference "
-                      f"{done.max_difference:.2e}")
+    target = output or output_folder(checkpoint) / f"{model.model_name or 'model'}{'_int8' if int8 else ''}{FORMATS[format]}"
+    if device:
+        _export_device(model, extra, target, format, int8, calibration, images)
         return
     export(model, target, format, opset=opset, dynamic_size=dynamic_size)
     h, w = model.input_hw
@@ -66,6 +76,35 @@ def export_cmd(
         for size in sizes:
             difference = check_onnx(target, model, size=size)
             console.print(f"ONNX Runtime vs PyTorch at {size[0]}x{size[1]}: max relative difference {difference:.2e}")
+
+
+def _export_device(model, extra: dict, target: Path, format: str, int8: bool, calibration: Path | None,
+                   images: int) -> None:
+    """``export --format executorch|litert|coreml``: calibration and check images, the export, its report."""
+    import torch
+
+    from ..inference.edge import export_edge
+    from ..inference.quantize import calibration_set
+
+    calibrate = check = None
+    if calibration is not None:  # a quarter more, held out from calibration, to check the file on
+        data = calibration_set(calibration, model, images + max(images // 4, 16), 16, crop_pct=extra.get("crop_pct"))
+        held_out = max(images // 4, 16) if data.images > images else 0
+        pool = torch.cat(data.batches)
+        check = pool[len(pool) - held_out:] if held_out else pool
+        calibrate = list(pool[:len(pool) - held_out].split(16)) if int8 else None
+    done = export_edge(model, target, format, images=check, calibration=calibrate, extra=extra)
+    outside = ", ".join(f"{op} x{n}" for op, n in done.outside.items()) or "none"
+    sidecar = Path(str(target.with_suffix(""))).with_suffix(".json")
+    console.print(f"wrote {target} and {sidecar} ({done.size_bytes / 2**20:.1f} MiB{', int8' if int8 else ''})")
+    if format == "coreml":
+        console.print(f"read back with coremltools: an image classifier over {model.num_classes} classes, "
+                      f"{sum(done.operations.values())} operations (Core ML runs only on Apple systems: not run here)")
+        return
+    runtime = {"executorch": "ExecuTorch", "litert": "LiteRT"}[format]
+    console.print(f"{done.partitions} XNNPACK partition(s), operators outside: {outside}; {runtime} vs PyTorch on "
+                  f"{done.images} {'held-out ' if calibrate else ''}images: top-1 agreement {done.agreement:.1%}, "
+                  f"max difference {done.max_difference:.2e}")
 
 
 def quantize_cmd(

@@ -7,8 +7,9 @@ What it changes, each measured as an operator left outside the delegate before (
   ``expand_copy`` operators), with the attention bias a constant of the graph;
 - the packed ``qkv`` (and shrinking attention's ``kv``) projection as separate ``q``, ``k`` and
   ``v`` linear maps (the split became ``split_with_sizes_copy``);
-- shrinking attention's 2x subsample of the token grid as a 1x1 average pooling with stride 2
-  (a strided slice was left out);
+- shrinking attention's 2x subsample of the token grid as a product with a constant 0/1
+  selection matrix (a strided slice was left out of ExecuTorch's XNNPACK, a 1x1 pooling with
+  stride 2 out of LiteRT's);
 - the final mean over the tokens as a matrix product with a constant row (``mean.dim`` was
   left out), and the class and distillation heads folded into one linear map (their mean).
 
@@ -97,23 +98,30 @@ class DeviceAttention(nn.Module):
 class DeviceShrinkAttention(nn.Module):
     """LeViT's shrinking attention, for the device (see the module docstring)."""
 
-    def __init__(self, attn: ShrinkAttention) -> None:
+    def __init__(self, attn: ShrinkAttention, grid: tuple[int, int]) -> None:
         super().__init__()
         self.heads, self.scale = attn.num_heads, attn.key_dim ** -0.5
         self.k, self.v = _rows(attn.kv, attn.num_heads, [attn.key_dim, attn.val_dim])
         self.q = attn.q
         self.register_buffer("bias", _baked(attn))
+        self.sub_grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+        self.register_buffer("select", _subsample(grid)[None])
         self.act, self.proj = attn.act, attn.proj
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-        batch, _, channels = x.shape
-        image = x.transpose(1, 2).reshape(batch, channels, *grid)
-        sub = F.avg_pool2d(image, kernel_size=1, stride=2)  # every other row and column, as x[::2, ::2]
-        sub_grid = (sub.shape[2], sub.shape[3])
-        x_sub = sub.flatten(2).transpose(1, 2)
-        q = _per_head(self.q(x_sub) * self.scale, self.heads)
+        if self.select.shape[-1] != x.shape[1]:
+            raise ValueError(f"the device model runs at its own input size: {self.select.shape[-1]} tokens here, "
+                             f"not {x.shape[1]}")
+        select = self.select if x.shape[0] == 1 else self.select.expand(x.shape[0], -1, -1)
+        q = _per_head(self.q(torch.bmm(select, x)) * self.scale, self.heads)
         out = _attend(q, _per_head(self.k(x), self.heads), _per_head(self.v(x), self.heads), self.bias, self.heads)
-        return self.proj(self.act(out)), sub_grid
+        return self.proj(self.act(out)), self.sub_grid
+
+
+def _subsample(grid: tuple[int, int]) -> torch.Tensor:
+    """The 0/1 matrix that picks every other row and column of a row-major token grid, as x[::2, ::2]."""
+    rows = torch.arange(grid[0] * grid[1]).view(grid)[::2, ::2].reshape(-1)
+    return F.one_hot(rows, grid[0] * grid[1]).float()
 
 
 def _one_head(head: nn.Linear, head_dist: nn.Linear | None) -> nn.Linear:
@@ -132,12 +140,19 @@ class DeviceLeViT(nn.Module):
     def __init__(self, model: LeViT) -> None:
         super().__init__()
         self.model = model = copy.deepcopy(model)  # the caller's model stays as it was
+        grids: dict[nn.Module, tuple[int, int]] = {}  # each shrinking attention's input grid, at the model's size
+        hooks = [m.register_forward_pre_hook(lambda m, args: grids.update({m: args[1]}))  # None: inputs kept
+                 for m in model.modules() if isinstance(m, ShrinkAttention)]
+        with torch.no_grad():
+            model.forward_features(torch.zeros(1, model.in_chans, *model.input_hw))
+        for hook in hooks:
+            hook.remove()
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, LeViTAttention):
                     setattr(module, name, DeviceAttention(child))
                 elif isinstance(child, ShrinkAttention):
-                    setattr(module, name, DeviceShrinkAttention(child))
+                    setattr(module, name, DeviceShrinkAttention(child, grids[child]))
         with torch.no_grad():
             tokens = model.forward_features(torch.zeros(1, model.in_chans, *model.input_hw)).shape[1]
         self.register_buffer("mean_row", torch.full((1, 1, tokens), 1.0 / tokens))
@@ -273,3 +288,20 @@ def for_device(fused: nn.Module) -> nn.Module:
     if isinstance(fused, CvT):
         return DeviceCvT(fused).eval()
     return fused  # other families (the grafts) as they are
+
+
+class DecomposedHardswish(nn.Module):
+    """``x * relu6(x + 3) / 6`` as its parts: LiteRT's XNNPACK delegate has no int8 HARD_SWISH (14
+    were left out of LeViT-128S's int8 program), but takes the additions, clamps and products."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+def decompose_hardswish(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) with each ``nn.Hardswish`` written out (``DecomposedHardswish``)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Hardswish):
+                setattr(module, name, DecomposedHardswish())
+    return model

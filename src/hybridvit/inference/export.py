@@ -21,7 +21,8 @@ from ..checks import check_output_file
 from ..fusion import fuse
 from ..layers import bias_in_graph, reference_attention
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2", "executorch": ".pte"}  # .pte: edge.py
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2",
+           "executorch": ".pte", "litert": ".tflite", "coreml": ".mlpackage"}  # the last three: edge.py
 # Every family exports and runs in ONNX Runtime from opset 14 (the grafted DeiT's attention needs
 # it; LeViT works from 10, CvT from 9) to 20, the last one PyTorch's TorchScript-based exporter writes.
 ONNX_OPSETS = range(14, 21)
@@ -34,11 +35,10 @@ def check_export(format: str, opset: int = 17, dynamic_size: bool = False) -> No
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dynamic_size and format != "onnx":
         raise ValueError(f"dynamic_size is for ONNX files; {format} exports are traced at the model's input size")
-    if format == "executorch":
-        import importlib.util
+    if format in ("executorch", "litert", "coreml"):
+        from .edge import require
 
-        if importlib.util.find_spec("executorch") is None:
-            raise ImportError('--format executorch needs ExecuTorch: pip install "hybridvit[edge]"')
+        require(format)
     if format == "onnx" and opset not in ONNX_OPSETS:
         raise ValueError(f"--opset must be between {ONNX_OPSETS.start} and {ONNX_OPSETS[-1]} (what PyTorch's ONNX "
                          f"exporter writes for every model here); got {opset}")
@@ -91,14 +91,15 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
 
     ``onnx`` uses PyTorch's TorchScript-based exporter (input ``images``, output ``logits``),
     ``torchscript`` a frozen trace (``torch.jit.load``), ``exported-program`` ``torch.export``
-    (``torch.export.load``), ``executorch`` an XNNPACK program at batch 1 (``edge.export_executorch``). Input height and width are the model's own, or free in an ONNX
+    (``torch.export.load``), ``executorch``, ``litert`` and ``coreml`` programs for devices at batch 1 (``edge.export_edge``:
+    int8 and the check there). Input height and width are the model's own, or free in an ONNX
     file with ``dynamic_size`` (LeViT: models created with ``dynamic_size=True``).
     """
     check_export(format, opset, dynamic_size)
-    if format == "executorch":  # the device pass, XNNPACK and a check in ExecuTorch's runtime
-        from .edge import export_executorch
+    if format in ("executorch", "litert", "coreml"):  # the device pass, and a check in the runtime
+        from .edge import export_edge
 
-        return export_executorch(model, path).path
+        return export_edge(model, path, format).path
     path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse(model).cpu().requires_grad_(False)
