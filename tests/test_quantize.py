@@ -15,7 +15,6 @@ import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
-from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import digits_folder
@@ -24,7 +23,6 @@ import hybridvit
 from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
 from hybridvit.data import DataError, build_datasets, eval_transform
-from hybridvit.data.datasets import digits_split
 from hybridvit.inference.export import onnxruntime_session
 from hybridvit.layers import capture_attention
 from hybridvit.inference.machine import torch_threads
