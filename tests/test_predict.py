@@ -334,7 +334,7 @@ def test_a_static_int8_onnx_file_predicts_with_its_folders_preprocessing(tmp_pat
     probs = torch.from_numpy(onnxruntime_session(str(onnx_file), 1).run(None, {"images": x})[0]).softmax(-1)
     assert [r.top[0][0] for r in rows] == [str(i) for i in probs.argmax(1).tolist()]
     assert np.allclose([r.top[0][1] for r in rows], probs.max(1).values.numpy(), atol=1e-3)
-    with pytest.raises(ValueError, match="logits only"):
+    with pytest.raises(ValueError, match="class scores only"):
         Predictor(onnx_file, embeddings=True)
 
 

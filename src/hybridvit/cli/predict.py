@@ -18,8 +18,8 @@ INPUTS_HELP = ("image files, folders (recursive), glob patterns ('photos/**/*.jp
 
 
 def predict_cmd(
-    checkpoint: str = typer.Argument(..., help=SOURCE_HELP + ", or an .onnx file in a model or run folder (such as "
-                                     "the static int8 file quantize writes)"),
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP + ", or an .onnx, .pte or .tflite file in a model or "
+                                     "run folder (such as the int8 files quantize and export write)"),
     inputs: list[str] = typer.Argument(..., help=INPUTS_HELP),
     top: int = typer.Option(5, help="how many classes per image (at most the model's classes)"),
     threshold: Optional[float] = typer.Option(None, help="multi-label models: the probability from which a label "

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def serve_cmd(
-    checkpoint: str = typer.Argument(..., help=SOURCE_HELP + ", or an .onnx file in a model or run folder"),
+    checkpoint: str = typer.Argument(..., help=SOURCE_HELP + ", or an .onnx, .pte or .tflite file in a model or run "
+                                    "folder"),
     host: str = typer.Option("127.0.0.1", help="interface to bind (another than loopback needs --api-key "
                              "or --insecure)"),
     port: int = typer.Option(8000, help="TCP port"),
@@ -78,7 +79,9 @@ def serve_cmd(
     check_bind(host, api_key, insecure)
     config = ServeConfig(max_batch_size, max_wait_ms, workers, max_body_mb, max_images, max_pixels, api_key,
                          body_timeout_s)
-    embeddings = not checkpoint.lower().endswith(".onnx")  # an ONNX file gives logits only
+    from ..inference.predict import FILE_SUFFIXES
+
+    embeddings = not checkpoint.lower().endswith(FILE_SUFFIXES)  # an exported file gives class scores only
     if ray is not None:
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, max_ongoing_requests)
         spec = ModelSpec(checkpoint, precision, backend, max_batch_size, embeddings, exif, fast_decode, replica_cpus,

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,11 +74,15 @@ class EdgeExport:
         return {**asdict(self), "path": str(self.path)}
 
 
-def require(format: str) -> None:
-    """``ImportError`` saying how to install what ``format`` needs, when it is missing."""
+def require(format: str, run: bool = False) -> None:
+    """``ImportError`` saying how to install what exporting (``run``: running) ``format`` needs,
+    when it is missing."""
     if format not in EDGE_FORMATS:
         raise ValueError(f"device formats are {', '.join(EDGE_FORMATS)}, not {format!r}")
-    if importlib.util.find_spec(_MODULES[format]) is None:
+    if run and format == "litert":
+        if importlib.util.find_spec("ai_edge_litert") is None:
+            raise ImportError('running LiteRT programs needs ai-edge-litert: pip install "hybridvit[edge]"')
+    elif importlib.util.find_spec(_MODULES[format]) is None:
         raise ImportError(f"--format {format} needs {_MODULES[format]}: {_INSTALL[format]}")
 
 
@@ -108,10 +113,58 @@ class ImageClassifierProgram(nn.Module):
         return self.model(self.normalize(x)).softmax(-1)
 
 
-def to_pixels(images: torch.Tensor, mean: list[float], std: list[float], channels_last: bool) -> torch.Tensor:
+def to_pixels(images: torch.Tensor, mean: list[float], std: list[float], channels_last: bool = False) -> torch.Tensor:
     """Normalised NCHW images back to the pixels (0-255, float) an image classifier program takes."""
     pixels = (images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)) * 255.0
     return pixels.permute(0, 2, 3, 1).contiguous() if channels_last else pixels
+
+
+_EXECUTORCH_THREADS: int | None = None  # ExecuTorch's thread pool is one per process, set before the first load
+
+
+class ProgramRunner:
+    """A device program (``.pte`` or ``.tflite``) in its runtime's Python API, on batches of NCHW
+    images: a ``.pte`` takes them normalised and gives logits, a ``.tflite`` takes pixels 0-255
+    and gives probabilities. The programs take batch 1: each image is one call. ExecuTorch runs
+    every program of a process on one thread pool, sized by the first runner (``threads``)."""
+
+    def __init__(self, program: bytes, format: str, threads: int = 1) -> None:
+        self.format, self.lock = format, threading.Lock()
+        if format == "executorch":
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime
+
+            global _EXECUTORCH_THREADS
+            if _EXECUTORCH_THREADS is None:  # once: a loaded program's delegate keeps the pool (a reset crashed it)
+                portable_lib._unsafe_reset_threadpool(threads)
+                _EXECUTORCH_THREADS = threads
+            self.threads = _EXECUTORCH_THREADS
+            # the runtime reads the program from these bytes without copying them: both are kept
+            self.buffer, self.program = program, Runtime.get().load_program(program)
+            self.method = self.program.load_method("forward")
+        elif format == "litert":
+            self.threads = threads
+            self.interpreter = _litert_interpreter(program, threads)
+            (self.source,), (self.target,) = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        else:
+            raise ValueError(f"programs run here are executorch or litert, not {format!r}")
+
+    @classmethod
+    def from_file(cls, path: str | Path, threads: int = 1) -> ProgramRunner:
+        formats = {suffix: name for name, suffix in EDGE_FORMATS.items()}
+        return cls(Path(path).read_bytes(), formats.get(Path(path).suffix.lower(), "?"), threads)
+
+    def one(self, image: torch.Tensor) -> torch.Tensor:
+        """One ``(1, C, H, W)`` image's output."""
+        if self.format == "executorch":
+            return self.method.execute([image.contiguous()])[0]
+        self.interpreter.set_tensor(self.source["index"], image.permute(0, 2, 3, 1).contiguous().numpy())
+        self.interpreter.invoke()
+        return torch.from_numpy(self.interpreter.get_tensor(self.target["index"]).copy())
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with self.lock:  # a method or interpreter runs one call at a time; predict's lanes share one
+            return torch.cat([self.one(image[None]) for image in images])
 
 
 def _calibrated(model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor], quantizer: Any,
@@ -163,14 +216,6 @@ def executorch_program(model: nn.Module, example: torch.Tensor, calibration: lis
         else:
             outside[getattr(node.target, "__name__", str(node.target))] += 1
     return edge.to_executorch().buffer, partitions, dict(outside)
-
-
-def run_executorch(program: bytes, images: torch.Tensor) -> torch.Tensor:
-    """The program's outputs for ``images`` (one at a time: the program takes batch 1)."""
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(program).load_method("forward")
-    return torch.cat([method.execute([image[None].contiguous()])[0] for image in images])
 
 
 def litert_program(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor] | None = None) -> bytes:
@@ -228,18 +273,6 @@ def litert_outside(program: bytes) -> tuple[int, dict[str, int]]:
                 inside.add(index)
                 todo.append(index)
     return len(delegates), dict(Counter(op["op_name"] for index, op in plain.items() if index not in inside))
-
-
-def run_litert(program: bytes, pixels: torch.Tensor, threads: int = 1) -> torch.Tensor:
-    """The program's outputs for ``pixels`` (one at a time: the program takes batch 1)."""
-    interpreter = _litert_interpreter(program, threads)
-    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
-    outputs = []
-    for image in pixels:
-        interpreter.set_tensor(source["index"], image[None].numpy())
-        interpreter.invoke()
-        outputs.append(torch.from_numpy(interpreter.get_tensor(target["index"]).copy()))
-    return torch.cat(outputs)
 
 
 def with_litert_metadata(program: bytes, name: str, classes: list[str], size: tuple[int, int]) -> bytes:
@@ -380,7 +413,7 @@ def export_edge(model: nn.Module, path: str | Path, format: str = "executorch", 
     if format == "executorch":
         example = torch.zeros(1, fused.in_chans, *size)
         program, partitions, outside = executorch_program(device, example, calibration)
-        got = run_executorch(program, images)
+        got = ProgramRunner(program, format)(images)
         write: Callable[[Path], None] = lambda target: target.write_bytes(program)  # noqa: E731
     elif format == "litert":
         wrapped = ImageClassifierProgram(decompose_hardswish(device) if int8 else device, mean, std, True).eval()
@@ -388,7 +421,7 @@ def export_edge(model: nn.Module, path: str | Path, format: str = "executorch", 
         program = litert_program(wrapped, torch.zeros(1, *size, fused.in_chans), pixels)
         program = with_litert_metadata(program, name, classes, size)
         partitions, outside = litert_outside(program)
-        got, reference = run_litert(program, to_pixels(images, mean, std, True)), reference.softmax(-1)
+        got, reference = ProgramRunner(program, format)(to_pixels(images, mean, std)), reference.softmax(-1)
         write = lambda target: target.write_bytes(program)  # noqa: E731
     else:
         wrapped = ImageClassifierProgram(device, mean, std, False).eval()

@@ -4,7 +4,7 @@ from one image to whole collections (``Predictor.predict_images``; ``hybridvit p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,20 +71,36 @@ class Deployed(nn.Module):
         return torch.cat([logits, self.net.forward_head(features, pre_logits=True)], dim=1)
 
 
-class OnnxFileModel:
-    """An ONNX file ``export`` or ``quantize`` wrote (static int8 included) in ONNX Runtime: it
-    takes normalised float images, so the uint8 pixels are normalised here first."""
+FILE_SUFFIXES = (".onnx", ".pte", ".tflite")  # files export and quantize write, run as they are
 
-    precision, backend = "onnx-file", "onnxruntime"
+
+class FileModel:
+    """A file ``export`` or ``quantize`` wrote, in its own runtime: ONNX (static int8 included) in
+    ONNX Runtime, ExecuTorch programs in ExecuTorch, LiteRT programs in LiteRT. ONNX and ExecuTorch
+    files take normalised float images, so the uint8 pixels are normalised here first; a LiteRT
+    program normalises them itself and gives probabilities, returned as their logarithms (the
+    softmax of which gives them back)."""
 
     def __init__(self, path: Path, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        from .runners import OnnxRuntimeRunner, onnxruntime_available
+        self.suffix, self.scale, self.shift = path.suffix.lower(), scale, shift
+        if self.suffix == ".onnx":
+            from .runners import OnnxRuntimeRunner, onnxruntime_available
 
-        if not onnxruntime_available():
-            raise ImportError(f"{path}: running an ONNX file needs onnxruntime: pip install hybridvit[export]")
-        self.runner, self.scale, self.shift = OnnxRuntimeRunner(path.read_bytes()), scale, shift
+            if not onnxruntime_available():
+                raise ImportError(f"{path}: running an ONNX file needs onnxruntime: pip install hybridvit[export]")
+            self.precision, self.backend = "onnx-file", "onnxruntime"
+            self.runner: Callable[[torch.Tensor], torch.Tensor] = OnnxRuntimeRunner(path.read_bytes())
+            return
+        from .edge import ProgramRunner, require
+
+        format = "executorch" if self.suffix == ".pte" else "litert"
+        require(format, run=True)
+        self.precision, self.backend = f"{format}-file", format
+        self.runner = ProgramRunner(path.read_bytes(), format, torch.get_num_threads())
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.suffix == ".tflite":
+            return self.runner(pixels.float()).clamp_min(1e-30).log()
         return self.runner((pixels.float() * self.scale - self.shift).contiguous())
 
 
@@ -113,19 +129,22 @@ class Predictor:
                  threshold: float | None = None) -> None:
         check_range("batch size", batch_size, 1)
         check_range("threshold", threshold, 0, 1, low_open=True, high_open=True)
-        self.onnx_file = Path(checkpoint) if str(checkpoint).lower().endswith(".onnx") else None
-        if self.onnx_file is not None:  # e.g. MODEL/levit_128s_int8.onnx: the folder holds the preprocessing
+        self.model_file = Path(checkpoint) if str(checkpoint).lower().endswith(FILE_SUFFIXES) else None
+        if self.model_file is not None:  # e.g. MODEL/levit_128s_int8.onnx: the folder holds the preprocessing
+            kind = {".onnx": "an ONNX file", ".pte": "an ExecuTorch program", ".tflite": "a LiteRT program"}[
+                self.model_file.suffix.lower()]
+            runtime = {".onnx": "onnxruntime", ".pte": "executorch", ".tflite": "litert"}[self.model_file.suffix.lower()]
             if embeddings:
-                raise ValueError(f"{checkpoint}: an ONNX file gives logits only; --embeddings needs the model folder")
+                raise ValueError(f"{checkpoint}: {kind} gives class scores only; --embeddings needs the model folder")
             if calibration is not None or validation is not None:
-                raise ValueError(f"{checkpoint}: an ONNX file runs as it was written; --calibration and --validation "
+                raise ValueError(f"{checkpoint}: {kind} runs as it was written; --calibration and --validation "
                                  "need the model folder")
-            if precision != "auto" or backend not in ("auto", "onnxruntime"):
-                raise ValueError(f"{checkpoint}: an ONNX file runs as it was written, in ONNX Runtime; --precision "
+            if precision != "auto" or backend not in ("auto", runtime):
+                raise ValueError(f"{checkpoint}: {kind} runs as it was written, in its own runtime; --precision "
                                  f"{precision} --backend {backend} need the model folder (or leave both at auto)")
-            if not self.onnx_file.is_file():
-                raise FileNotFoundError(f"no such ONNX file: {checkpoint}")
-            checkpoint = self.onnx_file.parent
+            if not self.model_file.is_file():
+                raise FileNotFoundError(f"no such file: {checkpoint}")
+            checkpoint = self.model_file.parent
         else:
             _check_int8_folders(precision, calibration, validation)
         self.calibration, self.validation = calibration, validation
@@ -159,11 +178,11 @@ class Predictor:
             self.embedding_dim = probe.shape[1] - model.num_classes
         self.precision, self.backend, self.batch_size = precision, backend, batch_size
         self.splits = default_splits(torch.get_num_threads(), decode_workers, model_threads)
-        self._models: dict[tuple[int, int], InferenceModel | OnnxFileModel] = {}  # (threads, lane)
+        self._models: dict[tuple[int, int], InferenceModel | FileModel] = {}  # (threads, lane)
         self.build_seconds = 0.0  # spent building (and with "auto", measuring) models
         self.last_run: Pipeline | None = None
 
-    def model_for(self, threads: int, lane: int = 0) -> InferenceModel | OnnxFileModel:
+    def model_for(self, threads: int, lane: int = 0) -> InferenceModel | FileModel:
         """The optimized model for calls on ``threads`` threads, built on first use. ``auto``
         measures at each thread count (the fastest path depends on it); other precisions build
         their path once, and later models capture it again for their thread count (``rebuilt``:
@@ -180,10 +199,10 @@ class Predictor:
             self.build_seconds += time.perf_counter() - start
         return self._models[threads, lane]
 
-    def _build(self, threads: int) -> InferenceModel | OnnxFileModel:
+    def _build(self, threads: int) -> InferenceModel | FileModel:
         """A model for ``threads`` threads (PyTorch's count now): a path built before, where one serves it."""
-        if self.onnx_file is not None:
-            return OnnxFileModel(self.onnx_file, self._deployed.scale, self._deployed.shift)
+        if self.model_file is not None:
+            return FileModel(self.model_file, self._deployed.scale, self._deployed.shift)
         taken = [m for (t, _), m in self._models.items() if t == threads or self.precision != "auto"]
         if taken:
             return taken[0].rebuilt()
