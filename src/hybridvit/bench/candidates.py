@@ -186,6 +186,36 @@ def hybridvit_candidates(name: str, precision: str, device: str, pretrained: boo
                 "fp32" if precision == "auto" else precision)]
 
 
+def file_candidate(path: str | Path) -> Candidate:
+    """A file ``export`` or ``quantize`` wrote (``.onnx``, ``.pte``, ``.tflite``), timed in its own
+    runtime as it is: its input size from the JSON beside it or its folder's model."""
+    import json
+
+    from ..api import load_source
+    from ..inference.edge import ProgramRunner
+    from ..inference.predict import FILE_SUFFIXES
+
+    path = Path(path)
+    if path.suffix.lower() not in FILE_SUFFIXES or not path.is_file():
+        raise ValueError(f"{path}: not a model name, nor an existing {', '.join(FILE_SUFFIXES)} file")
+    sidecar = Path(str(path.with_suffix(""))).with_suffix(".json")
+    if path.suffix.lower() != ".onnx" and sidecar.is_file():
+        shape = json.loads(sidecar.read_text())["input"]["shape"]
+        hw, name = ((shape[1], shape[2]) if path.suffix.lower() == ".tflite" else (shape[2], shape[3])), None
+    else:
+        model, _ = load_source(path.parent)
+        hw, name = model.input_hw, model.model_name
+
+    def build() -> Callable[[torch.Tensor], Any]:
+        if path.suffix.lower() == ".onnx":
+            return OnnxRuntimeRunner(path.read_bytes())
+        return ProgramRunner.from_file(path, torch.get_num_threads())
+
+    kind = {".onnx": "ONNX Runtime", ".pte": "ExecuTorch", ".tflite": "LiteRT"}[path.suffix.lower()]
+    return Candidate(f"{path.name} ({kind})", build, tuple(hw), "hybridvit", name or path.stem, None, "file",
+                     macs(name) if name else None)
+
+
 def _hf_model(name: str) -> nn.Module:
     import transformers
 

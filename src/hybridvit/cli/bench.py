@@ -13,7 +13,8 @@ from .common import console, fmt
 
 
 def benchmark_cmd(
-    models: Optional[list[str]] = typer.Argument(None, help="models (default: the five LeViTs)"),
+    models: Optional[list[str]] = typer.Argument(None, help="models (default: the five LeViTs), or files export "
+                                                 "wrote (.onnx, .pte, .tflite), timed in their own runtimes"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     threads: int = typer.Option(1, help="CPU threads (the paper: 1)"),
     batch: int = typer.Option(16, help="CPU batch size (the paper: 16); on GPU the largest power of two that fits"),
@@ -42,8 +43,8 @@ def benchmark_cmd(
     import torch
 
     from ..bench import Plan, benchmark
-    from ..bench.candidates import (CPU_PRECISIONS, GPU_PRECISIONS, Calibration, hybridvit_candidates,
-                                    paper_candidates, reference_candidates)
+    from ..bench.candidates import (CPU_PRECISIONS, GPU_PRECISIONS, Calibration, file_candidate,
+                                    hybridvit_candidates, paper_candidates, reference_candidates)
     from ..bench.throughput import paired_ratio
     from ..checks import check_output_file, check_range
     from ..figures import plot_speed_accuracy
@@ -65,6 +66,8 @@ def benchmark_cmd(
         if not calibration.is_dir():
             raise ValueError(f"--calibration {calibration} is not a folder of images")
     names = models or list_models("levit_*")
+    files = [n for n in names if n not in list_models() and Path(n).suffix.lower() in (".onnx", ".pte", ".tflite")]
+    names = [n for n in names if n not in files]
     for name in names:
         get_model_info(name)
     if not on_gpu:
@@ -77,7 +80,7 @@ def benchmark_cmd(
     with warnings.catch_warnings(), _progress_bar(json_output) as progress:
         for category in (DeprecationWarning, FutureWarning, UserWarning):  # other libraries' notices
             warnings.simplefilter("ignore", category)
-        candidates = []
+        candidates = [file_candidate(f) for f in files]  # exported files, as they are
         for name in names:
             candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device, pretrained, images)]
             if compare:
