@@ -50,7 +50,7 @@ LICENCES = {"levit": "Apache-2.0 (the published LeViT weights, facebookresearch/
 _INSTALL = {"executorch": 'pip install "hybridvit[edge]"',
             "litert": "litert-torch needs an environment of its own (it pins typing-extensions<4.13): "
                       "python -m venv --system-site-packages .venv-litert && "
-                      ".venv-litert/bin/pip install -c constraints.txt -r requirements-litert.txt",
+                      '.venv-litert/bin/pip install "hybridvit[litert]", then run .venv-litert/bin/hybridvit',
             "coreml": 'pip install "hybridvit[edge]"'}
 _MODULES = {"executorch": "executorch", "litert": "litert_torch", "coreml": "coremltools"}
 
