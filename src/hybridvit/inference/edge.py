@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -237,8 +238,7 @@ def litert_program(model: nn.Module, example: torch.Tensor, calibration: list[to
 
 @contextlib.contextmanager
 def _quiet_litert():
-    """litert-torch's progress lines and its converter's log go to the terminal's stderr otherwise."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """litert-torch's progress lines go to stdout otherwise (the command's report is printed there)."""
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         yield
 
@@ -330,7 +330,10 @@ def coreml_package(program_model: nn.Module, example: torch.Tensor, classes: lis
         from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
         config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric"))
-        package = linear_quantize_weights(package, config=config)
+        # an output channel whose weights round to zero in fp16 (a residual branch's BatchNorm that
+        # stayed near its zero start) gets scale 0: it dequantizes to zeros, and numpy warns of 0/0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            package = linear_quantize_weights(package, config=config)
     package.short_description = f"{name}: image classifier, probabilities over {len(classes)} classes (hybridvit)"
     package.author = "hybridvit"
     package.license = licence
