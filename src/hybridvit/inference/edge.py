@@ -159,7 +159,10 @@ class ProgramRunner:
         """One ``(1, C, H, W)`` image's output."""
         if self.format == "executorch":
             return self.method.execute([image.contiguous()])[0]
-        self.interpreter.set_tensor(self.source["index"], image.permute(0, 2, 3, 1).contiguous().numpy())
+        # the layout changed in numpy: a torch copy this size runs on torch's threads, which then spin
+        # for a while on the cores the interpreter's threads need (LeViT-128S at 2 threads: 4.8 vs 2.6 ms)
+        pixels = np.ascontiguousarray(image.numpy().transpose(0, 2, 3, 1))
+        self.interpreter.set_tensor(self.source["index"], pixels)
         self.interpreter.invoke()
         return torch.from_numpy(self.interpreter.get_tensor(self.target["index"]).copy())
 
