@@ -102,6 +102,54 @@ def measure(folder: Path, threads: int, label: str) -> float:
     return statistics.median(times)
 
 
+def agreement(model_dir: Path, data: Path, count: int) -> dict:
+    """int8 programs of a trained 32x32 digits model (``model_dir``; ``hybridvit train --input-size
+    32``), calibrated on 300 images of ``data`` (ImageNet layout), against eager PyTorch on the first
+    ``count`` validation digits: top-1 agreement and largest difference, per format."""
+    import torch
+
+    import hybridvit
+    from hybridvit.data import build_datasets, eval_transform
+    from hybridvit.fusion import fuse
+    from hybridvit.inference.edge import ProgramRunner, export_edge, to_pixels
+    from hybridvit.inference.quantize import calibration_set
+    from hybridvit.registry import get_model_info
+
+    model = hybridvit.load_model(model_dir)
+    digits = build_datasets(None, with_train=False)
+    digits.prepare((32, 32), None, eval_transform(get_model_info("levit_128s"), (32, 32), crop_pct=1.0))
+    images = torch.stack([digits.val[i][0] for i in range(count)])
+    with torch.no_grad():
+        eager = fuse(model)(images)
+    calibration = calibration_set(data, model, 300, 16).batches
+    info, out = get_model_info("levit_128s"), {}
+    formats = ["executorch"] + (["litert"] if importlib.util.find_spec("litert_torch") else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for format in formats:
+            path = Path(tmp) / f"digits{'.pte' if format == 'executorch' else '.tflite'}"
+            export_edge(model, path, format, images=images, calibration=calibration)
+            inputs = images if format == "executorch" else to_pixels(images, list(info.mean), list(info.std))
+            got, reference = ProgramRunner.from_file(path)(inputs), eager if format == "executorch" else eager.softmax(1)
+            out[format] = {"agreement": (got.argmax(1) == reference.argmax(1)).float().mean().item(), "images": count,
+                           "max_difference": (got - reference).abs().max().item()}
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as docs/benchmarks.md shows them: ms (ratio to ONNX Runtime fp32) per program."""
+    labels = [label for label in PROGRAMS if label in rows[0]["ms"]]
+    lines = ["| model | threads | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for row in rows:
+        cells = [f"{row['ms'][k]:.2f} ms ({row['vs_onnxruntime_fp32'][k]:.2f}x)" for k in labels]
+        lines.append(f"| {row['model']} | {row['threads']} | " + " | ".join(cells) + " |")
+    first: dict[str, dict] = {}
+    for row in rows:
+        first.setdefault(row["model"], row)  # one row per model, for its file sizes
+    for model, row in first.items():
+        lines.append(f"| {model}: file size | | " + " | ".join(f"{row['size_mib'][k]:.1f} MiB" for k in labels) + " |")
+    return "\n".join(lines)
+
+
 def _cpu() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -115,8 +163,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--rounds", type=int, default=3, help="processes per program, alternated")
+    parser.add_argument("--table", help="print the Markdown table of a JSON file this script wrote, and stop")
+    parser.add_argument("--agreement", nargs=2, metavar=("MODEL", "DATA"),
+                        help="int8 agreement of a trained digits model on the 360 validation digits, and stop")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # export NAME DIR | measure DIR THREADS LABEL
     args = parser.parse_args()
+    if args.agreement:
+        print(json.dumps(agreement(Path(args.agreement[0]), Path(args.agreement[1]), 360)))
+        return
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())["rows"]))
+        return
     if args.one:
         result = export(args.one[1], Path(args.one[2])) if args.one[0] == "export" else measure(
             Path(args.one[1]), int(args.one[2]), args.one[3])
