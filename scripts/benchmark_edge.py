@@ -37,7 +37,7 @@ def export(name: str, folder: Path) -> dict:
 
     import hybridvit
     from hybridvit.fusion import fuse
-    from hybridvit.inference.deploy import decompose_hardswish, for_device
+    from hybridvit.inference.deploy import decompose_activations, for_device
     from hybridvit.inference.edge import ImageClassifierProgram, executorch_program, litert_outside, litert_program
     from hybridvit.inference.export import onnx_bytes
     from hybridvit.inference.quantize import qdq_onnx
@@ -57,7 +57,7 @@ def export(name: str, folder: Path) -> dict:
         nhwc = torch.zeros(1, *fused.input_hw, 3)
         pixels = [torch.rand(4, *fused.input_hw, 3) * 255]
         for label, model, batches in (("litert", device, None),
-                                      ("litert_int8", decompose_hardswish(copy.deepcopy(device)), pixels)):
+                                      ("litert_int8", decompose_activations(copy.deepcopy(device)), pixels)):
             program = litert_program(ImageClassifierProgram(model, list(info.mean), list(info.std), True).eval(), nhwc,
                                      batches)
             (folder / f"{label}.tflite").write_bytes(program)
@@ -159,7 +159,7 @@ def _cpu() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+")
+    parser.add_argument("models", nargs="*")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--rounds", type=int, default=3, help="processes per program, alternated")

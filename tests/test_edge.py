@@ -6,6 +6,7 @@ Core ML packages read back as image classifiers."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 import hybridvit
 from hybridvit.cli import app
 from hybridvit.fusion import fuse
-from hybridvit.inference.deploy import for_device
+from hybridvit.inference.deploy import decompose_activations, for_device
 
 executorch = pytest.importorskip("executorch")
 # imported here, before any test's state check: importing them sets OPENVINO_LIB_PATH in os.environ
@@ -51,6 +52,10 @@ def test_the_device_pass_computes_what_the_fused_model_computes(name, args):
         torch.testing.assert_close(device.forward_head(device.forward_features(x), pre_logits=True),
                                    fused.forward_head(fused.forward_features(x), pre_logits=True), rtol=1e-5, atol=1e-5)
     assert [type(m).__name__ for m in fused.modules()] == before  # the caller's model is left as it was
+    written_out = decompose_activations(copy.deepcopy(device))  # LiteRT's int8 form: GELU's tanh form within 1e-3
+    assert not any(isinstance(m, (torch.nn.GELU, torch.nn.Hardswish)) for m in written_out.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(written_out(x), device(x), rtol=0, atol=2e-3 if "cvt" in name else 1e-5)
 
 
 @pytest.mark.slow

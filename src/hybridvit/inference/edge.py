@@ -41,7 +41,7 @@ from torch import nn
 from ..checks import check_output_file, check_output_folder
 from ..fusion import fuse
 from ..registry import get_model_info
-from .deploy import DeviceLayerNorm, decompose_hardswish, for_device
+from .deploy import DeviceLayerNorm, decompose_activations, for_device
 from .optimize import TOP1_AGREEMENT
 
 AGREEMENT = TOP1_AGREEMENT  # top-1 agreement with eager PyTorch a file must reach to be written, as optimize's gate
@@ -422,7 +422,7 @@ def export_edge(model: nn.Module, path: str | Path, format: str = "executorch", 
         got = ProgramRunner(program, format)(images)
         write: Callable[[Path], None] = lambda target: target.write_bytes(program)  # noqa: E731
     elif format == "litert":
-        wrapped = ImageClassifierProgram(decompose_hardswish(device) if int8 else device, mean, std, True).eval()
+        wrapped = ImageClassifierProgram(decompose_activations(device) if int8 else device, mean, std, True).eval()
         pixels = [to_pixels(b, mean, std, True) for b in calibration] if int8 else None
         program = litert_program(wrapped, torch.zeros(1, *size, fused.in_chans), pixels)
         program = with_litert_metadata(program, name, classes, size)
