@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import threading
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -325,10 +326,12 @@ def coreml_package(program_model: nn.Module, example: torch.Tensor, classes: lis
     import coremltools as ct
 
     exported = torch.export.export(program_model, (example,)).run_decompositions({})
-    package = ct.convert(exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                         inputs=[ct.ImageType(name="image", shape=tuple(example.shape),
-                                              color_layout=ct.colorlayout.RGB)],
-                         classifier_config=ct.ClassifierConfig(classes))
+    with warnings.catch_warnings():  # coremltools warns of its own deprecated registry once per operation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        package = ct.convert(exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                             inputs=[ct.ImageType(name="image", shape=tuple(example.shape),
+                                                  color_layout=ct.colorlayout.RGB)],
+                             classifier_config=ct.ClassifierConfig(classes))
     if int8:
         from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
