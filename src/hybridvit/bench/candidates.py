@@ -198,7 +198,7 @@ def file_candidate(path: str | Path) -> Candidate:
     path = Path(path)
     if path.suffix.lower() not in FILE_SUFFIXES or not path.is_file():
         raise ValueError(f"{path}: not a model name, nor an existing {', '.join(FILE_SUFFIXES)} file")
-    sidecar = Path(str(path.with_suffix(""))).with_suffix(".json")
+    sidecar = path.with_suffix(".json")  # the export's own JSON beside the file
     if path.suffix.lower() != ".onnx" and sidecar.is_file():
         shape = json.loads(sidecar.read_text())["input"]["shape"]
         hw, name = ((shape[1], shape[2]) if path.suffix.lower() == ".tflite" else (shape[2], shape[3])), None

@@ -48,10 +48,10 @@ def export_cmd(
     import importlib.util
 
     from ..api import load_source
-    from ..inference.export import FORMATS, check_export, check_onnx, export
+    from ..inference.export import DEVICE_FORMATS, FORMATS, check_export, check_onnx, export
 
     check_export(format, opset, dynamic_size)  # options and output first: loading takes seconds
-    device = format in ("executorch", "litert", "coreml")
+    device = format in DEVICE_FORMATS
     if (int8 or calibration) and not device:
         raise typer.BadParameter("--int8 and --calibration go with --format executorch, litert or coreml")
     if int8 and calibration is None:
@@ -95,8 +95,7 @@ def _export_device(model, extra: dict, target: Path, format: str, int8: bool, ca
         calibrate = list(pool[:len(pool) - held_out].split(16)) if int8 else None
     done = export_edge(model, target, format, images=check, calibration=calibrate, extra=extra)
     outside = ", ".join(f"{op} x{n}" for op, n in done.outside.items()) or "none"
-    sidecar = Path(str(target.with_suffix(""))).with_suffix(".json")
-    console.print(f"wrote {target} and {sidecar} ({done.size_bytes / 2**20:.1f} MiB{', int8' if int8 else ''})")
+    console.print(f"wrote {target} and {target.with_suffix('.json')} ({done.size_bytes / 2**20:.1f} MiB{', int8' if int8 else ''})")
     if format == "coreml":
         console.print(f"read back with coremltools: an image classifier over {model.num_classes} classes, "
                       f"{sum(done.operations.values())} operations (Core ML runs only on Apple systems: not run here)")

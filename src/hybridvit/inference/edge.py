@@ -41,7 +41,7 @@ from torch import nn
 
 from ..checks import check_output_file, check_output_folder
 from ..fusion import fuse
-from ..registry import get_model_info
+from ..registry import IMAGENET_MEAN, IMAGENET_STD, get_model_info
 from .deploy import DeviceLayerNorm, decompose_activations, for_device
 from .optimize import TOP1_AGREEMENT
 
@@ -410,8 +410,8 @@ def export_edge(model: nn.Module, path: str | Path, format: str = "executorch", 
     fused = fuse(model).cpu().requires_grad_(False).eval()
     device = for_device(fused)
     info = get_model_info(fused.model_name) if getattr(fused, "model_name", None) else None
-    mean = list(extra.get("mean") or (info.mean if info else (0.485, 0.456, 0.406)))
-    std = list(extra.get("std") or (info.std if info else (0.229, 0.224, 0.225)))
+    mean = list(extra.get("mean") or (info.mean if info else IMAGENET_MEAN))
+    std = list(extra.get("std") or (info.std if info else IMAGENET_STD))
     classes, size, name = _classes(extra, fused.num_classes), fused.input_hw, fused.model_name or "model"
     if images is None:
         images = (torch.cat(calibration) if calibration else
@@ -460,5 +460,5 @@ def export_edge(model: nn.Module, path: str | Path, format: str = "executorch", 
                "input": {"shape": shape, "dtype": "float32", "layout": layout},
                **{k: v for k, v in extra.items() if k not in ("classes", "class_names", "mean", "std")},
                "check": result.summary()}
-    Path(str(path.with_suffix("")) + ".json").write_text(json.dumps(sidecar, indent=1))
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
     return result

@@ -22,7 +22,8 @@ from ..fusion import fuse
 from ..layers import bias_in_graph, reference_attention
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2",
-           "executorch": ".pte", "litert": ".tflite", "coreml": ".mlpackage"}  # the last three: edge.py
+           "executorch": ".pte", "litert": ".tflite", "coreml": ".mlpackage"}
+DEVICE_FORMATS = ("executorch", "litert", "coreml")  # on-device programs: edge.py
 # Every family exports and runs in ONNX Runtime from opset 14 (the grafted DeiT's attention needs
 # it; LeViT works from 10, CvT from 9) to 20, the last one PyTorch's TorchScript-based exporter writes.
 ONNX_OPSETS = range(14, 21)
@@ -35,7 +36,7 @@ def check_export(format: str, opset: int = 17, dynamic_size: bool = False) -> No
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dynamic_size and format != "onnx":
         raise ValueError(f"dynamic_size is for ONNX files; {format} exports are traced at the model's input size")
-    if format in ("executorch", "litert", "coreml"):
+    if format in DEVICE_FORMATS:
         from .edge import require
 
         require(format)
@@ -96,7 +97,7 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", opset: int 
     file with ``dynamic_size`` (LeViT: models created with ``dynamic_size=True``).
     """
     check_export(format, opset, dynamic_size)
-    if format in ("executorch", "litert", "coreml"):  # the device pass, and a check in the runtime
+    if format in DEVICE_FORMATS:  # the device pass, and a check in the runtime
         from .edge import export_edge
 
         return export_edge(model, path, format).path
