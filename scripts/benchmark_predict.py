@@ -49,9 +49,9 @@ def main() -> None:
     from hybridvit.bench.photos import make_photos
     from hybridvit.bench.throughput import machine_info
     from hybridvit.data import eval_transform, load_image
-    from hybridvit.inference.collection import predict_collection
+    from hybridvit.serving.collection import predict_collection
     from hybridvit.inference.machine import matmul_rates, torch_threads
-    from hybridvit.inference.predict import Predictor
+    from hybridvit.serving.predict import Predictor
     from hybridvit.registry import get_model_info
 
     cores = torch.get_num_threads()

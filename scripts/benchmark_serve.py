@@ -158,8 +158,8 @@ def main() -> None:
     import hybridvit
     from hybridvit.bench.photos import make_photos
     from hybridvit.bench.throughput import machine_info
-    from hybridvit.inference.collection import predict_collection
-    from hybridvit.inference.predict import Predictor
+    from hybridvit.serving.collection import predict_collection
+    from hybridvit.serving.predict import Predictor
 
     paths = make_photos(args.output / "photos", args.images)
     model_dir = args.output / "model"

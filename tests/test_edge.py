@@ -139,19 +139,19 @@ def test_a_program_that_disagrees_is_refused_and_nothing_is_written(digits_progr
 @pytest.mark.slow
 def test_predict_and_benchmark_take_program_files(digits_programs):
     from hybridvit.inference.edge import ProgramRunner
-    from hybridvit.inference.predict import Predictor
+    from hybridvit.serving.predict import InferenceSpec, Predictor
 
     root, _ = digits_programs
     program = root / "model" / "digits_int8.pte"
     paths = sorted((root / "data" / "train" / "7").glob("*.png"))[:6]
-    predictor = Predictor(program, model_threads=1)
+    predictor = Predictor(InferenceSpec(program, model_threads=1))
     rows = list(predictor.predict_images(paths, k=1))
     pixels = torch.stack([torch.from_numpy(predictor.preprocess(p)) for p in paths]).float()
     logits = ProgramRunner.from_file(program)(pixels * predictor._deployed.scale - predictor._deployed.shift)
     assert [r.top[0][0] for r in rows] == [str(i) for i in logits.argmax(1).tolist()]
     assert np.allclose([r.top[0][1] for r in rows], logits.softmax(1).max(1).values.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="an ExecuTorch program runs as it was written"):
-        Predictor(program, "int8")
+        Predictor(InferenceSpec(program, "int8"))
     result = runner.invoke(app, ["benchmark", str(program), "--time", "0.3", "--warmup", "0", "--rounds", "1",
                                  "--batch", "2", "--json"])
     assert result.exit_code == 0, result.output
@@ -194,7 +194,7 @@ def _litert(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not LITERT_PYTHON.exists(), reason="no .venv-litert: see the README's install (.ci/run makes it)")
 def test_litert_programs_are_delegated_checked_and_classify_in_mediapipe(digits_programs):
     from hybridvit.inference.edge import ProgramRunner, litert_outside, to_pixels
-    from hybridvit.inference.predict import Predictor
+    from hybridvit.serving.predict import InferenceSpec, Predictor
 
     root, _ = digits_programs
     model_dir = root / "model"
@@ -217,8 +217,8 @@ def test_litert_programs_are_delegated_checked_and_classify_in_mediapipe(digits_
     assert (int8.argmax(1) == eager.argmax(1)).float().mean() >= 0.99 and (int8 - eager).abs().max() > 1e-4
     # predict reads the .tflite (it normalises in its graph): the eager model's probabilities
     paths = sorted((root / "data" / "train" / "7").glob("*.png"))[:4]
-    rows = list(Predictor(model_dir / "digits_fp32.tflite", model_threads=1).predict_images(paths, k=1))
-    reference = list(Predictor(model_dir, "fp32", backend="torchscript", model_threads=1).predict_images(paths, k=1))
+    rows = list(Predictor(InferenceSpec(model_dir / "digits_fp32.tflite", model_threads=1)).predict_images(paths, k=1))
+    reference = list(Predictor(InferenceSpec(model_dir, "fp32", backend="torchscript", model_threads=1)).predict_images(paths, k=1))
     assert [r.top[0][0] for r in rows] == [r.top[0][0] for r in reference]
     assert np.allclose([r.top[0][1] for r in rows], [r.top[0][1] for r in reference], atol=1e-4)
     # MediaPipe's image classifier task reads the labels and the input from the file's metadata

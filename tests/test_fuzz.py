@@ -26,9 +26,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hybridvit.cli import app
-from hybridvit.inference.collection import predict_collection
-from hybridvit.inference.inputs import check_sources, iter_inputs
-from hybridvit.inference.predict import Predictor
+from hybridvit.serving.collection import predict_collection
+from hybridvit.serving.inputs import check_sources, iter_inputs
+from hybridvit.serving.predict import InferenceSpec, Predictor
+from prometheus_text import by_status
 
 CAMPAIGN = int(os.environ.get("HYBRIDVIT_FUZZ_CAMPAIGN", "0"))  # N: N times the examples, freshly drawn
 
@@ -106,7 +107,7 @@ def _rows_of(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def predictor(digits_run):
-    return Predictor(digits_run, "fp32", backend="onnxruntime", batch_size=4, model_threads=1)
+    return Predictor(InferenceSpec(digits_run, "fp32", backend="onnxruntime", batch_size=4, model_threads=1))
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +214,10 @@ def live_app(digits_run):
     """One started app (its lifespan entered) on an event loop in a thread, and a client for it."""
     import httpx
 
-    from hybridvit.inference.serving import ModelServer, ServeConfig, create_app
+    from hybridvit.serving.server import ModelServer, ServeConfig, create_app
 
-    server = ModelServer(Predictor(digits_run / "model", "fp32", backend="onnxruntime", batch_size=4),
-                         ServeConfig(max_batch_size=4, max_wait_ms=1, max_body_mb=0.01, max_images=2,
+    server = ModelServer(Predictor(InferenceSpec(digits_run / "model", "fp32", backend="onnxruntime", batch_size=4)),
+                         ServeConfig(max_wait_ms=1, max_body_mb=0.01, max_images=2,
                                      max_pixels=100_000, api_key="k"))
     app_ = create_app(server)
     loop = asyncio.new_event_loop()
@@ -259,13 +260,5 @@ def test_no_request_gets_a_server_error_and_every_refusal_is_named(live_app, bod
         assert isinstance(answer["error"], str) and answer["error"] and "object at 0x" not in answer["error"]
     elif path == "/v1/predict":
         assert len(answer["predictions"]) >= 1 and all("top" in row for row in answer["predictions"])
-    counted = {s: v for s, v in _statuses(call(client.get("/metrics")).text).items() if v}
+    counted = {s: v for s, v in by_status(call(client.get("/metrics")).text).items() if v}
     assert counted == dict(sent)  # every predict request counted once, under its own status
-
-
-def _statuses(metrics: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in metrics.splitlines():
-        if line.startswith('hybridvit_requests_total{status="'):
-            out[line.split('"')[1]] = float(line.split()[-1])
-    return out

@@ -33,7 +33,7 @@ from hybridvit.checkpoints.hf_folder import foreign_extra
 from hybridvit.checkpoints.io import Checkpoint
 from hybridvit.cli import app, main
 from hybridvit.data import example_image
-from hybridvit.inference.predict import Predictor
+from hybridvit.serving.predict import InferenceSpec, Predictor
 from hybridvit.publish import push_to_hub, save_for_hub
 from hybridvit.registry import _REGISTRY, PretrainedWeights, get_model_info, list_models, to_hw
 
@@ -248,7 +248,7 @@ def test_pretrained_cvt_from_the_hub_cache_offline_and_republished(hub, tmp_path
     assert hub.downloads("model.safetensors") == 1  # the cache serves the second use
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     seen = len(hub.requests)
-    predictor = Predictor("cvt_13", pretrained=True, pretrained_tag="in1k-384")
+    predictor = Predictor(InferenceSpec("cvt_13", pretrained=True, pretrained_tag="in1k-384"))
     assert len(hub.requests) == seen  # offline: the cache only
     assert predictor.classes[0] == "tench, Tinca tinca" and len(predictor.classes) == 1000
     _, extra = load_source("cvt_13", pretrained=True, pretrained_tag="in1k-384")

@@ -20,7 +20,7 @@ from hybridvit.cli import app
 from hybridvit.data import build_datasets, eval_transform, example_image, load_image
 from hybridvit.inference.export import check_onnx, export
 from hybridvit.data import imagenet_labels
-from hybridvit.inference.predict import Predictor
+from hybridvit.serving.predict import InferenceSpec, Predictor
 from hybridvit.registry import get_model_info
 
 runner = CliRunner()
@@ -127,7 +127,7 @@ def test_predict_uses_imagenet_names_for_1000_classes(tmp_path):
     model = randomize_(hybridvit.create_model("levit_128s")).eval()
     hybridvit.save_model(model, tmp_path / "m")
     example_image(256).save(tmp_path / "x.png")
-    (result,) = Predictor(tmp_path / "m", "fp32").predict([tmp_path / "x.png"])  # auto may take bf16: other top-5
+    (result,) = Predictor(InferenceSpec(tmp_path / "m", "fp32")).predict([tmp_path / "x.png"])  # auto may take bf16: other top-5
     names = imagenet_labels(1000)[1]
     assert len(names) == 1000 and names[0].startswith("tench") and names[999].startswith("toilet tissue")
     with torch.no_grad():  # the same image through the eager model, preprocessed by hand
@@ -149,7 +149,7 @@ def test_benchmark_json_compare_and_plot(tmp_path):
     result = runner.invoke(app, ["benchmark", "levit_128s", "--compare", "--warmup", "0.1", "--time", "0.5", "--rounds", "2",
                                  "--json", "--plot", str(tmp_path / "fig.png")])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # warnings go to standard error
     sources = {r["source"] for r in report["results"]}
     assert {"hybridvit", "timm", "transformers"} <= sources
     assert all(r["images_per_second"] > 0 and len(r["round_images_per_second"]) == 2 for r in report["results"])

@@ -78,7 +78,7 @@ def test_images_beyond_a_known_range_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_wide_images_get_the_8bit_files_predictions(digits_run, tmp_path):
-    from hybridvit.inference.predict import Predictor
+    from hybridvit.serving.predict import Predictor
 
     files = _write_variants(tmp_path, _digit())
     names = ["8-bit.png", "16-bit.png", "float-0-1.tif"]

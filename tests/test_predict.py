@@ -24,10 +24,10 @@ from typer.testing import CliRunner
 from hybridvit.checkpoints import load_trained
 from hybridvit.cli import app
 from hybridvit.data import eval_geometry, eval_transform, load_image
-from hybridvit.inference.inputs import check_sources, iter_inputs
-from hybridvit.inference.outputs import PredictionWriter
-from hybridvit.inference.pipeline import Pipeline, Prediction, Split
-from hybridvit.inference.predict import Preprocess, Predictor
+from hybridvit.serving.inputs import check_sources, iter_inputs
+from hybridvit.serving.outputs import PredictionWriter
+from hybridvit.serving.pipeline import Pipeline, Prediction, Split
+from hybridvit.serving.predict import InferenceSpec, Predictor, Preprocess
 from hybridvit.registry import get_model_info
 
 runner = CliRunner()
@@ -231,7 +231,7 @@ def test_the_core_split_is_chosen_by_measurement(monkeypatch):
     """The probe's timings decide; a virtual clock, which only the slow model moves, makes them exact."""
     import types
 
-    import hybridvit.inference.pipeline as pipeline_module
+    import hybridvit.serving.pipeline as pipeline_module
 
     decode, model = _fake(reorder=False)
     now = [0.0]
@@ -267,8 +267,8 @@ def test_the_core_split_is_chosen_by_measurement(monkeypatch):
 
 def test_bulk_predictions_and_embeddings_equal_the_reference_pipeline(tmp_path, digits_run):
     paths = _digits(tmp_path / "digits", 40)
-    predictor = Predictor(digits_run, "fp32", backend="onnxruntime", batch_size=8, embeddings=True,
-                          decode_workers=2, model_threads=1)
+    predictor = Predictor(InferenceSpec(digits_run, "fp32", backend="onnxruntime", batch_size=8, embeddings=True,
+                          decode_workers=2, model_threads=1))
     rows = list(predictor.predict_images(paths, k=3))
     model, extra = load_trained(digits_run)
     transform = eval_transform(get_model_info(model.model_name), model.input_hw, extra.get("crop_pct"))
@@ -303,7 +303,7 @@ def test_fast_decoding_keeps_the_digits_answers_and_stays_opt_in(tmp_path, digit
         Image.fromarray(pixels).resize((128, 128), Image.BICUBIC).save(digits[-1], quality=90)
     photos = make_photos(tmp_path / "photos", 200)
     kwargs = dict(backend="onnxruntime", model_threads=1)
-    reference, fast = Predictor(digits_run, "fp32", **kwargs), Predictor(digits_run, "fp32", fast_decode=True, **kwargs)
+    reference, fast = Predictor(InferenceSpec(digits_run, "fp32", **kwargs)), Predictor(InferenceSpec(digits_run, "fp32", fast_decode=True, **kwargs))
     assert fast.preprocess.draft is not None and reference.preprocess.draft is None
     agreement = {}
     for name, paths in (("digits", digits), ("photos", photos)):
@@ -327,7 +327,7 @@ def test_a_static_int8_onnx_file_predicts_with_its_folders_preprocessing(tmp_pat
                                  "--images", "16", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     (onnx_file,) = (tmp_path / "run").glob("*_int8.onnx")
-    rows = list(Predictor(onnx_file, model_threads=1).predict_images(paths, k=2))
+    rows = list(Predictor(InferenceSpec(onnx_file, model_threads=1)).predict_images(paths, k=2))
     model, extra = load_trained(digits_run)
     transform = eval_transform(get_model_info(model.model_name), model.input_hw, extra.get("crop_pct"))
     x = torch.stack([transform(load_image(p)) for p in paths]).numpy()
@@ -335,7 +335,7 @@ def test_a_static_int8_onnx_file_predicts_with_its_folders_preprocessing(tmp_pat
     assert [r.top[0][0] for r in rows] == [str(i) for i in probs.argmax(1).tolist()]
     assert np.allclose([r.top[0][1] for r in rows], probs.max(1).values.numpy(), atol=1e-3)
     with pytest.raises(ValueError, match="class scores only"):
-        Predictor(onnx_file, embeddings=True)
+        Predictor(InferenceSpec(onnx_file, embeddings=True))
 
 
 def test_exif_orientation_is_applied_unless_turned_off(tmp_path):
@@ -386,7 +386,7 @@ def test_bad_inputs_become_error_rows_and_the_run_goes_on(tmp_path, digits_run):
                 os.remove(p)
             yield p
 
-    predictor = Predictor(digits_run, "fp32", backend="onnxruntime", model_threads=1)
+    predictor = Predictor(InferenceSpec(digits_run, "fp32", backend="onnxruntime", model_threads=1))
     rows = list(predictor.predict_images(vanishing(iter_inputs([tmp_path / "list.txt"]))))
     assert [os.path.basename(r.path) for r in rows] == [os.path.basename(p) for p in listing]
     assert {os.path.basename(r.path) for r in rows if r.error} == failing
@@ -431,7 +431,7 @@ def test_resume_needs_an_output_and_yes_needs_the_file(tmp_path, digits_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_sigkill_twice_then_resume_gives_the_uninterrupted_rows(tmp_path, digits_run, suffix):
-    from hybridvit.inference.outputs import ROWS_PER_PART
+    from hybridvit.serving.outputs import ROWS_PER_PART
 
     count = 2 * ROWS_PER_PART + 500 if suffix == ".parquet" else 1200
     _digits(tmp_path / "in", count)
@@ -495,7 +495,7 @@ def _splits(root):
 
 def test_auto_weighs_static_int8_calibrated_on_train_and_checked_on_val_in_raw_pixels(tmp_path, monkeypatch,
                                                                                        small_model):
-    import hybridvit.inference.predict as predict_module
+    import hybridvit.serving.predict as predict_module
 
     root = _splits(tmp_path / "data")
     real, received = predict_module.optimize, []
@@ -505,7 +505,10 @@ def test_auto_weighs_static_int8_calibrated_on_train_and_checked_on_val_in_raw_p
         return real(model, precision, example, backend, **images)
 
     monkeypatch.setattr(predict_module, "optimize", recording)
-    predictor = Predictor(small_model, "auto", backend="onnxruntime", calibration=root, validation=root)
+    predictor = Predictor(InferenceSpec(small_model, "auto", backend="onnxruntime", calibration=root, validation=root,
+                                        model_threads=1))
+    run = predictor.predict_images([], k=1)
+    list(run)  # an empty run builds the model for its split: its time is the run's
     model = predictor.model_for(1)
     (images,) = received
     for name, colour, count in (("calibration", TRAIN_RGB, 5), ("validation", VAL_RGB, 3)):
@@ -514,7 +517,7 @@ def test_auto_weighs_static_int8_calibrated_on_train_and_checked_on_val_in_raw_p
         assert (pixels.mean((0, 2, 3)) - torch.tensor(colour)).abs().max() < 2, name  # 0-255, not normalised
     assert set(model.agreement) == {"int8-static/onnxruntime"}  # int8 was weighed...
     assert set(model.measured) == {"fp32/onnxruntime", "int8-static/onnxruntime"}  # ...beside fp32
-    assert predictor.build_seconds > 0
+    assert predictor.build_seconds > 0 and run.build_seconds == predictor.build_seconds
 
 
 def test_other_thread_counts_and_lanes_reuse_the_int8_model_calibrated_once(tmp_path, monkeypatch, small_model):
@@ -528,7 +531,7 @@ def test_other_thread_counts_and_lanes_reuse_the_int8_model_calibrated_once(tmp_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optimize_module, "quantize_static", counting)
-    predictor = Predictor(small_model, "int8-static", backend="nncf", calibration=_splits(tmp_path / "data"))
+    predictor = Predictor(InferenceSpec(small_model, "int8-static", backend="nncf", calibration=_splits(tmp_path / "data")))
     first = predictor.model_for(1)
     others = {(2, 0): predictor.model_for(2), (1, 1): predictor.model_for(1, lane=1)}
     assert calibrated == ["nncf"]
@@ -543,15 +546,15 @@ def test_int8_folders_are_checked_before_any_work(tmp_path, small_model):
     root = _splits(tmp_path / "data")
     (tmp_path / "int8.onnx").write_bytes(b"")
     with pytest.raises(ValueError, match="an ONNX file runs as it was written; --calibration and --validation"):
-        Predictor(tmp_path / "int8.onnx", validation=root)
+        Predictor(InferenceSpec(tmp_path / "int8.onnx", validation=root))
     with pytest.raises(FileNotFoundError, match=f"--validation {tmp_path / 'missing'} is not a folder"):
-        Predictor(small_model, validation=tmp_path / "missing")
+        Predictor(InferenceSpec(small_model, validation=tmp_path / "missing"))
     with pytest.raises(ValueError, match="int8-static needs --calibration"):
-        Predictor(small_model, "int8-static", validation=root)
+        Predictor(InferenceSpec(small_model, "int8-static", validation=root))
     with pytest.raises(ValueError, match="--calibration is for --precision auto, int8-static; got fp32"):
-        Predictor(small_model, "fp32", calibration=root)
+        Predictor(InferenceSpec(small_model, "fp32", calibration=root))
     with pytest.raises(ValueError, match="--calibration with --precision auto needs --validation"):
-        Predictor(small_model, calibration=root)  # auto would not weigh int8 unchecked: the folder would go unread
+        Predictor(InferenceSpec(small_model, calibration=root))  # auto would not weigh int8 unchecked: the folder would go unread
 
 
 def test_predict_command_runs_static_int8_calibrated_on_a_folder(tmp_path, small_model):
@@ -567,17 +570,19 @@ def test_predict_command_runs_static_int8_calibrated_on_a_folder(tmp_path, small
 
 
 def _spec(digits_run, **changes):
-    from hybridvit.inference.cluster import ModelSpec
-
     fields = dict(source=str(digits_run), precision="fp32", backend="onnxruntime", batch_size=8, embeddings=True,
-                  exif=True, fast_decode=False, threads=1, k=3)
-    return ModelSpec(**{**fields, **changes})
+                  model_threads=1)
+    return InferenceSpec(**{**fields, **changes})
 
 
 def test_ray_actors_build_their_int8_model_from_the_specs_folders(tmp_path, small_model):
     root = _splits(tmp_path / "data")
     spec = _spec(small_model, precision="int8-static", calibration=str(root), validation=str(root), embeddings=False)
-    model = spec.predictor().model_for(spec.threads)  # what each model actor runs
+    from hybridvit.inference.machine import torch_threads
+    from hybridvit.serving.ray_data import actor_predictor
+
+    with torch_threads(None):  # the actor sets its process's thread count: given back here
+        model = actor_predictor(spec).model_for(spec.model_threads)  # what each model actor runs
     assert (model.precision, model.backend, list(model.agreement)) == ("int8-static", "onnxruntime",
                                                                         ["int8-static/onnxruntime"])
 
@@ -601,17 +606,17 @@ def _assert_same_as_local(by_path, local: list[Prediction]):
 
 @pytest.mark.slow
 def test_ray_rows_equal_the_local_rows(tmp_path, digits_run, local_ray):
-    from hybridvit.inference.cluster import predict_on_ray
+    from hybridvit.serving.ray_data import predict_on_ray
 
     paths = _digits(tmp_path / "in", 60)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"nope")
-    local = list(Predictor(digits_run, "fp32", backend="onnxruntime", embeddings=True, model_threads=1)
+    local = list(Predictor(InferenceSpec(digits_run, "fp32", backend="onnxruntime", embeddings=True, model_threads=1))
                  .predict_images(iter_inputs([tmp_path / "in"]), k=3))
-    rows, failed = predict_on_ray(_spec(digits_run), [str(tmp_path / "in")], tmp_path / "out", actors=1)
+    rows, failed = predict_on_ray(_spec(digits_run), [str(tmp_path / "in")], tmp_path / "out", 3, actors=1)
     assert (rows, failed) == (len(paths) + 1, 1)
     _assert_same_as_local(_ray_rows(tmp_path / "out"), local)
     pq.write_table(pa.table({"path": [os.path.relpath(p, tmp_path) for p in paths[:10]]}), tmp_path / "m.parquet")
-    predict_on_ray(_spec(digits_run), [str(tmp_path / "m.parquet")], tmp_path / "out2", actors=1)  # a manifest
+    predict_on_ray(_spec(digits_run), [str(tmp_path / "m.parquet")], tmp_path / "out2", 3, actors=1)  # a manifest
     assert set(_ray_rows(tmp_path / "out2")) == set(paths[:10])
 
 
@@ -633,14 +638,14 @@ def test_a_model_actor_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, 
     import signal
     import threading
 
-    from hybridvit.inference.cluster import predict_on_ray
+    from hybridvit.serving.ray_data import predict_on_ray
 
     _digits(tmp_path / "in", 160)
-    local = list(Predictor(digits_run, "fp32", backend="onnxruntime", embeddings=True, model_threads=1)
+    local = list(Predictor(InferenceSpec(digits_run, "fp32", backend="onnxruntime", embeddings=True, model_threads=1))
                  .predict_images(iter_inputs([tmp_path / "in"]), k=3))
     result: dict = {}
     run = threading.Thread(target=lambda: result.update(rows=predict_on_ray(
-        _spec(digits_run, batch_size=4), [str(tmp_path / "in")], tmp_path / "out", actors=1)))
+        _spec(digits_run, batch_size=4), [str(tmp_path / "in")], tmp_path / "out", 3, actors=1)))
     run.start()
     deadline = time.monotonic() + 600  # a guard against a hang, not a delay: the loop waits for the condition
     while run.is_alive() and time.monotonic() < deadline:  # some blocks written: the actor is mid-run
@@ -759,7 +764,7 @@ def test_sigterm_writes_every_finished_row_before_exiting(tmp_path, digits_run):
     import signal
 
     from hybridvit.cli.predict import interrupt_on_sigterm
-    from hybridvit.inference.collection import predict_collection
+    from hybridvit.serving.collection import predict_collection
 
     paths = _digits(tmp_path / "in", 20)
 
@@ -770,7 +775,7 @@ def test_sigterm_writes_every_finished_row_before_exiting(tmp_path, digits_run):
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield path + "\n"
 
-    predictor = Predictor(digits_run, "fp32", backend="onnxruntime", batch_size=1, model_threads=1)
+    predictor = Predictor(InferenceSpec(digits_run, "fp32", backend="onnxruntime", batch_size=1, model_threads=1))
     out = tmp_path / "o.parquet"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), interrupt_on_sigterm():
@@ -787,7 +792,7 @@ def test_sigterm_writes_every_finished_row_before_exiting(tmp_path, digits_run):
 def test_the_command_exits_130_on_sigterm_and_resume_finishes_the_file(tmp_path, digits_run):
     import signal
 
-    from hybridvit.inference.outputs import ROWS_PER_PART
+    from hybridvit.serving.outputs import ROWS_PER_PART
 
     _digits(tmp_path / "in", ROWS_PER_PART + 300)
     out = tmp_path / "o.parquet"

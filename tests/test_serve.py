@@ -19,10 +19,11 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
+from prometheus_text import by_status, metric  # noqa: E402
 
-from hybridvit.inference.batcher import Batcher  # noqa: E402
-from hybridvit.inference.predict import Predictor  # noqa: E402
-from hybridvit.inference.serving import ModelServer, ServeConfig, check_bind, create_app  # noqa: E402
+from hybridvit.serving.batcher import Batcher  # noqa: E402
+from hybridvit.serving.predict import InferenceSpec, Predictor  # noqa: E402
+from hybridvit.serving.server import ModelServer, ServeConfig, check_bind, create_app  # noqa: E402
 
 
 def _digit_files(folder, count: int) -> list[bytes]:
@@ -42,11 +43,14 @@ def _digit_files(folder, count: int) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def predictor(digits_run):
-    return Predictor(digits_run / "model", "fp32", backend="onnxruntime", batch_size=8, embeddings=True)
+    return Predictor(InferenceSpec(digits_run / "model", "fp32", backend="onnxruntime", batch_size=8, embeddings=True))
 
 
-def _serve(predictor, test, **config):
-    """Run ``test(client, server)`` against a started app."""
+def _serve(predictor, test, max_batch_size=None, **config):
+    """Run ``test(client, server)`` against a started app (batches of at most ``max_batch_size``:
+    the predictor's batch size unless given)."""
+    if max_batch_size is not None:
+        predictor = Predictor(predictor.spec.replace(batch_size=max_batch_size))
     server = ModelServer(predictor, ServeConfig(**config))
     app = create_app(server)
 
@@ -59,9 +63,7 @@ def _serve(predictor, test, **config):
     return asyncio.run(main())
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-               or line.startswith(name + "{"))
+_metric = metric
 
 
 def test_answers_equal_predict_and_concurrent_requests_share_one_batch(tmp_path, predictor):
@@ -186,8 +188,8 @@ def test_the_model_endpoint_docs_health_and_the_api_key(predictor):
 
 def test_the_model_endpoint_reports_the_int8_agreement_measured(tmp_path, digits_run):
     _digit_files(tmp_path / "digits", 40)
-    predictor = Predictor(digits_run / "model", "int8-static", backend="onnxruntime", batch_size=8,
-                          calibration=tmp_path / "digits", validation=tmp_path / "digits")
+    predictor = Predictor(InferenceSpec(digits_run / "model", "int8-static", backend="onnxruntime", batch_size=8,
+                          calibration=tmp_path / "digits", validation=tmp_path / "digits"))
 
     async def test(client, server):
         return (await client.get("/v1/model")).json()
@@ -440,7 +442,7 @@ def test_a_long_load_with_bad_slow_and_abandoned_clients_mixed_in(tmp_path, digi
     from conftest import wait_for
 
     files = _digit_files(tmp_path / "digits", 16)
-    expected = [[c for c, _ in row.top] for row in Predictor(digits_run / "model", "fp32").predict(
+    expected = [[c for c, _ in row.top] for row in Predictor(InferenceSpec(digits_run / "model", "fp32")).predict(
         sorted(str(p) for p in (tmp_path / "digits").iterdir()), k=3)]
     jpeg = files[1]
     buffer = io.BytesIO()
@@ -525,9 +527,8 @@ def test_a_long_load_with_bad_slow_and_abandoned_clients_mixed_in(tmp_path, digi
         proc.wait(timeout=600)
     assert problems == []
     assert len(slow_answers) == SLOW and all(a.startswith(b"HTTP/1.1 408") for a in slow_answers)
-    assert not any(line.startswith('hybridvit_requests_total{status="5') for line in metrics.splitlines())
-    statuses = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-                if line.startswith('hybridvit_requests_total{')}
+    assert not any(status.startswith("5") for status in by_status(metrics))
+    statuses = by_status(metrics)
     sent_bad = Counter(bad[(n // 10) % len(bad)][2] for n in range(11_000) if n % 10 == 9)
     assert statuses == {"200": 11_000 - sum(sent_bad.values()), **{str(k): v for k, v in sent_bad.items()},
                         "408": SLOW, "499": GONE}  # every request counted once, under its class
@@ -575,7 +576,7 @@ def test_bad_query_values_and_keys_get_the_apis_errors_and_are_counted(tmp_path,
 
 def test_embeddings_from_a_model_without_them_is_a_named_400(tmp_path, digits_run):
     image = _digit_files(tmp_path / "digits", 1)[0]
-    plain = Predictor(digits_run / "model", "fp32", backend="onnxruntime", batch_size=4)  # as an .onnx file serves
+    plain = Predictor(InferenceSpec(digits_run / "model", "fp32", backend="onnxruntime", batch_size=4))  # as an .onnx file serves
 
     async def test(client, server):
         return await client.post("/v1/predict?embeddings=true", content=image, headers={"content-type": "image/png"})
@@ -645,4 +646,4 @@ def test_slow_bodies_time_out_hang_ups_are_499_and_a_port_in_use_is_exit_5(tmp_p
     assert _metric(metrics, 'hybridvit_requests_total{status="408"}') == 3
     assert _metric(metrics, "hybridvit_body_timeouts_total") == 3
     assert _metric(metrics, 'hybridvit_requests_total{status="499"}') == 2
-    assert not any(line.startswith('hybridvit_requests_total{status="5') for line in metrics.splitlines())
+    assert not any(status.startswith("5") for status in by_status(metrics))

@@ -19,8 +19,8 @@ import httpx  # noqa: E402
 from conftest import wait_for  # noqa: E402
 from test_serve import _digit_files, _free_port, _metric, _ready, _serve  # noqa: E402
 
-from hybridvit.inference.predict import Predictor  # noqa: E402
-from hybridvit.inference.serving_ray import APP_NAME  # noqa: E402
+from hybridvit.serving.predict import InferenceSpec, Predictor  # noqa: E402
+from hybridvit.serving.ray_serve import APP_NAME  # noqa: E402
 
 
 def _replicas() -> list[str]:
@@ -42,7 +42,7 @@ def test_two_ray_serve_replicas_answer_as_the_embedded_server_and_survive_a_kill
         return [(await client.post("/v1/predict?top_k=3", content=data, headers={"content-type": "image/png"})).json()
                 for data in files]
 
-    with_one_thread = Predictor(source, "fp32", backend="onnxruntime", batch_size=8, model_threads=1)
+    with_one_thread = Predictor(InferenceSpec(source, "fp32", backend="onnxruntime", batch_size=8, model_threads=1))
     wanted = _serve(with_one_thread, embedded_answers, max_batch_size=8)
 
     port = _free_port()
@@ -126,7 +126,7 @@ def test_two_ray_serve_replicas_answer_as_the_embedded_server_and_survive_a_kill
 def test_replica_and_autoscaling_settings_reach_ray_serves_deployment_config():
     from ray import serve
 
-    from hybridvit.inference.serving_ray import Replica, Scaling
+    from hybridvit.serving.ray_serve import Replica, Scaling
 
     def config(scaling: Scaling):
         deployment = serve.deployment(serve.ingress()(Replica), **scaling.options(max_batch_size=16, cpus=2))

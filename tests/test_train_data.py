@@ -141,8 +141,8 @@ def multi_label_digits(digit_copies) -> Path:
 def test_multi_label_trains_evaluates_predicts_and_serves(multi_label_digits, digits_run, tmp_path):
     import httpx
 
-    from hybridvit.inference.predict import Predictor
-    from hybridvit.inference.serving import ModelServer, ServeConfig, create_app
+    from hybridvit.serving.predict import InferenceSpec, Predictor
+    from hybridvit.serving.server import ModelServer, ServeConfig, create_app
     from hybridvit.train import evaluate
 
     out = tmp_path / "run"
@@ -154,7 +154,7 @@ def test_multi_label_trains_evaluates_predicts_and_serves(multi_label_digits, di
     assert rows[-1]["val_map"] > 90 and rows[-1]["val_f1"] > 60
     result = evaluate(out, multi_label_digits, workers=0)  # the run's own held-out split
     assert result["map"] == pytest.approx(rows[-1]["val_map"]) and result["images"] == 359
-    predictor = Predictor(out / "model", "fp32", backend="onnxruntime", batch_size=8)
+    predictor = Predictor(InferenceSpec(out / "model", "fp32", backend="onnxruntime", batch_size=8))
     picture = next((multi_label_digits.parent / "folder" / "val" / "6").iterdir())
     (row,) = predictor.predict([picture], k=5)
     assert {"d6", "even", "big"} <= {name for name, _ in row.top} and all(p >= 0.5 for _, p in row.top)
@@ -175,4 +175,4 @@ def test_multi_label_trains_evaluates_predicts_and_serves(multi_label_digits, di
     assert [c["class"] for c in default.json()["predictions"][0]["top"]] == [name for name, _ in row.top]
     assert len(strict.json()["predictions"][0]["top"]) < len(row.top)  # fewer labels reach a higher threshold
     with pytest.raises(ValueError, match="single-label model"):
-        Predictor(digits_run / "model", "fp32", threshold=0.3)
+        Predictor(InferenceSpec(digits_run / "model", "fp32", threshold=0.3))

@@ -193,7 +193,7 @@ def file_candidate(path: str | Path) -> Candidate:
 
     from ..api import load_source
     from ..inference.edge import ProgramRunner
-    from ..inference.predict import FILE_SUFFIXES
+    from ..inference.spec import FILE_SUFFIXES
 
     path = Path(path)
     if path.suffix.lower() not in FILE_SUFFIXES or not path.is_file():

@@ -6,12 +6,15 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .common import (BACKEND, CALIBRATION, FAST_DECODE, PRECISION, PRETRAINED, PRETRAINED_TAG, SOURCE_HELP,
                      VALIDATION, console, print_error)
+
+if TYPE_CHECKING:
+    from ..inference.spec import InferenceSpec
 
 INPUTS_HELP = ("image files, folders (recursive), glob patterns ('photos/**/*.jpg'), manifests (.txt: a path per "
                "line; .csv/.tsv/.parquet: a path column) or - for paths on standard input")
@@ -56,29 +59,26 @@ def predict_cmd(
     import json
 
     from ..checks import check_range
-    from ..inference.collection import predict_collection
-    from ..inference.inputs import check_sources
-    from ..inference.outputs import as_dict, check_output
-    from ..inference.pipeline import Prediction
-    from ..inference.predict import Predictor
+    from ..serving.collection import predict_collection
+    from ..serving.inputs import check_sources
+    from ..serving.outputs import as_dict, check_output
+    from ..serving.pipeline import Prediction
+    from ..serving.predict import InferenceSpec, Predictor
 
     check_range("top", top, 1)
-    check_range("batch size", batch_size, 1)
     check_sources(inputs)
     check_range("actors", actors, 1)
-    check_range("decode_workers", decode_workers, 1)
-    check_range("model_threads", model_threads, 1)
+    spec = InferenceSpec(checkpoint, precision, backend=backend, batch_size=batch_size, embeddings=embeddings,
+                         exif=exif, fast_decode=fast_decode, decode_workers=decode_workers,
+                         model_threads=model_threads, calibration=calibration, validation=validation,
+                         threshold=threshold, pretrained=pretrained, pretrained_tag=pretrained_tag)
     if ray is not None:
-        _on_ray(checkpoint, inputs, top, output, ray, actors, resume, precision, backend, batch_size, embeddings, exif,
-                fast_decode, model_threads, pretrained, pretrained_tag, calibration, validation)
+        _on_ray(spec, inputs, top, output, ray, actors, resume)
         return
     if output is None and resume != "no":
         raise ValueError("--resume finishes an --output file: name it with --output")
     resuming = output is not None and check_output(output, resume, inputs)
-    predictor = Predictor(checkpoint, precision, pretrained, pretrained_tag, backend=backend, batch_size=batch_size,
-                          embeddings=embeddings, exif=exif, fast_decode=fast_decode, decode_workers=decode_workers,
-                          model_threads=model_threads, calibration=calibration, validation=validation,
-                          threshold=threshold)
+    predictor = Predictor(spec)
 
     def show(row: Prediction) -> None:
         if json_output:  # every row, error rows included, is one JSON line
@@ -120,19 +120,15 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _on_ray(checkpoint: str, inputs: list[str], top: int, output: Path | None, address: str, actors: int | None,
-            resume: str, precision: str, backend: str, batch_size: int, embeddings: bool, exif: bool,
-            fast_decode: bool, model_threads: int | None, pretrained: bool, pretrained_tag: str | None,
-            calibration: str | None, validation: str | None) -> None:
-    from ..inference.cluster import ModelSpec, predict_on_ray
+def _on_ray(spec: InferenceSpec, inputs: list[str], top: int, output: Path | None, address: str, actors: int | None,
+            resume: str) -> None:
+    from ..serving.ray_data import predict_on_ray
 
     if output is None:
         raise ValueError("--ray writes a folder of Parquet files: name it with --output")
     if resume != "no":
         raise ValueError("--resume finishes a local run; a Ray run retries lost work itself")
-    spec = ModelSpec(checkpoint, precision, backend, batch_size, embeddings, exif, fast_decode, model_threads or 1, top,
-                     pretrained, pretrained_tag, calibration, validation)
-    rows, failed = predict_on_ray(spec, inputs, output, address, actors)
+    rows, failed = predict_on_ray(spec, inputs, output, top, address, actors)
     typer.echo(f"{rows:,} image(s), {failed:,} failed, on Ray; Parquet files in {output}", err=True)
     if failed:
         raise typer.Exit(1)

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
-__all__ = ["InferenceModel", "Prediction", "Predictor", "export", "matmul_rates", "optimize", "quantize_static",
-           "tune_cpu_allocator"]
+__all__ = ["Backend", "InferenceModel", "InferenceSpec", "Precision", "export", "matmul_rates", "optimize",
+           "quantize_static", "tune_cpu_allocator"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "InferenceModel": "optimize", "Prediction": "predict", "Predictor": "predict", "export": "export",
+    "Backend": "spec", "InferenceModel": "optimize", "InferenceSpec": "spec", "Precision": "spec", "export": "export",
     "matmul_rates": "machine", "optimize": "optimize", "quantize_static": "quantize",
     "tune_cpu_allocator": "optimize"})
 
@@ -21,5 +21,5 @@ if TYPE_CHECKING:
     from .export import export
     from .machine import matmul_rates
     from .optimize import InferenceModel, optimize, tune_cpu_allocator
-    from .predict import Prediction, Predictor
+    from .spec import Backend, InferenceSpec, Precision
     from .quantize import quantize_static

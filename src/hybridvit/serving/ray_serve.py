@@ -10,6 +10,7 @@ replica that dies. ``pip install "hybridvit[ray]"``.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 
 from .batcher import Batcher, RunBatch
-from .cluster import ModelSpec, connect
+from ..inference.spec import InferenceSpec
+from .ray_data import actor_predictor, actor_spec, connect
 
 if TYPE_CHECKING:
-    from .serving import ServeConfig
+    from .server import ServeConfig
 
 APP_NAME = "hybridvit"
 
@@ -31,10 +33,11 @@ class RayBatcher(Batcher):
     ``max_batch_size`` images, each waiting at most ``max_wait_s`` for others to join it."""
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
-                 on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1) -> None:
+                 on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         from ray import serve
 
-        super().__init__(run, max_batch_size, max_wait_s, on_batch, incoming)
+        super().__init__(run, max_batch_size, max_wait_s, on_batch, incoming, executor)
 
         async def batch(images: list[np.ndarray]) -> list[torch.Tensor]:
             self._waiting -= len(images)
@@ -50,7 +53,7 @@ class RayBatcher(Batcher):
     def hurry(self) -> None:
         pass  # Ray Serve drains a replica itself (graceful_shutdown_timeout_s)
 
-    def submit(self, image: np.ndarray) -> asyncio.Future:
+    def submit(self, image: np.ndarray, trace: Any = None) -> asyncio.Future:
         self._waiting += 1
         return asyncio.ensure_future(self._batched(image))
 
@@ -59,14 +62,13 @@ class Replica:
     """One Ray Serve replica: the app around a model it loads itself (``__serve_build_asgi_app__``
     is Ray Serve's hook for an app built on the replica)."""
 
-    def __init__(self, spec: ModelSpec, config: ServeConfig) -> None:
+    def __init__(self, spec: InferenceSpec, config: ServeConfig) -> None:
         self.spec, self.config = spec, config
 
     def __serve_build_asgi_app__(self) -> Any:
-        from .serving import ModelServer, create_app
+        from .server import ModelServer, create_app
 
-        torch.set_num_threads(self.spec.threads)
-        return create_app(ModelServer(self.spec.predictor(), self.config, batching=RayBatcher))
+        return create_app(ModelServer(actor_predictor(self.spec), self.config, batching=RayBatcher))
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Scaling:
         return options
 
 
-def deploy_on_ray(spec: ModelSpec, config: ServeConfig, host: str, port: int, scaling: Scaling,
+def deploy_on_ray(spec: InferenceSpec, config: ServeConfig, host: str, port: int, scaling: Scaling,
                   address: str | None = None) -> str:
     """Start the app on the Ray cluster at ``address`` (None or ``auto``: the running one, else a
     local instance) behind Ray Serve's proxy on ``host:port``; returns once every replica is
@@ -111,7 +113,8 @@ def deploy_on_ray(spec: ModelSpec, config: ServeConfig, host: str, port: int, sc
 
     connect(address)
     serve.start(http_options={"host": host, "port": port})
+    spec = actor_spec(spec)
     deployment = serve.deployment(serve.ingress()(Replica), name=APP_NAME,
-                                  **scaling.options(config.max_batch_size, spec.threads))
+                                  **scaling.options(spec.batch_size, spec.model_threads))
     serve.run(deployment.bind(spec, config), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"

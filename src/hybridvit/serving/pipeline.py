@@ -238,14 +238,20 @@ def predict_batch(model: Model, classes: list[str], k: int, names: list[str], de
     return rows_for(model(torch.from_numpy(decoded)).float(), classes, k, names, errors, threshold)
 
 
+def probabilities(out: torch.Tensor, classes: int, multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output rows as class probabilities (a softmax, or one sigmoid per class for a
+    multi-label model), and the embedding columns after the logits (none if it gives none)."""
+    logits, features = out[:, :classes], out[:, classes:]
+    return (logits.sigmoid() if multi_label else logits.softmax(dim=-1)), features
+
+
 def rows_for(out: torch.Tensor, classes: list[str], k: int, names: list[str],
              errors: dict[int, str] | None = None, threshold: float | None = None) -> list[Prediction]:
     """Rows from the model's outputs (logits, then any embedding) for the ``names`` not in ``errors``:
     the ``k`` most probable classes (softmax), or with ``threshold`` (a multi-label model, one
     sigmoid per class) those of the ``k`` most probable that reach it."""
     errors = errors or {}
-    logits, features = out[:, :len(classes)], out[:, len(classes):]
-    probs = logits.sigmoid() if threshold is not None else logits.softmax(dim=-1)
+    probs, features = probabilities(out, len(classes), threshold is not None)
     top = probs.topk(min(k, len(classes)), dim=-1)
     values, indices = iter(top.values.tolist()), iter(top.indices.tolist())
     embeddings = iter(features.numpy()) if features.shape[1] else None

@@ -17,6 +17,8 @@ from .outputs import PredictionWriter, image_key
 from .pipeline import Prediction
 from .predict import Predictor
 
+ROWS_PER_WRITE = 16  # rows handed to the writer at once (an interrupted run keeps every row written)
+
 
 @dataclass
 class RunSummary:
@@ -72,16 +74,17 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
                disable=not sys.stderr.isatty() if progress is None else not progress)
     if "-" not in sources and not bar.disable:  # standard input cannot be listed twice: no total, no ETA
         threading.Thread(target=_count_into, args=(bar, sources), daemon=True).start()
-    start, building = time.perf_counter(), predictor.build_seconds
+    start = time.perf_counter()
+    run = predictor.predict_images(items, k)
+    batch: list[Prediction] = []
     try:
-        batch: list[Prediction] = []
-        for row in predictor.predict_images(items, k):
+        for row in run:
             summary.images += 1
             summary.failed += row.error is not None
             batch.append(row)
             if on_row is not None:
                 on_row(row)
-            if len(batch) >= predictor.batch_size:
+            if len(batch) >= ROWS_PER_WRITE:
                 _write(writer, batch, bar)
                 batch = []
         _write(writer, batch, bar)
@@ -89,15 +92,13 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
             writer.close()
     except BaseException:
         if writer is not None:
+            writer.write(batch)
             writer.flush()  # every finished row stays for --resume
         raise
     finally:
         bar.close()
-        summary.seconds = time.perf_counter() - start - (predictor.build_seconds - building)
-        run = predictor.last_run
-        if run is not None:
-            summary.split, summary.measured = str(run.split), run.measured
-            summary.path_used = predictor.path_used
+        summary.seconds = time.perf_counter() - start - run.build_seconds
+        summary.split, summary.measured, summary.path_used = str(run.split), run.measured, run.path_used
     return summary
 
 

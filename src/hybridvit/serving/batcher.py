@@ -18,20 +18,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import tracing
+
 RunBatch = Callable[[np.ndarray], torch.Tensor]  # uint8 (N, 3, H, W) -> (N, outputs)
+Item = tuple[np.ndarray, asyncio.Future, "tracing.Waiting | None"]  # an image, its row to come, its trace
 
 
 class Batcher:
     """Gathers ``submit`` calls into batches for ``run``; ``on_batch(size)`` is told each batch's size.
     A batch stops waiting early when ``incoming()`` says no other image is on its way, so a lone
-    request does not pay ``max_wait_s``."""
+    request does not pay ``max_wait_s``. ``executor``: the one thread batches run on (default:
+    its own)."""
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
-                 on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1) -> None:
+                 on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         self.run, self.max_batch_size, self.max_wait_s, self.on_batch = run, max_batch_size, max_wait_s, on_batch
         self.incoming = incoming  # images on their way (decoding): with none, a batch need not wait
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future] | None] = asyncio.Queue()  # None: hurry
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
+        self.queue: asyncio.Queue[Item | None] = asyncio.Queue()  # None: hurry
+        self._owns_executor = executor is None  # a server's models share one: one model call at a time
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._worker: asyncio.Task | None = None
         self._waiting = 0
 
@@ -52,21 +58,22 @@ class Batcher:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the batch thread, between two batches: one model call at a time."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def submit(self, image: np.ndarray) -> asyncio.Future:
+    def submit(self, image: np.ndarray, trace: tracing.Waiting | None = None) -> asyncio.Future:
         """Queue one decoded image at once; the future gets its output row, computed in some batch
-        (cancel it to leave the batch)."""
+        (cancel it to leave the batch). ``trace``: filled with the batch's span and times."""
         future = asyncio.get_running_loop().create_future()
         self._waiting += 1
-        self.queue.put_nowait((image, future))  # unbounded: never waits
+        self.queue.put_nowait((image, future, trace))  # unbounded: never waits
         return future
 
-    async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+    async def _gather(self) -> list[Item]:
         batch = []
         loop = asyncio.get_running_loop()
         deadline = None
@@ -96,17 +103,19 @@ class Batcher:
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [(image, future) for image, future in await self._gather() if not future.done()]
+            batch = [item for item in await self._gather() if not item[1].done()]
             if not batch:
                 continue  # every client of this batch went away
             self.on_batch(len(batch))
             try:
-                out = await loop.run_in_executor(self._executor, self.run, np.stack([image for image, _ in batch]))
+                with tracing.batch([trace for _, _, trace in batch], len(batch)):
+                    out = await loop.run_in_executor(self._executor, self.run,
+                                                     np.stack([image for image, _, _ in batch]))
             except Exception as e:  # noqa: BLE001 - fails this batch's requests; the next batch runs
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(e)
                 continue
-            for (_, future), row in zip(batch, out):
+            for (_, future, _), row in zip(batch, out):
                 if not future.done():  # a client that left mid-batch: its row is dropped
                     future.set_result(row)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..data.manifests import path_column, relative_to
+from ..inference.spec import InferenceSpec
 from .inputs import iter_inputs
 from .outputs import parquet_table
 from .pipeline import Prediction, decode_batch, predict_batch
@@ -28,33 +28,6 @@ def ray_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.data") is not None
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What each actor needs to build its model (the model itself is not shipped: each loads it)."""
-
-    source: str
-    precision: str
-    backend: str
-    batch_size: int
-    embeddings: bool
-    exif: bool
-    fast_decode: bool
-    threads: int
-    k: int
-    pretrained: bool = False
-    pretrained_tag: str | None = None
-    calibration: str | None = None  # image folders for int8 (``Predictor``), on every node at this path
-    validation: str | None = None
-
-    def predictor(self) -> Any:
-        from .predict import Predictor
-
-        return Predictor(self.source, self.precision, self.pretrained, self.pretrained_tag, backend=self.backend,
-                         batch_size=self.batch_size, embeddings=self.embeddings, exif=self.exif,
-                         fast_decode=self.fast_decode, decode_workers=1, model_threads=self.threads,
-                         calibration=self.calibration, validation=self.validation)
 
 
 def _decode(batch: dict[str, np.ndarray], preprocess: Any) -> dict[str, np.ndarray]:
@@ -68,22 +41,35 @@ def _decode(batch: dict[str, np.ndarray], preprocess: Any) -> dict[str, np.ndarr
             "error": np.array([errors.get(i, "") for i in range(len(paths))], dtype=object)}
 
 
+def actor_spec(spec: InferenceSpec) -> InferenceSpec:
+    """The spec as one Ray actor or replica runs it: its model on ``model_threads`` (default 1)
+    threads, decoding apart (a Ray Data stage, or the server's threads)."""
+    return spec.replace(model_threads=spec.model_threads or 1, decode_workers=1)
+
+
+def actor_predictor(spec: InferenceSpec) -> Any:
+    """The ``Predictor`` one actor or replica builds for itself (the model is never shipped)."""
+    import torch
+
+    from .predict import Predictor
+
+    torch.set_num_threads(spec.model_threads)
+    return Predictor(spec)
+
+
 class _Model:
     """One actor: one optimized model, for batches the decoding stage made."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        import torch
-
-        torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.predictor = spec.predictor()
-        self.model = self.predictor.model_for(spec.threads)
+    def __init__(self, spec: InferenceSpec, k: int) -> None:
+        self.k = k
+        self.predictor = actor_predictor(spec)
+        self.model = self.predictor.model_for(spec.model_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         errors = {i: str(e) for i, e in enumerate(batch["error"]) if e}
         good = [i for i in range(len(batch["path"])) if i not in errors]
         decoded = batch["pixels"][good] if good else None
-        rows: list[Prediction] = predict_batch(self.model, self.predictor.classes, self.spec.k,
+        rows: list[Prediction] = predict_batch(self.model, self.predictor.classes, self.k,
                                                [str(p) for p in batch["path"]], decoded, errors)
         return parquet_table(rows, self.predictor.embedding_dim)
 
@@ -109,25 +95,29 @@ def connect(address: str | None) -> None:
         ray.init(address=None if address in (None, "auto") else address, log_to_driver=False)
 
 
-def predict_on_ray(spec: ModelSpec, sources: Iterable[str | Path], output: str | Path, address: str | None = None,
-                   actors: int | None = None) -> tuple[int, int]:
+def predict_on_ray(spec: InferenceSpec, sources: Iterable[str | Path], output: str | Path, k: int = 5,
+                   address: str | None = None, actors: int | None = None) -> tuple[int, int]:
     """Predict every image ``sources`` name on the Ray cluster at ``address`` (None or ``auto``:
-    the running one, else a local instance), ``actors`` model actors (default: one per
-    ``spec.threads`` CPUs the cluster has), writing Parquet files into the folder ``output``.
+    the running one, else a local instance), ``actors`` model actors of ``spec.model_threads``
+    threads (default: 1; as many actors as take half the cluster's CPUs), writing the top ``k``
+    of each into Parquet files in the folder ``output``.
     Returns the number of rows written and how many of them are errors."""
     if not ray_available():
         raise ImportError('--ray needs Ray Data: pip install "hybridvit[ray]"')
     import ray
     import ray.data
 
+    from .predict import Predictor
+
     connect(address)
+    spec = actor_spec(spec)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = actors or max(1, cpus // (2 * spec.threads))  # the rest of the CPUs decode
+    actors = actors or max(1, cpus // (2 * spec.model_threads))  # the rest of the CPUs decode
     ds = _listing([str(s) for s in sources])
-    ds = ds.map_batches(_decode, fn_kwargs={"preprocess": spec.predictor().preprocess}, batch_size=spec.batch_size,
+    ds = ds.map_batches(_decode, fn_kwargs={"preprocess": Predictor(spec).preprocess}, batch_size=spec.batch_size,
                         batch_format="numpy", num_cpus=1)
-    ds = ds.map_batches(_Model, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=spec.threads,
+    ds = ds.map_batches(_Model, fn_constructor_kwargs={"spec": spec, "k": k}, batch_size=spec.batch_size,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=spec.model_threads,
                         max_restarts=-1, max_task_retries=-1)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
