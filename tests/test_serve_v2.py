@@ -10,6 +10,9 @@ import base64
 import json
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,8 @@ import pytest
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from prometheus_text import by_status, metric  # noqa: E402
-from test_serve import _digit_files  # noqa: E402
+from conftest import wait_for  # noqa: E402
+from test_serve import _digit_files, _free_port, _ready  # noqa: E402
 
 from hybridvit.serving import tracing  # noqa: E402
 from hybridvit.serving.predict import InferenceSpec, Predictor  # noqa: E402
@@ -361,3 +365,76 @@ def test_tracing_is_off_unless_the_standard_variables_ask(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
     monkeypatch.delenv("OTEL_TRACES_EXPORTER")
     assert tracing.wanted()
+
+
+# -- real server processes, clients no one here wrote ----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# tritonclient and KServe's SDK live in an environment of their own (.ci/run makes it; the README's install)
+CLIENTS_PYTHON = Path(os.environ.get("HYBRIDVIT_CLIENTS_PYTHON", ROOT / ".venv-clients" / "bin" / "python"))
+
+
+def _start(args: list[str], url: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "hybridvit", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: _ready(url), proc)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CLIENTS_PYTHON.exists(), reason="no .venv-clients: see the README's install (.ci/run makes it)")
+def test_tritonclient_and_kserve_clients_get_predicts_answers_over_rest_and_grpc(tmp_path, digits_run, predictor,
+                                                                                  images):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+
+    files = []
+    for n, data in enumerate(images[:3]):
+        files.append(tmp_path / f"{n}.png")
+        files[-1].write_bytes(data)
+    expected = predictor.predict(files, k=5)
+    np.save(str(files[0]) + ".pixels.npy", np.stack([predictor.preprocess(f) for f in files]))
+    port, grpc_port = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([f"digits={digits_run / 'model'}", "--port", str(port), "--grpc-port", str(grpc_port),
+                   "--precision", "fp32", "--backend", "onnxruntime", "--api-key", "k"], url)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # gRPC's standard health checking
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        runs = [subprocess.run([str(CLIENTS_PYTHON), str(ROOT / "tests" / "protocol_clients.py"), family, url,
+                                f"127.0.0.1:{grpc_port}", "digits", "k", *map(str, files)],
+                               capture_output=True, text=True, timeout=600) for family in ("triton", "kserve")]
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=600)[0]
+    assert "Traceback" not in output, output
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    got = {}
+    for run in runs:
+        assert run.returncode == 0, run.stdout + run.stderr
+        got.update(json.loads(run.stdout))
+    answers = {"triton http binary": got["triton_http"]["binary"], "triton http json": got["triton_http"]["json"],
+               "triton http pixels": got["triton_http"]["pixels"], "triton grpc": got["triton_grpc"]["bytes"],
+               "triton grpc pixels": got["triton_grpc"]["pixels"], "kserve rest": got["kserve"]["rest"],
+               "kserve grpc": got["kserve"]["grpc"]}
+    for client, answer in answers.items():
+        for n, row in enumerate(expected):
+            labels = [c for c, _ in row.top]
+            top = answer["labels"][n]
+            if ":" in top[0]:  # tritonclient's class_count: "score:index:label"
+                top = [cell.split(":", 2)[2] for cell in top]
+            assert top == labels[:len(top)], client
+            assert np.allclose(sorted(answer["probabilities"][n], reverse=True)[:5], [p for _, p in row.top],
+                               atol=1e-5), client
+    assert got["triton_http"]["ready"] and got["triton_grpc"]["ready"] and got["triton_grpc"]["versions"] == ["1"]
+    assert got["kserve"]["rest_id"] == "kserve-rest"
+    for protocol, status in (("triton_http", "400"), ("triton_grpc", "StatusCode.INVALID_ARGUMENT")):
+        errors = got[protocol]["errors"]
+        for case in ("wrong shape", "wrong datatype", "not an input", "too many images"):
+            assert errors[case] == status, (protocol, case, errors)
+    assert got["triton_http"]["errors"]["unknown model"] == "404"
+    assert got["triton_grpc"]["errors"]["unknown model"] == "StatusCode.NOT_FOUND"
+    assert got["triton_http"]["errors"]["wrong key"] == "401"
+    assert not any(status.startswith(("5", "INTERNAL")) for status in by_status(metrics))
+    assert metric(metrics, "hybridvit_requests_total", protocol="grpc", status="OK") >= 3
