@@ -232,8 +232,8 @@ def _repository(tmp_path, digits_run, names=("digits",), versions=("1",)):
     return root
 
 
-def _template(**changes):
-    return InferenceSpec(".", "fp32", backend="onnxruntime", batch_size=4, **changes)
+def _template(source: str = ".", **changes):
+    return InferenceSpec(source, "fp32", backend="onnxruntime", batch_size=4, **changes)
 
 
 def test_several_models_and_versions_load_and_unload_behind_the_key(tmp_path, digits_run, images):
@@ -438,3 +438,144 @@ def test_tritonclient_and_kserve_clients_get_predicts_answers_over_rest_and_grpc
     assert got["triton_http"]["errors"]["wrong key"] == "401"
     assert not any(status.startswith(("5", "INTERNAL")) for status in by_status(metrics))
     assert metric(metrics, "hybridvit_requests_total", protocol="grpc", status="OK") >= 3
+
+
+class _Collector:
+    """An OTLP/HTTP trace collector on a free local port: the protobuf bodies it was sent."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append(self.rfile.read(int(self.headers["content-length"])))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def span_names(self) -> set[str]:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        names = set()
+        for body in list(self.bodies):
+            request = ExportTraceServiceRequest.FromString(body)
+            names |= {span.name for resource in request.resource_spans for scope in resource.scope_spans
+                      for span in scope.spans}
+        return names
+
+
+@pytest.mark.slow
+def test_the_kserve_manifests_command_line_serves_its_repository_and_exports_traces(tmp_path, digits_run, images):
+    """Kubernetes is not here: the InferenceService's container command, arguments, environment
+    and probes run as they are, with the repository KServe would mount and a local collector."""
+    import yaml
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    container = manifest["spec"]["predictor"]["containers"][0]
+    assert container["command"][0] == "hybridvit"
+    port = _free_port()
+    local = {"/mnt/models": str(_repository(tmp_path, digits_run)), "8080": str(port)}
+    args = [local.get(a, a) for a in container["args"]]
+    collector = _Collector()
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    for item in container["env"]:
+        if "valueFrom" in item:  # the Secret's key
+            env[item["name"]] = "secret"
+        elif item["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT":
+            env[item["name"]] = collector.url
+    assert env["HYBRIDVIT_API_KEY"] == "secret" and "OTEL_EXPORTER_OTLP_ENDPOINT" in env
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", *container["command"], *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    probes = [container[p]["httpGet"] for p in ("readinessProbe", "livenessProbe")]
+    try:
+        wait_for(lambda: _ready(url) and httpx.get(url + probes[0]["path"]).status_code == 200, proc)
+        assert all(p["port"] == 8080 for p in probes) and httpx.get(url + probes[1]["path"]).status_code == 200
+        answer = httpx.post(url + "/v2/models/digits/infer", json=_image_request(images[:2]),
+                            headers={"authorization": "Bearer secret"}, timeout=60)
+        refused = httpx.post(url + "/v2/models/digits/infer", json=_image_request(images[:2]), timeout=60)
+        wait_for(lambda: {"receive", "decode", "queue", "model", "batch"} <= collector.span_names(), proc)
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=600)[0]
+        collector.server.shutdown()
+    assert answer.status_code == 200 and answer.json()["model_name"] == "digits", answer.text
+    assert refused.status_code == 401
+    assert "tracing on" in output and "Traceback" not in output, output
+
+
+def test_models_named_on_the_command_line_and_a_clash(tmp_path, digits_run):
+    from hybridvit.cli.serve import _named
+
+    assert _named(f"a={digits_run}") == ("a", str(digits_run))
+    assert _named(str(digits_run)) == (None, str(digits_run))
+    assert _named("hf-hub:org/name=x") == (None, "hf-hub:org/name=x")  # not a name: a source with '='
+    with pytest.raises(ValueError, match="letters, digits"):
+        _named("a b=model")
+    repository = ModelRepository(ServeConfig())
+    repository.add_source(_template(source=str(digits_run / "model")), "digits")
+    with pytest.raises(ValueError, match="two models named 'digits'"):
+        repository.add_source(_template(source=str(digits_run / "model")), "digits")
+    repository = ModelRepository(ServeConfig())
+    for _ in range(2):  # both would be named after their model: refused, naming the way out
+        repository.add_source(_template(source=str(digits_run / "model")))
+
+    async def start():
+        try:
+            await repository.start()
+        finally:
+            await repository.stop()
+
+    with pytest.raises(ValueError, match="NAME=SOURCE"):
+        asyncio.run(start())
+
+
+def test_the_cores_go_to_the_model_with_the_least_time_on_them(monkeypatch):
+    """Two models under load: a model whose calls take twice as long gets half the calls, so each
+    has the same seconds on the cores (a model clock the calls advance: no waiting on time)."""
+    import threading
+
+    from hybridvit.serving import cores as cores_module
+
+    clock = [0.0]
+    monkeypatch.setattr(cores_module.time, "perf_counter", lambda: clock[0])
+    cores = cores_module.Cores()
+    gate, running, order = threading.Event(), threading.Event(), []
+
+    def call(name: str, seconds: float) -> str:
+        running.set()
+        gate.wait()
+        clock[0] += seconds
+        order.append(name)
+        return name
+
+    cores.submit("hold", call, "hold", 0.0)  # keeps the thread busy until both models have queued
+    running.wait(timeout=600)
+    futures = [cores.lane("slow").submit(call, "slow", 2.0) for _ in range(6)]
+    futures += [cores.lane("fast").submit(call, "fast", 1.0) for _ in range(12)]
+    gate.set()
+    assert [f.result(timeout=600) for f in futures][:1] == ["slow"]
+    first = order[1:13]  # after the held call, while both models still had calls waiting
+    assert first.count("fast") == 8 and first.count("slow") == 4, order
+    assert cores.used == {"hold": 0.0, "slow": 12.0, "fast": 12.0}
+    gate.clear()  # a model that was idle joins at the least time of those waiting, not at its own 0
+    running.clear()
+    held = cores.submit("hold", call, "hold", 0.0)
+    running.wait(timeout=600)  # the thread holds it: only what follows waits
+    cores.lane("slow").submit(call, "slow", 2.0)
+    joined = cores.lane("new").submit(call, "new", 1.0)
+    assert cores.used["new"] == 12.0
+    gate.set()
+    held.result(timeout=600), joined.result(timeout=600)
+    cores.shutdown()

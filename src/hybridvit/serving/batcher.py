@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ class Batcher:
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
                  on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: Executor | None = None) -> None:
         self.run, self.max_batch_size, self.max_wait_s, self.on_batch = run, max_batch_size, max_wait_s, on_batch
         self.incoming = incoming  # images on their way (decoding): with none, a batch need not wait
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue()  # None: hurry

@@ -10,7 +10,7 @@ replica that dies. ``pip install "hybridvit[ray]"``.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ class RayBatcher(Batcher):
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
                  on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: Executor | None = None) -> None:
         from ray import serve
 
         super().__init__(run, max_batch_size, max_wait_s, on_batch, incoming, executor)

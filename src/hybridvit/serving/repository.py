@@ -33,6 +33,7 @@ class ModelRepository:
             raise FileNotFoundError(f"--model-repository {root} is not a folder")
         self.template = template or InferenceSpec(".")
         self.sources: dict[str, InferenceSpec] = {}  # models named on the command line (version 1)
+        self._unnamed: list[InferenceSpec] = []  # named after their model once built
         self.models: dict[str, dict[str, ModelServer]] = {}
         self.reasons: dict[str, str] = {}  # why a model's last load failed
         self.order: list[str] = []  # names in the order first loaded: the first is /v1's model
@@ -52,7 +53,12 @@ class ModelRepository:
 
     def add_source(self, spec: InferenceSpec, name: str | None = None) -> None:
         """Serve ``spec`` as ``name`` (default: its model's name, known once it is built)."""
-        self.sources[name or ""] = spec
+        if name is None:
+            self._unnamed.append(spec)
+        elif name in self.sources:
+            raise ValueError(f"two models named {name!r}: give each its own NAME=SOURCE")
+        else:
+            self.sources[name] = spec
 
     @property
     def metrics(self) -> Any:
@@ -137,10 +143,13 @@ class ModelRepository:
         for server in self._prebuilt:
             await server.start()
             self._put(server)
-        unnamed = self.sources.pop("", None)
-        if unnamed is not None:
-            server = await self._build(None, "1", unnamed)
-            self.sources[server.name] = unnamed
+        for spec in self._unnamed:
+            server = await self._build(None, "1", spec)
+            if server.name in self.sources or server.name in self.models:
+                await server.stop()
+                raise ValueError(f"{spec.source}: another model is named {server.name!r} already; name them "
+                                 "apart with NAME=SOURCE")
+            self.sources[server.name] = spec
             self._put(server)
         for name in [n for n in self.sources if n not in self.models] + self._on_disk():
             await self.load(name)

@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ..checks import BindError
 from . import tracing
 from .batcher import Batcher
+from .cores import Cores
 from .outputs import as_dict
 from .pipeline import describe_error, rows_for
 from .predict import Predictor
@@ -153,19 +154,18 @@ class ServerMetrics:
 
 
 class Shared:
-    """What every model of one server shares: the cores (one model call at a time, in the order
-    batches come, so models under load take turns instead of fighting over the cores), the
-    decoding threads and the metrics."""
+    """What every model of one server shares: the cores (``cores.Cores``: one model call at a
+    time, fair in seconds between the models under load), the decoding threads and the metrics."""
 
     def __init__(self, decode_workers: int | None = None) -> None:
         self.threads = torch.get_num_threads()
         self.metrics = ServerMetrics()
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.cores = Cores()
         self.decoders = ThreadPoolExecutor(decode_workers or self.threads, thread_name_prefix="decode")
 
     def close(self) -> None:
         self.decoders.shutdown(wait=True)
-        self.model_thread.shutdown(wait=True)
+        self.cores.shutdown()
 
 
 class ModelServer:
@@ -182,6 +182,7 @@ class ModelServer:
         self.metrics = self.shared.metrics
         self.threads = self.shared.threads
         self.max_batch_size = predictor.spec.batch_size
+        self.lane = self.shared.cores.lane((self.name, self.version))  # its way onto the shared cores
         self.model = predictor.model_for(self.threads)
         self.ready = False
         self.rate = 0.0  # images/s at the largest batch, measured at warm-up
@@ -204,14 +205,14 @@ class ModelServer:
         size = self.predictor.preprocess.size
         zeros = np.zeros((self.max_batch_size, 3, *size), dtype=np.uint8)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.shared.model_thread, self._run, zeros)
+        await loop.run_in_executor(self.lane, self._run, zeros)
         start = time.perf_counter()
-        await loop.run_in_executor(self.shared.model_thread, self._run, zeros)
+        await loop.run_in_executor(self.lane, self._run, zeros)
         self.rate = len(zeros) / (time.perf_counter() - start)
         self.metrics.model_seconds.labels(self.name, self.version).reset()  # the warm-up is not the model's share
         self.batcher = self.batching(self._run, self.max_batch_size, self.config.max_wait_ms / 1e3,
                                      self.metrics.batch_sizes.labels(self.name, self.version).observe,
-                                     incoming=lambda: self.decoding, executor=self.shared.model_thread)
+                                     incoming=lambda: self.decoding, executor=self.lane)
         self.batcher.start()
         self._loop = loop
         self.metrics.queue_depth.labels(self.name, self.version).set_function(
