@@ -214,7 +214,9 @@ def live_app(digits_run):
     """One started app (its lifespan entered) on an event loop in a thread, and a client for it."""
     import httpx
 
-    from hybridvit.serving.server import ModelServer, ServeConfig, create_app
+    from hybridvit.serving.model_server import ModelServer, ServeConfig
+
+    from hybridvit.serving.server import create_app
 
     server = ModelServer(Predictor(InferenceSpec(digits_run / "model", "fp32", backend="onnxruntime", batch_size=4)),
                          ServeConfig(max_wait_ms=1, max_body_mb=0.01, max_images=2,

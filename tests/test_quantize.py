@@ -26,7 +26,8 @@ from hybridvit.data import DataError, build_datasets, eval_transform
 from hybridvit.inference.export import onnxruntime_session
 from hybridvit.layers import capture_attention
 from hybridvit.inference.machine import torch_threads
-from hybridvit.inference.optimize import TOP1_AGREEMENT, optimize
+from hybridvit.inference.optimize import optimize
+from hybridvit.inference.spec import TOP1_AGREEMENT
 from hybridvit.inference.quantize import calibration_set, quantize_static
 
 runner = CliRunner()

@@ -23,7 +23,8 @@ from prometheus_text import by_status, metric  # noqa: E402
 
 from hybridvit.serving.batcher import Batcher  # noqa: E402
 from hybridvit.serving.predict import InferenceSpec, Predictor  # noqa: E402
-from hybridvit.serving.server import ModelServer, ServeConfig, check_bind, create_app  # noqa: E402
+from hybridvit.serving.model_server import ModelServer, ServeConfig  # noqa: E402
+from hybridvit.serving.server import check_bind, create_app  # noqa: E402
 
 
 def _digit_files(folder, count: int) -> list[bytes]:

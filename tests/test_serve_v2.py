@@ -26,7 +26,8 @@ from test_serve import _digit_files, _free_port, _ready  # noqa: E402
 from hybridvit.serving import tracing  # noqa: E402
 from hybridvit.serving.predict import InferenceSpec, Predictor  # noqa: E402
 from hybridvit.serving.repository import ModelRepository  # noqa: E402
-from hybridvit.serving.server import ModelServer, ServeConfig, create_app  # noqa: E402
+from hybridvit.serving.model_server import ModelServer, ServeConfig  # noqa: E402
+from hybridvit.serving.server import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,8 @@ def test_multi_label_trains_evaluates_predicts_and_serves(multi_label_digits, di
     import httpx
 
     from hybridvit.serving.predict import InferenceSpec, Predictor
-    from hybridvit.serving.server import ModelServer, ServeConfig, create_app
+    from hybridvit.serving.model_server import ModelServer, ServeConfig
+    from hybridvit.serving.server import create_app
     from hybridvit.train import evaluate
 
     out = tmp_path / "run"

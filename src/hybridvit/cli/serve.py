@@ -13,7 +13,7 @@ from .common import BACKEND, CALIBRATION, FAST_DECODE, PRECISION, PRETRAINED, PR
 
 if TYPE_CHECKING:
     from ..inference.spec import InferenceSpec
-    from ..serving.server import ServeConfig
+    from ..serving.model_server import ServeConfig
     from ..serving.ray_serve import Scaling
 
 
@@ -74,7 +74,8 @@ def serve_cmd(
     from ..inference.spec import InferenceSpec
     from ..serving import tracing
     from ..serving.repository import ModelRepository
-    from ..serving.server import ServeConfig, Shared, bind, check_bind, run
+    from ..serving.model_server import ServeConfig, Shared
+    from ..serving.server import bind, check_bind, run
     from ..serving.ray_serve import Scaling
 
     models = models or []

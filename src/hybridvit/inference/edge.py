@@ -43,7 +43,7 @@ from ..checks import check_output_file, check_output_folder
 from ..fusion import fuse
 from ..registry import IMAGENET_MEAN, IMAGENET_STD, get_model_info
 from .deploy import DeviceLayerNorm, decompose_activations, for_device
-from .optimize import TOP1_AGREEMENT
+from .spec import TOP1_AGREEMENT
 
 AGREEMENT = TOP1_AGREEMENT  # top-1 agreement with eager PyTorch a file must reach to be written, as optimize's gate
 EDGE_FORMATS = {"executorch": ".pte", "litert": ".tflite", "coreml": ".mlpackage"}

@@ -30,16 +30,13 @@ from .export import onnx_bytes
 from .machine import matmul_rates
 from .model import InferenceModel, Runner
 from .quantize import QUANTIZED_BACKENDS, calibration_batches, quantize_static, quantized_backend_available
-from .spec import Backend, Precision
+from .spec import TOP1_AGREEMENT, Backend, Precision
 from .runners import OnnxRuntimeRunner, OpenVinoRunner, onnxruntime_available, openvino_available, torchscript_runner
 
 PRECISIONS = tuple(p.value for p in Precision)
 BACKENDS = tuple(b.value for b in Backend)
 # Largest relative difference from the eager fp32 model that counts as the same outputs.
 AGREEMENT = {"fp32": 1e-4, "bf16": 5e-2}
-# int8 changes outputs: it counts as the same model when the top-1 class agrees with fp32 on at
-# least this share of the validation images.
-TOP1_AGREEMENT = 0.99
 Images = Iterable[torch.Tensor] | torch.Tensor  # image batches, or one tensor of images
 
 

@@ -42,6 +42,10 @@ class Backend(_Choice):
     NNCF = "nncf"  # NNCF's static int8, run in OpenVINO
 
 
+# int8 (and an exported file) changes outputs: it counts as the same model when its top-1 class
+# agrees with fp32's on at least this share of the validation images (optimize's gate, edge's check)
+TOP1_AGREEMENT = 0.99
+
 # files export and quantize write, run as they are in their own runtime
 FILE_RUNTIMES = {".onnx": ("an ONNX file", "onnxruntime"), ".pte": ("an ExecuTorch program", "executorch"),
                  ".tflite": ("a LiteRT program", "litert")}

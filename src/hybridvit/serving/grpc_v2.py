@@ -22,7 +22,7 @@ from . import tracing
 from .pipeline import describe_error
 from .protos import predict_v2_pb2 as pb
 from .protos import predict_v2_pb2_grpc as pb_grpc
-from .server import ServeConfig, UploadError, check_api_key
+from .model_server import ServeConfig, UploadError, check_api_key
 from .v2 import DTYPES, EXTENSIONS, InferRequest, Tensor, bytes_blob, bytes_elements, infer, model_metadata
 
 if TYPE_CHECKING:

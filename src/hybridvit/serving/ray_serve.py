@@ -23,7 +23,7 @@ from ..inference.spec import InferenceSpec
 from .ray_data import actor_predictor, actor_spec, connect
 
 if TYPE_CHECKING:
-    from .server import ServeConfig
+    from .model_server import ServeConfig
 
 APP_NAME = "hybridvit"
 
@@ -66,7 +66,8 @@ class Replica:
         self.spec, self.config = spec, config
 
     def __serve_build_asgi_app__(self) -> Any:
-        from .server import ModelServer, create_app
+        from .model_server import ModelServer
+        from .server import create_app
 
         return create_app(ModelServer(actor_predictor(self.spec), self.config, batching=RayBatcher))
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ..inference.spec import InferenceSpec
 from .batcher import Batcher
 from .predict import Predictor
-from .server import ModelServer, ServeConfig, Shared, UploadError
+from .model_server import ModelServer, ServeConfig, Shared, UploadError
 
 
 class ModelRepository:

@@ -31,7 +31,8 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from . import tracing
 from .pipeline import describe_error, probabilities
-from .server import CLIENT_CLOSED, ModelServer, UploadError, read_body
+from .bodies import CLIENT_CLOSED, read_body
+from .model_server import ModelServer, UploadError
 
 if TYPE_CHECKING:
     from .repository import ModelRepository
