@@ -69,6 +69,10 @@ def triton_grpc(url: str, model: str, key: str, images: list[bytes], pixels: np.
     result = client.infer(model, [tensor], outputs=outputs, headers=dict(headers))
     out["pixels"] = _top(result.as_numpy("probabilities"), result.as_numpy("top_labels"))
     out["errors"] = _errors(grpc, client, model, headers, pixels)
+    try:
+        client.infer(model, [tensor], headers={"x-api-key": "wrong"})
+    except grpc.InferenceServerException as e:
+        out["errors"]["wrong key"] = str(e.status())
     return out
 
 

@@ -357,6 +357,13 @@ def test_traces_nest_per_request_and_link_requests_to_their_shared_batch(predict
 
 
 def test_tracing_is_off_unless_the_standard_variables_ask(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    loaded = subprocess.run([sys.executable, "-c", "import sys; import hybridvit.serving.server, hybridvit.cli.serve; "
+                             "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
+                             "'opentelemetry.exporter'))))"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    # off: neither the SDK nor an exporter is imported (FastAPI itself imports OpenTelemetry's API)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
     for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     assert not tracing.wanted() and not tracing.configure() and not tracing.on()
@@ -437,6 +444,7 @@ def test_tritonclient_and_kserve_clients_get_predicts_answers_over_rest_and_grpc
     assert got["triton_http"]["errors"]["unknown model"] == "404"
     assert got["triton_grpc"]["errors"]["unknown model"] == "StatusCode.NOT_FOUND"
     assert got["triton_http"]["errors"]["wrong key"] == "401"
+    assert got["triton_grpc"]["errors"]["wrong key"] == "StatusCode.UNAUTHENTICATED"
     assert not any(status.startswith(("5", "INTERNAL")) for status in by_status(metrics))
     assert metric(metrics, "hybridvit_requests_total", protocol="grpc", status="OK") >= 3
 
