@@ -112,8 +112,11 @@ class RawClient:
             self.streams[1].close()
 
 
-async def _load(port: int, bodies: list, concurrency: int, client: str, path: str = "/v1/predict") -> dict:
+async def _load(port: int, bodies: list, concurrency: int, client: str, path: str = "/v1/predict",
+                done_at: list[float] | None = None) -> dict:
+    """Send every body once from ``concurrency`` clients; ``done_at`` collects each answer's time."""
     latencies: list[float] = []
+    done_at = [] if done_at is None else done_at
     failures = 0
     queue: asyncio.Queue = asyncio.Queue()
     for body in bodies:
@@ -138,6 +141,7 @@ async def _load(port: int, bodies: list, concurrency: int, client: str, path: st
                     raw.close()
                     raw.streams = None
                 latencies.append(time.perf_counter() - start)
+                done_at.append(time.perf_counter())
             raw.close()
 
         start = time.perf_counter()
@@ -239,11 +243,19 @@ def protocols(args: argparse.Namespace, model_dir: Path, second_dir: Path, bodie
         for name in ("a", "b"):
             together[f"{name} alone"] = asyncio.run(_load(args.port, bodies, 64, "raw", f"/v1/predict?model={name}"))
 
-        async def both() -> list[dict]:
-            return await asyncio.gather(*(_load(args.port, bodies, 64, "raw", f"/v1/predict?model={name}")
-                                          for name in ("a", "b")))
+        async def both() -> tuple[list[dict], list[list[float]], float]:
+            done: list[list[float]] = [[], []]
+            start = time.perf_counter()
+            loads = await asyncio.gather(*(_load(args.port, bodies, 64, "raw", f"/v1/predict?model={name}", times)
+                                           for name, times in zip(("a", "b"), done)))
+            return loads, done, start
 
-        together["a with b"], together["b with a"] = asyncio.run(both())
+        (with_b, with_a), done, start = asyncio.run(both())
+        # each model's rate while both were loaded: up to the moment the first one had sent all its images
+        window = min(max(times) for times in done) - start
+        for key, load, times in (("a with b", with_b, done[0]), ("b with a", with_a, done[1])):
+            together[key] = {**load, "images_per_s": sum(t - start <= window for t in times) / window,
+                             "window_s": window}
     finally:
         proc.terminate()
         proc.wait()

@@ -588,3 +588,49 @@ def test_the_cores_go_to_the_model_with_the_least_time_on_them(monkeypatch):
     gate.set()
     held.result(timeout=600), joined.result(timeout=600)
     cores.shutdown()
+
+
+def test_a_batcher_hands_the_shared_cores_a_second_batch_only_when_models_share_them():
+    """With several models on the cores, each keeps a batch waiting there while one runs, so the
+    cores' fairness has a choice when a call ends; alone, the next batch gathers what came meanwhile."""
+    from concurrent.futures import Executor, Future
+
+    import torch
+
+    from hybridvit.serving.batcher import Batcher
+
+    class Held(Executor):  # runs nothing until told: what was handed over is observable
+        def __init__(self):
+            self.handed: list[tuple[Future, object, tuple]] = []
+
+        def submit(self, fn, /, *args):
+            future = Future()
+            self.handed.append((future, fn, args))
+            return future
+
+        def release(self):
+            for future, fn, args in self.handed:
+                if not future.done():
+                    future.set_result(fn(*args))
+
+    def handed(in_flight: int) -> int:
+        async def main():
+            held = Held()
+            batcher = Batcher(lambda images: torch.zeros(len(images), 2), max_batch_size=2, max_wait_s=0.0,
+                              incoming=lambda: 0, executor=held, in_flight=lambda: in_flight)
+            batcher.start()
+            rows = [batcher.submit(np.zeros((3, 4, 4), np.uint8)) for _ in range(6)]
+            while len(held.handed) < in_flight:  # the batches it may hand over, handed
+                await asyncio.sleep(0)
+            for _ in range(100):  # and no more, however long it is given
+                await asyncio.sleep(0)
+            count = len(held.handed)
+            while not all(r.done() for r in rows):
+                held.release()
+                await asyncio.sleep(0)
+            await batcher.stop()
+            return count
+
+        return asyncio.run(main())
+
+    assert handed(1) == 1 and handed(2) == 2

@@ -28,11 +28,13 @@ class Batcher:
     """Gathers ``submit`` calls into batches for ``run``; ``on_batch(size)`` is told each batch's size.
     A batch stops waiting early when ``incoming()`` says no other image is on its way, so a lone
     request does not pay ``max_wait_s``. ``executor``: the one thread batches run on (default:
-    its own)."""
+    its own). ``in_flight()``: how many batches may be handed to it at once: 1 (the next batch
+    gathers what came while one ran), or 2 where models share the executor, so that each has a
+    batch waiting there when a call ends and the executor's fairness has a choice to make."""
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
                  on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, in_flight: Callable[[], int] = lambda: 1) -> None:
         self.run, self.max_batch_size, self.max_wait_s, self.on_batch = run, max_batch_size, max_wait_s, on_batch
         self.incoming = incoming  # images on their way (decoding): with none, a batch need not wait
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue()  # None: hurry
@@ -40,6 +42,8 @@ class Batcher:
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._worker: asyncio.Task | None = None
         self._waiting = 0
+        self.in_flight = in_flight
+        self._running: set[asyncio.Task] = set()
 
     @property
     def depth(self) -> int:
@@ -58,6 +62,9 @@ class Batcher:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
         if self._owns_executor:
             self._executor.shutdown(wait=True)
 
@@ -103,19 +110,26 @@ class Batcher:
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while len(self._running) >= self.in_flight():
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
             batch = [item for item in await self._gather() if not item[1].done()]
             if not batch:
                 continue  # every client of this batch went away
             self.on_batch(len(batch))
-            try:
-                with tracing.batch([trace for _, _, trace in batch], len(batch)):
-                    out = await loop.run_in_executor(self._executor, self.run,
-                                                     np.stack([image for image, _, _ in batch]))
-            except Exception as e:  # noqa: BLE001 - fails this batch's requests; the next batch runs
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future, _), row in zip(batch, out):
-                if not future.done():  # a client that left mid-batch: its row is dropped
-                    future.set_result(row)
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[Item]) -> None:
+        try:
+            with tracing.batch([trace for _, _, trace in batch], len(batch)):
+                out = await asyncio.get_running_loop().run_in_executor(self._executor, self.run,
+                                                                       np.stack([image for image, _, _ in batch]))
+        except Exception as e:  # noqa: BLE001 - fails this batch's requests; the next batch runs
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future, _), row in zip(batch, out):
+            if not future.done():  # a client that left mid-batch: its row is dropped
+                future.set_result(row)

@@ -1,14 +1,12 @@
-"""The cores a server's models share, fairly in seconds: among the models with work waiting, the
-one that has had the least time on the cores goes next.
+"""The cores a server's models share, fairly in seconds: one model call at a time (each call
+uses every core), and among the models with a call waiting, the one that has had the least time on
+the cores goes next.
 
-Two pools share one ledger of seconds per model: the model calls (one thread, one call at a time,
-each call using every core) and the decoding (a thread per core). Taking turns call by call, a
-model whose batches take twice as long would get two thirds of the machine; first come first
-served, the decoding (most of the work per image for a small model) gives every model the same
-images per second whatever its cost (measured: LeViT-128S beside LeViT-192 got 0.39x of its
-alone-rate, then 0.42x with fair model calls alone, docs/serving.md). A model that was idle joins
-at the least time of those waiting, so it neither starves the others nor is starved for the time
-it spent idle.
+Taking turns call by call, a model whose batches take longer gets more of the machine, and two
+models under load get the same images per second (measured: LeViT-128S beside LeViT-192 got 0.39x
+of its alone-rate; fair in seconds, with each batcher keeping a batch waiting here, 0.48x each,
+docs/serving.md). A model that was idle joins at the least time of those waiting, so it neither
+starves the others nor is starved for the time it spent idle.
 """
 
 from __future__ import annotations
@@ -22,17 +20,15 @@ from typing import Any
 
 
 class Cores:
-    """``threads`` threads run the jobs models submit (``lane(key)``: one model's executor),
-    fairly in the seconds of ``used``, a ledger pools may share."""
+    """One thread runs every model call; ``lane(key)`` is the executor one model submits to."""
 
-    def __init__(self, threads: int = 1, used: dict[Hashable, float] | None = None, name: str = "model") -> None:
+    def __init__(self) -> None:
         self._changed = threading.Condition()
         self._waiting: dict[Hashable, deque[tuple[Future, Callable[..., Any], tuple[Any, ...]]]] = {}
-        self.used = {} if used is None else used  # seconds on the cores, per model (its virtual time)
+        self.used: dict[Hashable, float] = {}  # seconds on the cores, per model (its virtual time)
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._work, name="model", daemon=True)
+        self._thread.start()
 
     def lane(self, key: Hashable) -> Executor:
         return _Lane(self, key)
@@ -73,13 +69,12 @@ class Cores:
                 self.used[key] = self.used.get(key, 0.0) + time.perf_counter() - start
 
     def shutdown(self) -> None:
-        """Run what was submitted, then stop the threads."""
+        """Run what was submitted, then stop the thread."""
         with self._changed:
             self._closed = True
-            self._changed.notify_all()
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join()
+            self._changed.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
 
 class _Lane(Executor):

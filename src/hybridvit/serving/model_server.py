@@ -9,6 +9,7 @@ import asyncio
 import io
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -99,17 +100,17 @@ class ServerMetrics:
 
 class Shared:
     """What every model of one server shares: the cores (``cores.Cores``: one model call at a
-    time, and the decoding threads, both fair in seconds between the models under load) and the
-    metrics."""
+    time, fair in seconds between the models under load), the decoding threads and the metrics."""
 
     def __init__(self, decode_workers: int | None = None) -> None:
         self.threads = torch.get_num_threads()
         self.metrics = ServerMetrics()
         self.cores = Cores()
-        self.decoders = Cores(decode_workers or self.threads, self.cores.used, name="decode")
+        self.decoders = ThreadPoolExecutor(decode_workers or self.threads, thread_name_prefix="decode")
+        self.models = 0  # model versions batching now: with several, each hands the cores two batches
 
     def close(self) -> None:
-        self.decoders.shutdown()
+        self.decoders.shutdown(wait=True)
         self.cores.shutdown()
 
 
@@ -128,7 +129,6 @@ class ModelServer:
         self.threads = self.shared.threads
         self.max_batch_size = predictor.spec.batch_size
         self.lane = self.shared.cores.lane((self.name, self.version))  # its way onto the shared cores
-        self.decoding_lane = self.shared.decoders.lane((self.name, self.version))
         self.model = predictor.model_for(self.threads)
         self.ready = False
         self.rate = 0.0  # images/s at the largest batch, measured at warm-up
@@ -158,8 +158,10 @@ class ModelServer:
         self.metrics.model_seconds.labels(self.name, self.version).reset()  # the warm-up is not the model's share
         self.batcher = self.batching(self._run, self.max_batch_size, self.config.max_wait_ms / 1e3,
                                      self.metrics.batch_sizes.labels(self.name, self.version).observe,
-                                     incoming=lambda: self.decoding, executor=self.lane)
+                                     incoming=lambda: self.decoding, executor=self.lane,
+                                     in_flight=lambda: 2 if self.shared.models > 1 else 1)
         self.batcher.start()
+        self.shared.models += 1
         self._loop = loop
         self.metrics.queue_depth.labels(self.name, self.version).set_function(
             lambda: self.batcher.depth if self.batcher else 0)
@@ -186,7 +188,9 @@ class ModelServer:
     async def stop(self) -> None:
         self.ready = False
         if self.batcher is not None:
+            self.shared.models -= 1
             await self.batcher.stop()
+            self.batcher = None
         for metric in (self.metrics.queue_depth, self.metrics.batch_sizes, self.metrics.model_seconds):
             try:
                 metric.remove(self.name, self.version)
@@ -210,7 +214,7 @@ class ModelServer:
         """The uploads decoded in the decoding threads, in their order (``UploadError`` for the first bad one)."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(*(loop.run_in_executor(
-            self.decoding_lane, decode_upload, self.predictor, data, name, self.config.max_pixels)
+            self.shared.decoders, decode_upload, self.predictor, data, name, self.config.max_pixels)
             for name, data in uploads), return_exceptions=True)
         for result in decoded:
             if isinstance(result, BaseException):
