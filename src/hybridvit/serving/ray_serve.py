@@ -34,10 +34,10 @@ class RayBatcher(Batcher):
 
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
                  on_batch: Callable[[int], None] = lambda size: None, incoming: Callable[[], int] = lambda: 1,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, in_flight: Callable[[], int] = lambda: 1) -> None:
         from ray import serve
 
-        super().__init__(run, max_batch_size, max_wait_s, on_batch, incoming, executor)
+        super().__init__(run, max_batch_size, max_wait_s, on_batch, incoming, executor, in_flight)
 
         async def batch(images: list[np.ndarray]) -> list[torch.Tensor]:
             self._waiting -= len(images)
