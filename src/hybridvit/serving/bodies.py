@@ -1,16 +1,58 @@
-"""Request bodies within a server's limits: their size, counted as they come, and the time to send
-them; a raw image body or a multipart form's image files (``/v1``), or the bytes (``/v2``)."""
+"""HTTP requests within a server's limits: bodies (their size, counted as they come, and the time
+to send them; a raw image body or a multipart form's image files for ``/v1``, the bytes for
+``/v2``), and each inference request answered and counted the same way whatever its protocol."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from .model_server import ServeConfig, ServerMetrics, UploadError
+from .pipeline import describe_error
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
+
+
+@dataclass
+class Served:
+    """The model version a request reached (none yet: refused before), for its metrics."""
+
+    name: str = ""
+    version: str = ""
+
+
+async def answer(metrics: ServerMetrics, protocol: str, handle: Callable[[Served], Awaitable[Response]]) -> Response:
+    """``handle``'s response, or what it raised as one (a refusal, 499 for a client gone, 500 for a
+    model failure: the server goes on), counted once by status, model and protocol, and timed."""
+    start, served = time.perf_counter(), Served()
+    metrics.in_flight.inc()
+    try:
+        response = await handle(served)
+    except UploadError as e:
+        response = refusal(e)
+    except ClientDisconnect:  # no one to answer: counted apart from the server's faults
+        response = Response(status_code=CLIENT_CLOSED)
+    except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
+        response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
+    finally:  # a client that went away (cancelled) leaves the gauge too
+        metrics.in_flight.dec()
+    metrics.requests.labels(str(response.status_code), served.name, served.version, protocol).inc()
+    metrics.latency.labels(protocol).observe(time.perf_counter() - start)
+    return response
+
+
+def refusal(e: UploadError) -> JSONResponse:
+    """The JSON answer to a refused request; a timed-out body also closes its connection (the
+    rest of the body is never read)."""
+    headers = {"connection": "close"} if e.status == 408 else None
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
 async def read_body(request: Request, config: ServeConfig, metrics: ServerMetrics,

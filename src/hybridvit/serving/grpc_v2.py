@@ -99,9 +99,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _check_key(self, context: grpc.aio.ServicerContext) -> None:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        authorization = metadata.get("authorization", "")
-        bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-        check_api_key(self.config, metadata.get("x-api-key") or bearer)
+        check_api_key(self.config, metadata.get("x-api-key"), metadata.get("authorization"))
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=True)

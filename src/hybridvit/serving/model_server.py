@@ -48,9 +48,14 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # a body not received whole by then is refused (408): slow clients free their slot
 
 
-def check_api_key(config: ServeConfig, given: str | None) -> None:
-    """``UploadError`` 401 unless ``given`` is the server's API key (when it has one)."""
-    if config.api_key is not None and not secrets.compare_digest((given or "").encode(), config.api_key.encode()):
+def check_api_key(config: ServeConfig, api_key: str | None, authorization: str | None) -> None:
+    """``UploadError`` 401 unless the request (its ``X-API-Key``, or ``Authorization: Bearer KEY``:
+    HTTP headers or gRPC metadata) gives the server's API key, when it has one."""
+    if config.api_key is None:
+        return
+    scheme, _, credentials = (authorization or "").strip().partition(" ")  # the scheme in any case (RFC 7235)
+    given = api_key or (credentials.strip() if scheme.lower() == "bearer" else "")
+    if not secrets.compare_digest(given.encode(), config.api_key.encode()):
         raise UploadError(401, "missing or wrong API key (X-API-Key: KEY or Authorization: Bearer KEY)")
 
 

@@ -166,8 +166,6 @@ class ModelRepository:
             try:
                 for version, spec in sorted(specs.items(), key=lambda item: int(item[0])):
                     built.append(await self._build(name, version, spec))
-            except UploadError:
-                raise
             except Exception as e:  # noqa: BLE001 - a bad model folder fails its load, not the server
                 for server in built:
                     await server.stop()

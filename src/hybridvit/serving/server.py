@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -25,13 +24,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import ClientDisconnect
 
 from ..checks import BindError
 from . import tracing
-from .bodies import CLIENT_CLOSED, read_body
+from .bodies import Served, answer, read_body, refusal
 from .model_server import ModelServer, UploadError, check_api_key
-from .pipeline import describe_error
 from .repository import ModelRepository
 from .v2 import add_v2_routes
 
@@ -107,7 +104,7 @@ def create_app(models: ModelRepository | ModelServer, grpc_port: int | None = No
 
     @app.exception_handler(UploadError)
     async def refused(request: Request, e: UploadError) -> JSONResponse:
-        return _refusal(e)
+        return refusal(e)
 
     @app.exception_handler(RequestValidationError)
     async def bad_query(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -118,7 +115,7 @@ def create_app(models: ModelRepository | ModelServer, grpc_port: int | None = No
         return JSONResponse({"error": problems}, status_code=422)
 
     def check_key(request: Request) -> None:
-        check_api_key(config, request.headers.get("x-api-key") or _bearer(request.headers.get("authorization", "")))
+        check_api_key(config, request.headers.get("x-api-key"), request.headers.get("authorization"))
 
     @app.post("/v1/predict", summary="Top classes (and embeddings) for one or more images",
               description="A raw image body (image/* or application/octet-stream), or multipart/form-data "
@@ -128,29 +125,17 @@ def create_app(models: ModelRepository | ModelServer, grpc_port: int | None = No
                                                       "probability from which a label is returned"),
                       model: str | None = Query(None, description="the model's name (default: the first served)"),
                       ) -> Any:
-        start = time.perf_counter()
-        metrics.in_flight.inc()
-        served = ("", "")
-        try:
+        async def handle(served: Served) -> Response:
             with tracing.span("receive", tracing.extract(request.headers), {"model": model or ""}):
                 check_key(request)
                 server = repository.default if model is None else repository.get(model)
-                served = (server.name, server.version)
+                served.name, served.version = server.name, server.version
                 async with server.use():
                     uploads = await read_body(request, config, metrics)
-                    answers = await server.predict(uploads, top_k, embeddings, threshold)
-            response = JSONResponse({"predictions": answers})
-        except UploadError as e:
-            response = _refusal(e)
-        except ClientDisconnect:  # no one to answer: counted apart from the server's faults
-            response = Response(status_code=CLIENT_CLOSED)
-        except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
-            response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
-        finally:  # a client that went away (cancelled) leaves the gauge too
-            metrics.in_flight.dec()
-        metrics.requests.labels(str(response.status_code), *served, "v1").inc()
-        metrics.latency.labels("v1").observe(time.perf_counter() - start)
-        return response
+                    return JSONResponse({"predictions": await server.predict(uploads, top_k, embeddings,
+                                                                             threshold)})
+
+        return await answer(metrics, "v1", handle)
 
     @app.post("/v1/attention", summary="Where each head looks from one query point of an image",
               description="The image as for /v1/predict (one image); y and x in the model input's pixels "
@@ -205,20 +190,6 @@ def create_app(models: ModelRepository | ModelServer, grpc_port: int | None = No
 
     add_v2_routes(app, repository, check_key)
     return app
-
-
-def _refusal(e: UploadError) -> JSONResponse:
-    """The JSON answer to a refused request; a timed-out body also closes its connection (the
-    rest of the body is never read)."""
-    headers = {"connection": "close"} if e.status == 408 else None
-    return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
-
-
-def _bearer(authorization: str) -> str:
-    """The credentials of ``Authorization: Bearer KEY``; the scheme is case-insensitive (RFC 7235),
-    and a header without one gives nothing."""
-    scheme, _, credentials = authorization.strip().partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" else ""
 
 
 def _swagger_assets() -> Path | None:

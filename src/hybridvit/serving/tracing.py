@@ -152,6 +152,6 @@ def queued_and_ran(records: list[Waiting | None]) -> None:
     first = min(records, key=lambda r: r.started)
     _tracer.start_span("queue", start_time=first.submitted).end(end_time=first.started)
     model = _tracer.start_span("model", start_time=first.started, links=[Link(r.batch) for r in records],
-                               attributes={"batch.size": [r.size for r in records][0],
+                               attributes={"batch.size": first.size,
                                            "batches": len({id(r.batch) for r in records})})
     model.end(end_time=max(r.ended for r in records))

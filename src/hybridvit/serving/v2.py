@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -26,12 +25,11 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from . import tracing
-from .pipeline import describe_error, probabilities
-from .bodies import CLIENT_CLOSED, read_body
+from .bodies import Served, answer, read_body
+from .pipeline import probabilities
 from .model_server import ModelServer, UploadError
 
 if TYPE_CHECKING:
@@ -349,32 +347,18 @@ def add_v2_routes(app: FastAPI, repository: ModelRepository, check_key: Callable
     @app.post("/v2/models/{name}/infer", summary="Inference (Open Inference Protocol; binary tensor data too)")
     @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on one version")
     async def infer_route(request: Request, name: str, version: str | None = None) -> Response:
-        start = time.perf_counter()
-        metrics.in_flight.inc()
-        served = ("", "")
-        context = tracing.extract(request.headers)
-        try:
-            with tracing.span("receive", context, {"model": name}):
+        async def handle(served: Served) -> Response:
+            with tracing.span("receive", tracing.extract(request.headers), {"model": name}):
                 check_key(request)
                 server = repository.get(name, version)
-                served = (server.name, server.version)
+                served.name, served.version = server.name, server.version
                 async with server.use():
                     body = await read_body(request, config, metrics, images=False)
                     parsed = parse_rest(body, request.headers.get(HEADER_LENGTH))
                     outputs = await infer(server, parsed)
-                response = encode_rest(server.name, server.version, parsed, outputs)
-        except UploadError as e:
-            response = JSONResponse({"error": str(e)}, status_code=e.status,
-                                    headers={"connection": "close"} if e.status == 408 else None)
-        except ClientDisconnect:
-            response = Response(status_code=CLIENT_CLOSED)
-        except Exception as e:  # noqa: BLE001 - a model failure fails this request, and the server goes on
-            response = JSONResponse({"error": f"model failed: {describe_error(e)}"}, status_code=500)
-        finally:
-            metrics.in_flight.dec()
-        metrics.requests.labels(str(response.status_code), *served, "v2").inc()
-        metrics.latency.labels("v2").observe(time.perf_counter() - start)
-        return response
+                return encode_rest(server.name, server.version, parsed, outputs)
+
+        return await answer(metrics, "v2", handle)
 
     @app.post("/v2/repository/index", summary="Every model of the repository, loaded or not")
     async def index(request: Request) -> list[dict[str, str]]:
