@@ -43,6 +43,23 @@ def test_optimize_fp32_matches_eager(name, backend):
         hybridvit.optimize(model, "fp8")
 
 
+def test_openvino_runs_the_callers_batch_size_in_a_fixed_shape_graph():
+    from hybridvit.fusion import fuse
+    from hybridvit.inference.runners import OpenVinoRunner
+
+    model = fuse(randomize_(hybridvit.create_model("levit_128s", img_size=64)).eval()).requires_grad_(False)
+    ov_runner = OpenVinoRunner(model, torch.zeros(4, 3, 64, 64))
+    fixed = ov_runner.compiled[4].inputs[0].partial_shape
+    assert fixed.is_static and list(fixed.to_shape()) == [4, 3, 64, 64]
+    assert ov_runner.compiled[None].inputs[0].partial_shape[0].is_dynamic
+    for batch in (4, 3, 5):  # the named batch size in its own graph, the others in the free one
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            assert rel_err(ov_runner(x), model(x)) < 1e-5
+    assert set(ov_runner._local.requests) == {None, 4}
+    assert set(OpenVinoRunner(model, torch.zeros(1, 3, 64, 64)).compiled) == {None}  # batch 1: nothing to fix
+
+
 def test_optimize_picks_onnxruntime_for_cpu_fp32_only():
     model = hybridvit.create_model("levit_128s", img_size=64).eval()
     assert hybridvit.optimize(model).backend == "onnxruntime"  # installed with the test extra

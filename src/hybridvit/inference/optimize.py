@@ -131,7 +131,7 @@ def _build(model: nn.Module, fused: nn.Module, example: torch.Tensor, precision:
            data: _Int8Data | None = None) -> InferenceModel:
     if precision == "int8-static":
         assert data is not None and data.calibration is not None
-        return quantize_static(model, data.calibration, backend=backend)
+        return quantize_static(model, data.calibration, backend=backend, static_batch=int(example.shape[0]))
     dtype = torch.bfloat16 if precision == "bf16" and backend == "torchscript" else torch.float32
     graph_model = fused
     if backend == "torchscript" and precision == "bf16":

@@ -125,7 +125,8 @@ def calibration_set(data: str | Path, model: nn.Module, images: int = CALIBRATIO
 
 def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torch.Tensor,
                     output: str | Path | None = None, per_channel: bool = True,
-                    reduce_range: bool = True, backend: str = "onnxruntime") -> InferenceModel:
+                    reduce_range: bool = True, backend: str = "onnxruntime",
+                    static_batch: int | None = None) -> InferenceModel:
     """Static int8 version of ``model`` (left untouched), calibrated on ``calibration``.
 
     ``calibration``: preprocessed image batches (e.g. a ``calibration_set``) or one tensor of
@@ -135,7 +136,8 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     post-training quantization of the fused model's export in OpenVINO (the peer, on our graph).
     ``output``: also write the QDQ ONNX file there (not for ``nncf``). ``reduce_range`` (7-bit
     weights) avoids overflow on CPUs without VNNI; without it, VNNI CPUs gain one bit of
-    weight precision. Returns float logits.
+    weight precision. ``static_batch``: a batch size OpenVINO also compiles with fixed shapes (the
+    one the caller runs most; ``OpenVinoRunner``). Returns float logits.
     """
     if backend not in QUANTIZED_BACKENDS:
         raise ValueError(f"static int8 backend must be one of {', '.join(QUANTIZED_BACKENDS)}, got {backend!r}")
@@ -158,7 +160,9 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     hw = tuple(batches[0].shape[-2:])
 
     def capture(example: torch.Tensor) -> Runner:  # at the calibrated size only (fixed_size)
-        return OnnxRuntimeRunner(quantized) if backend == "onnxruntime" else OpenVinoRunner(quantized)
+        if backend == "onnxruntime":
+            return OnnxRuntimeRunner(quantized)
+        return OpenVinoRunner(quantized, static_batch=static_batch if static_batch and static_batch > 1 else None)
 
     return InferenceModel(capture(torch.zeros(1, *batches[0].shape[1:])), model, torch.float32, "int8-static",
                           backend, hw, capture, fixed_size=True)

@@ -41,7 +41,8 @@ class ConvEmbed(nn.Module):
         """``(B, C, H, W)`` map -> ``(B, H'*W', dim)`` normalised tokens and the grid ``(H', W')``."""
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        return self.norm(x.flatten(2).transpose(1, 2)), grid
+        # channels-last, then one reshape: the layout a CPU runtime's convolution writes (no reorder)
+        return self.norm(x.permute(0, 2, 3, 1).reshape(x.shape[0], grid[0] * grid[1], x.shape[1])), grid
 
 
 class ConvAttention(nn.Module):
