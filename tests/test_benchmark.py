@@ -311,3 +311,43 @@ def test_tuned_allocator_is_applied_before_any_row_is_built(monkeypatch):
     candidates, device, threads, plan, _, tuned = seen["args"]
     assert [c.name for c in candidates] == ["levit_128s (int8)"] and tuned is True
     assert (device, threads, plan.batch, plan.rounds) == ("cpu", 1, 2, 1)
+
+
+def test_an_auto_row_is_held_to_the_bound_of_the_precision_it_chose(monkeypatch):
+    import hybridvit.bench.throughput as throughput
+
+    monkeypatch.setattr(throughput, "matmul_rates", lambda: {"fp32": 100.0, "bf16": 400.0, "int8": 800.0})
+
+    def build():
+        def run(x):
+            return x.sum()
+        run.precision = "int8-static"  # what optimize("auto") picked
+        return run
+
+    rows, machine = benchmark([Candidate("m (auto)", build, (8, 8), "hybridvit", "m", precision="auto", macs=10**6)],
+                              "cpu", 1, Plan(2, 0.0, 0.05, 1))
+    assert rows[0].precision == "int8-static"
+    assert rows[0].bound_share == pytest.approx(bound_share(rows[0].images_per_second, 10**6, 800.0))
+    assert "cpu_features" in machine
+
+
+@pytest.mark.slow
+def test_profile_shows_where_openvino_spends_each_precisions_time(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 90, 200 - 40 * i)).save(tmp_path / f"{i}.jpg")
+    result = runner.invoke(app, ["profile", "levit_128s", "--precision", "fp32", "--precision", "int8", "--batch",
+                                 "2", "--runs", "2", "--calibration", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    fp32, int8 = report["profiles"]
+    for profile in (fp32, int8):
+        assert profile["ms"] == pytest.approx(sum(op["ms"] for op in profile["ops"]))
+        assert [op["ms"] for op in profile["ops"]] == sorted((op["ms"] for op in profile["ops"]), reverse=True)
+        assert profile["batch"] == 2 and profile["threads"] == 1
+    kernels = [{k.lower() for op in p["ops"] for k in op["kernels"]} for p in (fp32, int8)]
+    assert not any("i8" in k for k in kernels[0]) and any("i8" in k for k in kernels[1])  # NNCF's products in int8
+    assert {"FullyConnected", "Convolution"} <= {op["op_type"] for op in fp32["ops"]}
+    refused = runner.invoke(app, ["profile", "levit_128s", "--precision", "fp16"])
+    assert isinstance(refused.exception, ValueError) and "fp32, bf16, int8" in str(refused.exception)

@@ -334,6 +334,9 @@ def test_auto_refuses_int8_that_disagrees_with_fp32(quantized, digits, monkeypat
     assert chosen.precision == "fp32"
     assert chosen.agreement["int8-static/onnxruntime"] < TOP1_AGREEMENT
     assert math.isnan(chosen.measured["int8-static/onnxruntime"])
+    assert chosen.reason.startswith("fp32/onnxruntime at ")  # says why, in what was measured
+    assert (f"int8-static/onnxruntime refused: top-1 agreed with fp32 on "
+            f"{chosen.agreement['int8-static/onnxruntime']:.1%}") in chosen.reason
 
 
 def test_auto_picks_int8_when_it_agrees_and_is_faster(quantized, digits, monkeypatch):
@@ -341,6 +344,9 @@ def test_auto_picks_int8_when_it_agrees_and_is_faster(quantized, digits, monkeyp
     assert (chosen.precision, chosen.backend) == ("int8-static", "onnxruntime")
     assert chosen.agreement["int8-static/onnxruntime"] >= TOP1_AGREEMENT
     assert chosen.measured["int8-static/onnxruntime"] > chosen.measured["fp32/onnxruntime"]
+    ratio = chosen.measured["fp32/onnxruntime"] / chosen.measured["int8-static/onnxruntime"]
+    assert chosen.reason.startswith("int8-static/onnxruntime at ") and "fp32/onnxruntime " in chosen.reason
+    assert f"({ratio:.2f}x)" in chosen.reason
     val = digits[2]
     assert (chosen(val).argmax(1) == quantized[0].eval()(val).argmax(1)).float().mean() >= TOP1_AGREEMENT
 
@@ -350,6 +356,7 @@ def test_auto_without_validation_stays_in_float(quantized, digits):
     chosen = optimize(model, "auto", torch.zeros(16, 3, *SIZE), backend="onnxruntime", calibration=digits[0][:64])
     assert chosen.precision == "fp32" and not chosen.agreement
     assert not any(key.startswith("int8") for key in chosen.measured)
+    assert chosen.reason.endswith("int8 not tried: no validation images to check its answers on")
 
 
 def test_static_int8_through_nncf_runs_and_is_close_to_fp32(quantized, digits):

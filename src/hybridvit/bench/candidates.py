@@ -182,8 +182,7 @@ def hybridvit_candidates(name: str, precision: str, device: str, pretrained: boo
         images = (calibration or Calibration()).of(name)
         return [row(f"{name} (int8-static, {b})", lambda b=b: quantize.quantize_static(build(), images(), backend=b))
                 for b in quantize.QUANTIZED_BACKENDS if quantize.quantized_backend_available(b)]
-    return [row(f"{name} ({precision})", ours(precision),
-                "fp32" if precision == "auto" else precision)]
+    return [row(f"{name} ({precision})", ours(precision))]
 
 
 def file_candidate(path: str | Path) -> Candidate:

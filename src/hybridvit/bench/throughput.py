@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..checks import check_range
-from ..inference.machine import bound_share, matmul_rates, torch_threads
+from ..inference.machine import bound_share, cpu_features, matmul_rates, torch_threads
 from ..inference.optimize import tune_cpu_allocator
 
 Progress = Callable[[str, int, int], None]  # description, steps done, steps in all
@@ -100,7 +100,7 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+    info = {"cpu": cpu, "cpu_features": " ".join(cpu_features()), "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "date": time.strftime("%Y-%m-%d")}
     for module in ("onnxruntime", "openvino"):
         try:
@@ -246,7 +246,9 @@ def _time(prepared: list[_Prepared], ops: DeviceOps, plan: Plan, steps: _Steps) 
             ops.sync()
             times.append((time.perf_counter() - start) * 1e3)
         images, seconds = (sum(v) for v in zip(*rounds[id(p)]))
-        rows.append(BenchResult(c.name, c.source, c.model, c.precision, p.x.shape[0], images / seconds,
+        # an ``auto`` row's bound is the precision it chose (int8 products run at twice bf16's rate)
+        precision = getattr(p.fn, "precision", "fp32") if c.precision == "auto" else c.precision
+        rows.append(BenchResult(c.name, c.source, c.model, precision, p.x.shape[0], images / seconds,
                                 [i / s for i, s in rounds[id(p)]], *latency_summary(times), peak, c.paper_top1,
                                 c.macs))
     return rows

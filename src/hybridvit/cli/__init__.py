@@ -37,6 +37,7 @@ for _name, _command in (("models", models.models_cmd), ("info", models.info_cmd)
                         ("train", training.train_cmd), ("eval", training.eval_cmd),
                         ("predict", predict.predict_cmd), ("serve", serve.serve_cmd), ("export", deploy.export_cmd),
                         ("quantize", deploy.quantize_cmd), ("benchmark", bench.benchmark_cmd),
+                        ("profile", bench.profile_cmd),
                         ("push", deploy.push_cmd), ("experiment", training.experiment_cmd), ("plot", plot.plot_cmd)):
     app.command(_name)(_command)
 

@@ -153,3 +153,54 @@ def _print_benchmark(rows: list, machine: dict, ratios: list[tuple[str, str, flo
                       + ", ".join(f"{k} {fmt(v, '.1f')}" for k, v in rates.items()), highlight=False)
     for a, b, r in ratios:
         console.print(f"{a} / {b}: {r:.2f}x", highlight=False)
+
+
+def profile_cmd(
+    models: list[str] = typer.Argument(..., help="registered models, e.g. levit_128s cvt_13"),
+    precision: Optional[list[str]] = typer.Option(None, help="fp32, bf16 (default), int8 (NNCF's; repeatable)"),
+    threads: int = typer.Option(1, help="CPU threads"),
+    batch: int = typer.Option(16, help="batch size (compiled with fixed shapes, as predict runs it)"),
+    runs: int = typer.Option(20, help="profiled runs (each node's median is kept)"),
+    calibration: Optional[Path] = typer.Option(None, help="int8: images to calibrate on (default: photos made "
+                                               "offline)"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Where each model's time goes in OpenVINO, per op type and kernel (its per-node counters)."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from ..bench import machine_info
+    from ..bench.candidates import Calibration
+    from ..bench.profile import PRECISIONS, profile_openvino
+    from ..checks import check_range
+    from ..inference.runners import openvino_available
+    from ..registry import get_model_info
+
+    for value, name in ((threads, "threads"), (batch, "batch"), (runs, "runs")):
+        check_range(name, value, 1)
+    precisions = precision or ["bf16"]
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
+    for name in models:
+        get_model_info(name)
+    if not openvino_available():
+        raise ImportError("profiling needs OpenVINO: pip install hybridvit[openvino]")
+    images = Calibration(calibration)
+    profiles = [profile_openvino(name, p, batch, threads, runs, images.of(name)) for name in models for p in precisions]
+    machine = machine_info(torch.device("cpu"), threads)
+    if json_output:
+        print(json.dumps({"machine": machine, "profiles": [dataclasses.asdict(p) for p in profiles]}))
+        return
+    for p in profiles:
+        table = Table(title=f"{p.model}, {p.precision}, batch {p.batch}, {p.threads} thread(s): {p.ms:.2f} ms per "
+                            f"batch ({p.images_per_second:,.0f} images/s)")
+        for col in ("op type", "ms", "share", "nodes", "kernels (ms)"):
+            table.add_column(col, justify="left" if col in ("op type", "kernels (ms)") else "right")
+        for op in p.ops:
+            kernels = ", ".join(f"{k} {v:.2f}" for k, v in sorted(op.kernels.items(), key=lambda kv: -kv[1]))
+            table.add_row(op.op_type, f"{op.ms:.2f}", f"{op.ms / p.ms:.1%}", str(op.nodes), kernels)
+        console.print(table)
+    console.print(", ".join(f"{k} {v}" for k, v in machine.items()), highlight=False)

@@ -102,6 +102,8 @@ def predict_cmd(
         resumed = f" ({summary.resumed:,} from before)" if summary.resumed else ""
         typer.echo(f"{summary.images:,} image(s){resumed}, {summary.failed:,} failed, "
                    f"{summary.images_per_second:,.1f} images/s; {summary.path_used}, {summary.split}; {output}", err=True)
+        if summary.reason:
+            typer.echo(f"path: {summary.reason}", err=True)
     if summary.failed:
         raise typer.Exit(1)
 

@@ -87,6 +87,21 @@ def matmul_rates(seconds: float = 0.5) -> dict[str, float | None]:
     return dict(_cached(torch.get_num_threads(), seconds))
 
 
+# The instruction sets that decide which kernels a CPU runtime picks for each precision.
+MATMUL_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of ``MATMUL_FEATURES`` this CPU has (from /proc/cpuinfo; empty where it cannot be read):
+    bf16 and int8 rates, and the runtime that wins, differ across them by 2x and more."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [feature for feature in MATMUL_FEATURES if feature in flags]
+
+
 def bound_share(images_per_second: float, macs: float, rate_gflops: float | None) -> float | None:
     """Fraction of the images/s that ``rate_gflops`` allows a model of ``macs`` MACs per image."""
     if not rate_gflops or not macs:

@@ -22,7 +22,8 @@ class InferenceModel(nn.Module):
     ``fixed_size`` (a static int8 graph, calibrated at one size), other sizes are refused.
     ``measured`` holds images/s per ``precision/backend`` candidate when ``precision="auto"``
     chose this one (nan where a candidate's outputs disagreed with fp32); ``agreement`` the
-    share of validation images whose top-1 class an int8 candidate shared with fp32.
+    share of validation images whose top-1 class an int8 candidate shared with fp32; ``reason``
+    both in a sentence.
     """
 
     def __init__(self, runner: Runner, source: nn.Module, dtype: torch.dtype, precision: str, backend: str,
@@ -41,6 +42,7 @@ class InferenceModel(nn.Module):
         self._check_input = getattr(source, "check_input", None)
         self.measured: dict[str, float] = {}
         self.agreement: dict[str, float] = {}
+        self.reason = ""  # auto: why this path, in a sentence of what was measured
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

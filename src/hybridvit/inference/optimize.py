@@ -217,7 +217,30 @@ def _fastest(model: nn.Module, fused: nn.Module, example: torch.Tensor, pairs: l
     best = built[fastest]
     best.measured = {key: statistics.median(v) for key, v in speeds.items()} | measured
     best.agreement = agreement
+    best.reason = _reason(fastest, best.measured, agreement, gate, data.validation is not None)
     return best
+
+
+def _reason(chosen: str, measured: dict[str, float], agreement: dict[str, float], gate: bool,
+            validated: bool) -> str:
+    """Why ``auto`` kept ``chosen``: each other candidate's speed against it, and why any was
+    left out (outputs that disagreed, int8 untried without validation images). Which wins,
+    int8 or bf16, differs between CPUs (AMX-int8, VNNI, AVX2), so the sentence says what this
+    machine measured."""
+    rate = measured[chosen]
+    parts = [f"{chosen} at {rate:,.0f} images/s"]
+    for key, value in sorted(measured.items(), key=lambda kv: -kv[1] if kv[1] == kv[1] else 0.0):
+        if key == chosen:
+            continue
+        if value != value:  # nan: refused
+            why = (f"top-1 agreed with fp32 on {agreement[key]:.1%} of the validation images "
+                   f"({TOP1_AGREEMENT:.0%} needed)" if gate and key in agreement else "outputs differed from fp32")
+            parts.append(f"{key} refused: {why}")
+        else:
+            parts.append(f"{key} {value:,.0f} ({value / rate:.2f}x)")
+    if not validated and gate:
+        parts.append("int8 not tried: no validation images to check its answers on")
+    return "; ".join(parts)
 
 
 def _images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seconds: float) -> float:

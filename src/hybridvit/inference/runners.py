@@ -107,12 +107,13 @@ class OpenVinoRunner:
     each layer's memory and kernels once: LeViT-128S at batch 16 ran 3-8% faster (bf16 and
     f32, 1 and 2 threads; docs/benchmarks.md). A compile costs about 0.15 s and a copy of the
     weights, so only the batch the caller names is fixed (``predict``'s batch size).
+    ``perf_count``: keep OpenVINO's per-node counters (``profiling_info``; ``bench.profile``).
     Each calling thread gets infer requests of its own, so it may be called from several.
     Threads are not pinned: pinned, every one-thread model took the same core, and two of them
     in lanes beside decoding threads ran no faster than one (docs/benchmarks.md)."""
 
     def __init__(self, model: nn.Module | bytes | Any, example: torch.Tensor | None = None,
-                 precision: str = "fp32", static_batch: int | None = None) -> None:
+                 precision: str = "fp32", static_batch: int | None = None, perf_count: bool = False) -> None:
         import openvino as ov
 
         from .export import onnx_bytes
@@ -127,7 +128,8 @@ class OpenVinoRunner:
         if static_batch is None and example is not None and example.shape[0] > 1:
             static_batch = int(example.shape[0])
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                  "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+                  "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                  "PERF_COUNT": perf_count}
         with keep_signal_stack():
             self.compiled = {None: core.compile_model(model, "CPU", config)}
             if static_batch is not None and model.inputs[0].partial_shape[0].is_dynamic:
@@ -149,8 +151,20 @@ class OpenVinoRunner:
         return request
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0] if x.shape[0] in self.compiled else None
-        return torch.from_numpy(self._request(batch).infer({0: x.contiguous().numpy()})[0].copy())
+        return torch.from_numpy(self._request(self._graph(x.shape[0])).infer({0: x.contiguous().numpy()})[0].copy())
+
+    def _graph(self, batch: int) -> int | None:
+        return batch if batch in self.compiled else None
+
+    def profiling_info(self, batch: int) -> list[tuple[str, str, str, float]]:
+        """(node, op type, kernel, ms) of each node this thread's last call at ``batch`` executed
+        (compiled with ``perf_count``)."""
+        executed = []
+        for node in self._request(self._graph(batch)).profiling_info:
+            if node.status == node.Status.EXECUTED:
+                executed.append((node.node_name, node.node_type, node.exec_type,
+                                 node.real_time.total_seconds() * 1e3))
+        return executed
 
 
 def torchscript_runner(fused: nn.Module, example: torch.Tensor, rewrite: bool) -> Runner:

@@ -32,6 +32,7 @@ class RunSummary:
     resumed: int = 0
     seconds: float = 0.0
     path_used: str = ""
+    reason: str = ""
     split: str = ""
     measured: dict[str, float] = field(default_factory=dict)
 
@@ -99,6 +100,7 @@ def predict_collection(predictor: Predictor, sources: Iterable[str | Path], k: i
         bar.close()
         summary.seconds = time.perf_counter() - start - run.build_seconds
         summary.split, summary.measured, summary.path_used = str(run.split), run.measured, run.path_used
+        summary.reason = run.reason
     return summary
 
 

@@ -56,6 +56,7 @@ class PredictionRun:
         self.images = 0
         self.build_seconds = 0.0  # spent building (and with "auto", measuring) models during the run
         self.path_used = ""  # precision/backend of the model the run used
+        self.reason = ""  # with precision auto: why that path (``InferenceModel.reason``)
 
     @property
     def split(self) -> Split:
@@ -78,6 +79,7 @@ class PredictionRun:
             self.build_seconds = predictor.build_seconds - built
             model = predictor.built(self.split.model_threads)
             self.path_used = f"{model.precision}/{model.backend}" if model is not None else ""
+            self.reason = getattr(model, "reason", "")
         if self._pipeline.measured:  # measured once: later runs of this predictor take that split at once
             predictor.splits = [self._pipeline.split]
 
