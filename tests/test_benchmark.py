@@ -196,6 +196,20 @@ def test_benchmark_official_rows_run_the_clones_fused_models(official_clone, mon
         ("levit_128s (int8)", name) for name in official | {"timm levit_128s"}}
 
 
+def test_auto_is_compared_with_openvino_at_its_own_default_precision(official_clone, monkeypatch):
+    import openvino as ov
+
+    from hybridvit.bench import candidates
+
+    monkeypatch.setattr(candidates, "installed", lambda *modules: "transformers" not in modules)
+    rows = reference_candidates("levit_128s", "cpu", official_clone, "auto")
+    assert [r.name for r in rows] == ["official levit_128s (fused, OpenVINO, default precision)"]
+    built = rows[0].build()
+    plugin_default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))  # bf16 where the CPU has it
+    assert str(built.compiled[None].get_property("INFERENCE_PRECISION_HINT")) == plugin_default
+    assert built.precision == ("bf16" if "bfloat16" in plugin_default else "fp32")  # the bound its row is held to
+
+
 @pytest.mark.slow
 def test_benchmark_paper_rows_are_timm_models_at_their_resolution(monkeypatch):
     from hybridvit.bench import candidates

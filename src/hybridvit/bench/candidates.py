@@ -95,10 +95,11 @@ class _Logits(nn.Module):
         return self.model(x).logits
 
 
-def in_openvino(model_fn: Callable[[], nn.Module], hw: tuple[int, int]) -> Build:
-    """A model's plain ONNX export run by OpenVINO with the settings ``optimize`` uses."""
+def in_openvino(model_fn: Callable[[], nn.Module], hw: tuple[int, int], precision: str = "fp32") -> Build:
+    """A model's plain ONNX export run by OpenVINO with the settings ``optimize`` uses, in
+    ``precision`` (``default``: the plugin's own choice, as a user who sets nothing gets)."""
     def build():
-        return OpenVinoRunner(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw))
+        return OpenVinoRunner(model_fn().eval().requires_grad_(False), torch.zeros(1, 3, *hw), precision)
     return build
 
 
@@ -252,12 +253,21 @@ def reference_candidates(name: str, device: str, official_repo: Path | None = No
     info = get_model_info(name)
     hw, top1, count = info.input_size[1:], info.paper_top1, macs(name)
     on_cpu = torch.device(device).type == "cpu"
-    suffix = "" if precision in ("fp32", "fp16", "int8-static") else f" ({precision})"  # NNCF's labels say int8
+    suffix = "" if precision in ("fp32", "fp16", "int8-static", "auto") else f" ({precision})"  # labels say it
     rows = []
 
     def add(label: str, source: str, build: Build) -> None:
         rows.append(Candidate(label + suffix, build, hw, source, name, top1, precision, count))
 
+    if precision == "auto":  # the peer of ``auto``: OpenVINO at its default precision (bf16 where the CPU has it)
+        if on_cpu and openvino_available():
+            if name.startswith("levit") and official_repo is not None:
+                add(f"official {name} (fused, OpenVINO, default precision)", "official",
+                    in_openvino(_official_levit(official_repo, name), hw, "default"))
+            if installed("transformers"):
+                add(f"transformers {name} (OpenVINO, default precision)", "transformers",
+                    in_openvino(lambda: _Logits(_hf_model(name)), hw, "default"))
+        return rows
     if precision == "int8-static":
         if not (on_cpu and quantize.quantized_backend_available("nncf")):
             return []

@@ -73,9 +73,10 @@ def benchmark_cmd(
     if not on_gpu:
         precisions = _drop_slow_bf16(precisions, threads, json_output)
     # references run as shipped: once on CPU (fp32), at each precision's autocast on GPU; beside
-    # static int8 also NNCF's int8 of the official and transformers models
+    # static int8 also NNCF's int8 of the official and transformers models, beside auto OpenVINO at
+    # its default precision
     float_references = precisions if on_gpu else ["fp32"]
-    reference_precisions = float_references + [p for p in precisions if p == "int8-static"]
+    reference_precisions = float_references + [p for p in precisions if p in ("int8-static", "auto") and not on_gpu]
     images = Calibration(calibration)  # one set per model, shared by every int8-static row
     with warnings.catch_warnings(), _progress_bar(json_output) as progress:
         for category in (DeprecationWarning, FutureWarning, UserWarning):  # other libraries' notices

@@ -128,8 +128,9 @@ class OpenVinoRunner:
         if static_batch is None and example is not None and example.shape[0] > 1:
             static_batch = int(example.shape[0])
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                  "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-                  "PERF_COUNT": perf_count}
+                  "ENABLE_CPU_PINNING": False, "PERF_COUNT": perf_count}
+        if precision != "default":  # "default": the plugin's own choice (bf16 where the CPU has it), as a peer runs
+            config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
         with keep_signal_stack():
             self.compiled = {None: core.compile_model(model, "CPU", config)}
             if static_batch is not None and model.inputs[0].partial_shape[0].is_dynamic:
@@ -137,6 +138,8 @@ class OpenVinoRunner:
                 shape = model.inputs[0].partial_shape
                 fixed.reshape({fixed.inputs[0]: ov.PartialShape([static_batch, *list(shape)[1:]])})
                 self.compiled[static_batch] = core.compile_model(fixed, "CPU", config)
+        hint = str(self.compiled[None].get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = "bf16" if "bfloat16" in hint else "fp16" if "f16" in hint else "fp32"  # what it computes in
         self._local = threading.local()
         self._request(None)  # the calling thread's, now: a first request costs the first call nothing
 
