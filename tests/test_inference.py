@@ -60,10 +60,45 @@ def test_openvino_runs_the_callers_batch_size_in_a_fixed_shape_graph():
     assert set(OpenVinoRunner(model, torch.zeros(1, 3, 64, 64)).compiled) == {None}  # batch 1: nothing to fix
 
 
-def test_optimize_picks_onnxruntime_for_cpu_fp32_only():
+def test_an_explicit_precision_runs_on_the_backend_measured_fastest_for_it(monkeypatch):
+    """fp32 and bf16 with backend auto: every installed backend that runs the precision is built
+    and timed (on a fake clock), the fastest kept; int8 (dynamic) runs in TorchScript alone."""
+    import types
+
     model = hybridvit.create_model("levit_128s", img_size=64).eval()
-    assert hybridvit.optimize(model).backend == "onnxruntime"  # installed with the test extra
-    assert hybridvit.optimize(model, "bf16").backend == "torchscript"
+    _fake_rates(monkeypatch, 100.0, 200.0)
+    now = [0.0]
+    monkeypatch.setattr(opt, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    real_build, built = opt._build, []
+
+    def timed_build(source, fused, example, precision, backend, data=None):
+        cost = {"onnxruntime": 0.004, "openvino": 0.002, "torchscript": 0.008}[backend]
+        inner = real_build(source, fused, example, precision, backend, data)
+        built.append(f"{precision}/{backend}")
+        runner = inner.runners[inner.input_hw]
+
+        def run(x):
+            now[0] += cost
+            return runner(x)
+        inner.runners[inner.input_hw] = run
+        return inner
+
+    monkeypatch.setattr(opt, "_build", timed_build)
+    fast = hybridvit.optimize(model, "fp32", torch.zeros(2, 3, 64, 64))
+    assert built == ["fp32/onnxruntime", "fp32/openvino", "fp32/torchscript"]
+    assert (fast.precision, fast.backend) == ("fp32", "openvino")
+    assert fast.measured == pytest.approx({"fp32/onnxruntime": 500.0, "fp32/openvino": 1000.0, "fp32/torchscript": 250.0})
+    assert fast.reason.startswith("fp32/openvino at 1,000 images/s; fp32/onnxruntime 500 (0.50x)")
+    built.clear()
+    assert hybridvit.optimize(model, "bf16", torch.zeros(2, 3, 64, 64)).backend == "openvino"
+    assert built == ["bf16/openvino", "bf16/torchscript"]
+    built.clear()
+    assert hybridvit.optimize(model, "int8").backend == "torchscript" and built == ["int8/torchscript"]
+    assert hybridvit.optimize(model, backend="onnxruntime").backend == "onnxruntime"  # named: not measured
+
+
+def test_optimize_refuses_what_a_backend_cannot_run():
+    model = hybridvit.create_model("levit_128s", img_size=64).eval()
     with pytest.raises(ValueError, match="onnxruntime backend does not run int8"):
         hybridvit.optimize(model, "int8", backend="onnxruntime")
     with pytest.raises(ValueError, match="backend"):

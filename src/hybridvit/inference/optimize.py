@@ -4,8 +4,8 @@ Which path is fastest depends on the CPU and its thread count (docs/benchmarks.m
 Runtime and OpenVINO run the fused model's ONNX export within a few percent of each other in
 fp32 and beat the frozen TorchScript graph by 10-25%; bf16 is 1.7x fp32 on a CPU with
 AVX512-BF16 and a hundred times slower on one without it. ``precision="auto"`` therefore
-measures the candidates on this machine; an explicit ``bf16`` warns when this CPU multiplies
-bf16 matrices slower than fp32 ones. The TorchScript path applies BatchNorm fusion, the
+measures every precision and backend on this machine, an explicit precision the backends that
+run it; an explicit ``bf16`` warns when this CPU multiplies bf16 matrices slower than fp32 ones. The TorchScript path applies BatchNorm fusion, the
 precomputed attention bias and the fastest attention path per shape (``layers.attention``),
 then freezing, plus ``optimize_for_inference`` in fp32 for families whose
 ``cpu_graph_rewrite`` says it helped (LeViT: +14%; CvT, and LeViT in bf16: slower).
@@ -58,8 +58,8 @@ def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Ten
     ``example_input`` fixes the captured input size (default: the model's own, batch 1); any
     batch size works afterwards. ``backend``: ``onnxruntime`` or ``openvino`` (CPU: an in-memory
     ONNX export, PyTorch's thread count), ``torchscript`` (a frozen trace), ``nncf`` (static int8
-    only), or ``auto``: ONNX Runtime for fp32 on the CPU when installed, TorchScript otherwise;
-    with ``precision="auto"`` or ``"int8-static"``: measured.
+    only), or ``auto``: where several installed backends run the precision, the fastest on
+    ``example`` (ONNX Runtime led fp32 on AVX2 EPYCs, OpenVINO on AVX-512 ones: measured, not assumed).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -75,16 +75,15 @@ def optimize(model: nn.Module, precision: str = "fp32", example_input: torch.Ten
     data = _Int8Data(model, fused, calibration, validation)
     if precision == "auto":
         return _fastest(model, fused, example_input, _candidates(device, backend, data), data, gate=True)
-    if precision == "int8-static" and backend == "auto":  # the int8 runtimes, measured (not gated: asked for)
-        pairs = [("int8-static", b) for b in _backends("auto") if supports(b, "int8-static", device)]
-        return _fastest(model, fused, example_input, pairs, data, gate=False)
-    if backend == "auto":
-        backend = "onnxruntime" if device.type == "cpu" and precision == "fp32" and onnxruntime_available() \
-            else "torchscript"
-    if not supports(backend, precision, device):
-        raise ValueError(f"the {backend} backend does not run {precision} on {device.type}")
     if precision == "bf16" and device.type == "cpu":
         _warn_if_slow_bf16()
+    if backend == "auto":  # the backends that run this precision here, measured (not gated: it was asked for)
+        pairs = [(precision, b) for b in _backends("auto") if supports(b, precision, device)]
+        if len(pairs) > 1 or precision == "int8-static":
+            return _fastest(model, fused, example_input, pairs, data, gate=False)
+        backend = pairs[0][1] if pairs else "torchscript"
+    if not supports(backend, precision, device):
+        raise ValueError(f"the {backend} backend does not run {precision} on {device.type}")
     built = _build(model, fused, example_input, precision, backend, data)
     if data.validation is not None and precision.startswith("int8"):
         built.agreement = {f"{precision}/{backend}": data.agreement(built)}

@@ -215,15 +215,17 @@ def qdq_onnx(model: bytes, batches: list[torch.Tensor], per_channel: bool = True
         return target.read_bytes()
 
 
-def nncf_openvino(model: bytes, batches: list[torch.Tensor]) -> Any:
+def nncf_openvino(model: bytes | Any, batches: list[torch.Tensor], **options: Any) -> Any:
     """NNCF's default post-training quantization (``nncf.quantize``, its own choices of what stays
-    float) of an ONNX model read by OpenVINO, calibrated on every image of ``batches``: what a
-    user who wants int8 in OpenVINO does. Returns an ``openvino.Model``."""
+    float) of an ONNX model (bytes) or ``openvino.Model``, calibrated on every image of
+    ``batches``: what a user who wants int8 in OpenVINO does. ``options``: ``nncf.quantize``'s
+    (``model_type``, ``ignored_scope``, ...). Returns an ``openvino.Model``."""
     import openvino as ov
 
     images = [image[None].numpy() for batch in batches for image in batch]
+    source = ov.Core().read_model(model, b"") if isinstance(model, bytes) else model
     with _quiet_nncf() as nncf:
-        return nncf.quantize(ov.Core().read_model(model, b""), nncf.Dataset(images), subset_size=len(images))
+        return nncf.quantize(source, nncf.Dataset(images), subset_size=len(images), **options)
 
 
 @contextlib.contextmanager
