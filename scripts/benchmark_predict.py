@@ -119,6 +119,7 @@ def main() -> None:
         "timm_style_path": f"{timm_model.precision}/{timm_model.backend}"}
     result["share_of_ideal"] = rates["hybridvit predict"] / ideal
     result["vs_timm_style"] = rates["hybridvit predict"] / rates["timm-style"]
+    result["vs_timm_style_rounds"] = [a / b for a, b in zip(rounds["hybridvit predict"], rounds["timm-style"])]
     if "today" in rates:
         result["vs_today"] = rates["hybridvit predict"] / rates["today"]
     print(json.dumps(result, indent=2))

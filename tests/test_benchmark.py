@@ -34,6 +34,21 @@ def test_matmul_rates_are_measured_per_precision_and_thread_count():
         assert matmul_rates(seconds=0.1) == one  # cached for this thread count
 
 
+def test_the_fp32_bound_is_the_fastest_fp32_kernel_at_hand(monkeypatch):
+    import hybridvit.inference.machine as machine
+
+    monkeypatch.setattr(machine, "_torch_rate", lambda dtype, seconds: {torch.float32: 115.0, torch.bfloat16: 500.0}[dtype])
+    monkeypatch.setattr(machine, "_onnxruntime_rate", lambda integer, seconds: 980.0 if integer else 266.0)
+    machine._cached.cache_clear()
+    try:
+        assert machine.matmul_rates() == {"fp32": 266.0, "bf16": 500.0, "int8": 980.0}  # Zen 5's: ONNX Runtime's fp32
+        monkeypatch.setattr(machine, "_onnxruntime_rate", lambda integer, seconds: None)  # not installed
+        machine._cached.cache_clear()
+        assert machine.matmul_rates() == {"fp32": 115.0, "bf16": 500.0, "int8": None}
+    finally:
+        machine._cached.cache_clear()
+
+
 class FakeGPU(DeviceOps):
     """A GPU of ``capacity`` units: each live model holds its weights, a forward needs its batch on top."""
 

@@ -150,11 +150,13 @@ class Calibration:
 
 
 def hybridvit_candidates(name: str, precision: str, device: str, pretrained: bool = False,
-                         calibration: Calibration | None = None) -> list[Candidate]:
+                         calibration: Calibration | None = None, batch: int = 16) -> list[Candidate]:
     """Our model through ``optimize``: on CPU in fp32 and int8-static one row per installed
     backend, in ``auto`` the path it measured fastest; on GPU the fused model under the
     precision's autocast. ``pretrained``: with the published weights (speed does not depend on
-    them; int8 accuracy does). ``calibration``: the images static int8 is calibrated on."""
+    them; int8 accuracy does). ``calibration``: the images static int8 is calibrated on.
+    ``batch``: the batch the rows are timed at, which ``optimize`` is told (as ``predict``
+    tells it its batch size: OpenVINO compiles that size with fixed shapes)."""
     info = get_model_info(name)
 
     def build() -> torch.nn.Module:
@@ -173,7 +175,7 @@ def hybridvit_candidates(name: str, precision: str, device: str, pretrained: boo
                     eager(lambda: fuse(build()), device, precision))]
 
     def ours(p: str, backend: str = "auto"):
-        example = torch.zeros(16 if p == "auto" else 1, 3, *hw)
+        example = torch.zeros(batch, 3, *hw)
         return lambda: optimize(build(), p, example, backend=backend)
 
     if precision == "fp32":
@@ -181,7 +183,8 @@ def hybridvit_candidates(name: str, precision: str, device: str, pretrained: boo
         return [row(f"{name} ({b})", ours("fp32", b)) for b, ok in available.items() if ok]
     if precision == "int8-static":
         images = (calibration or Calibration()).of(name)
-        return [row(f"{name} (int8-static, {b})", lambda b=b: quantize.quantize_static(build(), images(), backend=b))
+        return [row(f"{name} (int8-static, {b})",
+                    lambda b=b: quantize.quantize_static(build(), images(), backend=b, static_batch=batch))
                 for b in quantize.QUANTIZED_BACKENDS if quantize.quantized_backend_available(b)]
     return [row(f"{name} ({precision})", ours(precision))]
 

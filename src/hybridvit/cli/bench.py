@@ -83,7 +83,8 @@ def benchmark_cmd(
             warnings.simplefilter("ignore", category)
         candidates = [file_candidate(f) for f in files]  # exported files, as they are
         for name in names:
-            candidates += [c for p in precisions for c in hybridvit_candidates(name, p, device, pretrained, images)]
+            candidates += [c for p in precisions
+                           for c in hybridvit_candidates(name, p, device, pretrained, images, batch)]
             if compare:
                 candidates += [c for p in reference_precisions
                                for c in reference_candidates(name, device, official, p, images)]
