@@ -518,6 +518,7 @@ def test_auto_weighs_static_int8_calibrated_on_train_and_checked_on_val_in_raw_p
     assert set(model.agreement) == {"int8-static/onnxruntime"}  # int8 was weighed...
     assert set(model.measured) == {"fp32/onnxruntime", "int8-static/onnxruntime"}  # ...beside fp32
     assert predictor.build_seconds > 0 and run.build_seconds == predictor.build_seconds
+    assert run.reason == model.reason and run.reason.startswith(f"{run.path_used} at ")  # why that path
 
 
 def test_other_thread_counts_and_lanes_reuse_the_int8_model_calibrated_once(tmp_path, monkeypatch, small_model):
