@@ -247,7 +247,8 @@ def test_benchmark_int8_static_rows_run_the_int8_model_of_the_published_weights(
     the published weights (here a local file standing in for the official URL)."""
     import hybridvit
     import hybridvit.inference.quantize
-    from hybridvit.registry import _REGISTRY, get_model_info
+    from hybridvit.model_info import _REGISTRY
+    from hybridvit.registry import get_model_info
 
     weights = randomize_(hybridvit.create_model("levit_128s"), seed=2).state_dict()
     torch.save(weights, tmp_path / "weights.pth")

@@ -19,7 +19,8 @@ import hybridvit
 from hybridvit.checkpoints import CheckpointError, detect_format, read_checkpoint
 from hybridvit.checkpoints.levit import layer_sequence
 from hybridvit.cli import app
-from hybridvit.registry import _REGISTRY, get_model_info, list_models
+from hybridvit.model_info import _REGISTRY
+from hybridvit.registry import get_model_info, list_models
 
 import transformers  # noqa: E402  (test-only reference implementation)
 
@@ -396,12 +397,12 @@ def test_cvt_backbone_from_hugging_face_matches_its_stage_outputs(tmp_path):
 
 
 def test_a_registered_model_is_listed_created_saved_and_reloaded_by_name(tmp_path):
-    from hybridvit import registry
+    from hybridvit import model_info, registry
     from hybridvit.models.levit import LeViT, LeViTConfig
 
     list_models()  # the built-in families register on first use
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registry is process-wide: a copy
+        patch.setattr(model_info, "_REGISTRY", dict(model_info._REGISTRY))  # the store is process-wide: a copy
         config = LeViTConfig((32, 48, 64), (2, 3, 4), (1, 1, 1), key_dim=8, img_size=32, num_classes=4)
         info = registry.register_model(registry.ModelInfo("levit_tiny_test", LeViT, config))
         assert list_models("levit_tiny*") == ["levit_tiny_test"]

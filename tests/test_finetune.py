@@ -18,7 +18,8 @@ from timm.loss import SoftTargetCrossEntropy
 
 import hybridvit
 from hybridvit.data.sampling import BalancedSampler, EpochSampler
-from hybridvit.registry import _REGISTRY, get_model_info
+from hybridvit.model_info import _REGISTRY
+from hybridvit.registry import get_model_info
 from hybridvit.train import TrainConfig, train
 from hybridvit.train.builder import build_run
 from hybridvit.train.distributed import DistInfo

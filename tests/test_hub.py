@@ -35,7 +35,8 @@ from hybridvit.cli import app, main
 from hybridvit.data import example_image
 from hybridvit.serving.predict import InferenceSpec, Predictor
 from hybridvit.publish import push_to_hub, save_for_hub
-from hybridvit.registry import _REGISTRY, PretrainedWeights, get_model_info, list_models, to_hw
+from hybridvit.model_info import _REGISTRY
+from hybridvit.registry import PretrainedWeights, get_model_info, list_models, to_hw
 
 # Facts from outside hybridvit, to hold its registry against.
 # The official LeViT README's model table: ImageNet-1k top-1, top-5 and the weights file, whose name

@@ -18,7 +18,7 @@ import hybridvit
 from hybridvit.checkpoints import CheckpointError, HubUnreachableError, read_checkpoint
 from hybridvit.checkpoints.formats import detect_format
 from hybridvit.data import DataError, build_datasets, load_image
-from hybridvit.registry import _REGISTRY
+from hybridvit.model_info import _REGISTRY
 
 # --- images: 16-bit and float pixels are scaled, not clipped --------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import ModelInfo, PretrainedWeights, register_model
+from ..model_info import ModelInfo, PretrainedWeights, register_model
 
 MLP_ACTIVATIONS = ("gelu", "quick_gelu")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import ModelInfo, register_model
+from ..model_info import ModelInfo, register_model
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import ModelInfo, PretrainedWeights, register_model
+from ..model_info import ModelInfo, PretrainedWeights, register_model
 
 BIAS_RESAMPLING = ("bilinear", "keep")  # how attention-bias tables serve other key grids (layers.attention_bias)
 
