@@ -45,7 +45,8 @@ def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
 
 def sdpa(q, k, v, bias=None, scale=None, **_):
     """Attention as one SDPA call, q/k narrower than v, the bias an additive mask (OpenVINO's SDPA op)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(q.shape[-1]) ** -0.5)
+    scale = float(q.shape[-1]) ** -0.5 if scale is None else scale
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def flatten_then_transpose(self, x):

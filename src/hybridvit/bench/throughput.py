@@ -100,8 +100,9 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_features": " ".join(cpu_features()), "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "date": time.strftime("%Y-%m-%d")}
+    info = {"cpu": cpu, "cpu_features": " ".join(cpu_features()), "threads": threads,
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "date": time.strftime("%Y-%m-%d")}
     for module in ("onnxruntime", "openvino"):
         try:
             info[module] = __import__(module).__version__

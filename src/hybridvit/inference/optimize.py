@@ -5,16 +5,18 @@ Runtime and OpenVINO run the fused model's ONNX export within a few percent of e
 fp32 and beat the frozen TorchScript graph by 10-25%; bf16 is 1.7x fp32 on a CPU with
 AVX512-BF16 and a hundred times slower on one without it. ``precision="auto"`` therefore
 measures every precision and backend on this machine, an explicit precision the backends that
-run it; an explicit ``bf16`` warns when this CPU multiplies bf16 matrices slower than fp32 ones. The TorchScript path applies BatchNorm fusion, the
-precomputed attention bias and the fastest attention path per shape (``layers.attention``),
-then freezing, plus ``optimize_for_inference`` in fp32 for families whose
-``cpu_graph_rewrite`` says it helped (LeViT: +14%; CvT, and LeViT in bf16: slower).
+run it; an explicit ``bf16`` warns when this CPU multiplies bf16 matrices slower than fp32 ones.
+The TorchScript path applies BatchNorm fusion, the precomputed attention bias and the fastest
+attention path per shape (``layers.attention``), then freezing, plus ``optimize_for_inference``
+in fp32 for families whose ``cpu_graph_rewrite`` says it helped (LeViT: +14%; CvT, and LeViT in
+bf16: slower).
 ``torch.compile`` (inductor) was slower and takes ~30 s to compile, so it is not used.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 import warnings
@@ -228,10 +230,10 @@ def _reason(chosen: str, measured: dict[str, float], agreement: dict[str, float]
     machine measured."""
     rate = measured[chosen]
     parts = [f"{chosen} at {rate:,.0f} images/s"]
-    for key, value in sorted(measured.items(), key=lambda kv: -kv[1] if kv[1] == kv[1] else 0.0):
+    for key, value in sorted(measured.items(), key=lambda kv: 0.0 if math.isnan(kv[1]) else -kv[1]):
         if key == chosen:
             continue
-        if value != value:  # nan: refused
+        if math.isnan(value):  # refused
             why = (f"top-1 agreed with fp32 on {agreement[key]:.1%} of the validation images "
                    f"({TOP1_AGREEMENT:.0%} needed)" if gate and key in agreement else "outputs differed from fp32")
             parts.append(f"{key} refused: {why}")

@@ -162,7 +162,7 @@ def quantize_static(model: nn.Module, calibration: Iterable[torch.Tensor] | torc
     def capture(example: torch.Tensor) -> Runner:  # at the calibrated size only (fixed_size)
         if backend == "onnxruntime":
             return OnnxRuntimeRunner(quantized)
-        return OpenVinoRunner(quantized, static_batch=static_batch if static_batch and static_batch > 1 else None)
+        return OpenVinoRunner(quantized, static_batch=static_batch)
 
     return InferenceModel(capture(torch.zeros(1, *batches[0].shape[1:])), model, torch.float32, "int8-static",
                           backend, hw, capture, fixed_size=True)

@@ -125,7 +125,7 @@ class OpenVinoRunner:
             model = onnx_bytes(model, example)
         if isinstance(model, bytes):
             model = core.read_model(model, b"")
-        if static_batch is None and example is not None and example.shape[0] > 1:
+        if static_batch is None and example is not None:
             static_batch = int(example.shape[0])
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "ENABLE_CPU_PINNING": False, "PERF_COUNT": perf_count}
@@ -133,7 +133,7 @@ class OpenVinoRunner:
             config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
         with keep_signal_stack():
             self.compiled = {None: core.compile_model(model, "CPU", config)}
-            if static_batch is not None and model.inputs[0].partial_shape[0].is_dynamic:
+            if static_batch is not None and static_batch > 1 and model.inputs[0].partial_shape[0].is_dynamic:
                 fixed = model.clone()
                 shape = model.inputs[0].partial_shape
                 fixed.reshape({fixed.inputs[0]: ov.PartialShape([static_batch, *list(shape)[1:]])})
